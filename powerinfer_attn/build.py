@@ -1,0 +1,402 @@
+"""Fetch the pinned llama.cpp tree, apply our patch series, build and install it.
+
+The tree is the one vendored in the ``llama-cpp-python`` source distribution, so
+one patched source tree gives both the engine (libllama, libggml) and the ctypes
+bindings that match it.
+
+Layout under the vendor directory (git-ignored):
+
+    dist/       the downloaded sdist
+    pristine/   the sdist unpacked, never modified
+    src/        the patched tree that is built (only files that patches touch
+                ever differ from pristine/, and they are rewritten only when
+                their content changes, so the build dir stays incremental)
+    build/      scikit-build-core's persistent CMake build dir
+
+A build is identified by a digest of the sdist hash, the series, every patch and
+the CMake arguments. The digest is written next to the installed package; a
+second ``build`` with the same digest does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+SDIST_NAME = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+
+# mtmd (multimodal) is not needed and doubles the build time
+DEFAULT_CMAKE_ARGS = [
+    "-DLLAVA_BUILD=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+]
+
+STAMP_NAME = ".powerinfer_attn_build.json"
+PATCH_SYMBOL = "llama_powerinfer_attn_version"
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
+
+
+class BuildError(RuntimeError):
+    """A build step failed; the message says which and what to do."""
+
+
+class HashMismatch(BuildError):
+    def __init__(self, path: Path, expected: str, actual: str):
+        super().__init__(
+            f"sha256 mismatch for {path}: expected {expected}, got {actual}. "
+            f"The file is corrupt or not the pinned release; delete it and run again."
+        )
+        self.path, self.expected, self.actual = path, expected, actual
+
+
+class PatchError(BuildError):
+    def __init__(self, patch: str, file: str | None, detail: str):
+        where = f" at {file}" if file else ""
+        super().__init__(
+            f"patch {patch} does not apply{where}: {detail.strip()}\n"
+            f"The tree was left untouched. Refresh the patch against {SDIST_FILE}."
+        )
+        self.patch, self.file = patch, file
+
+
+Log = Callable[[str], None]
+
+
+def _default_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise HashMismatch(path, expected, actual)
+
+
+# --- the patch series -------------------------------------------------------
+
+
+def read_series(patches_dir: Path) -> list[Path]:
+    """Patch files named in ``series``, in order; ``#`` starts a comment."""
+    series = patches_dir / "series"
+    if not series.is_file():
+        raise BuildError(f"no series file in {patches_dir}")
+    out: list[Path] = []
+    for lineno, raw in enumerate(series.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        p = patches_dir / line
+        if not p.is_file():
+            raise BuildError(f"{series}:{lineno}: patch {line} not found")
+        if p in out:
+            raise BuildError(f"{series}:{lineno}: patch {line} listed twice")
+        out.append(p)
+    return out
+
+
+_DIFF_PATH = re.compile(r"^(?:---|\+\+\+) (?:a|b)/(\S+)")
+
+
+def touched_files(patch: Path) -> set[str]:
+    """Paths (relative to the tree root) that a unified diff reads or writes.
+
+    The free-text header before the first hunk header is ignored; paths must carry
+    git's a/ and b/ prefixes (``git diff`` output, applied with -p1).
+    """
+    text = patch.read_text()
+    start = text.find("\ndiff --git ")
+    body = text[start + 1:] if start >= 0 else text
+    files = set()
+    for line in body.splitlines():
+        m = _DIFF_PATH.match(line)
+        if m:
+            files.add(m.group(1))
+    return files
+
+
+def series_digest(patches: list[Path], cmake_args: list[str]) -> str:
+    h = hashlib.sha256()
+    h.update(SDIST_SHA256.encode())
+    for p in patches:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update("\0".join(cmake_args).encode())
+    return h.hexdigest()
+
+
+def _git_apply(patch: Path, tree: Path, check: bool) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # keep git from discovering an enclosing repository (ours), which would make
+    # it resolve the patch's paths against that repository's root
+    env["GIT_CEILING_DIRECTORIES"] = str(tree.parent)
+    cmd = ["git", "apply", "--whitespace=nowarn", "-p1"]
+    if check:
+        cmd.append("--check")
+    return subprocess.run(cmd + [str(patch)], cwd=tree, env=env, capture_output=True, text=True)
+
+
+_FAILED_FILE = re.compile(r"(?:patch failed|No such file|does not exist in index|already exists in working directory)\W*:?\s*([^\s:]+)")
+
+
+def apply_series(patches: list[Path], pristine: Path, target: Path, log: Log = _default_log) -> set[str]:
+    """Make ``target`` equal ``pristine`` plus the series.
+
+    The patches are applied to a scratch copy of just the files they touch, so a
+    patch that fails leaves ``target`` as it was. Files are written to ``target``
+    only when their content changes; files touched by the previous series but not
+    by this one are restored from pristine. Returns the set of touched files.
+    """
+    record = target / ".powerinfer_attn_applied.json"
+    previously = set(json.loads(record.read_text())["files"]) if record.is_file() else set()
+    touched: set[str] = set()
+    for p in patches:
+        touched |= touched_files(p)
+
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".stage-") as tmp:
+        stage = Path(tmp) / "tree"
+        stage.mkdir()
+        for rel in touched:
+            src = pristine / rel
+            if src.is_file():
+                (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, stage / rel)
+        for p in patches:
+            r = _git_apply(p, stage, check=True)
+            if r.returncode == 0:
+                r = _git_apply(p, stage, check=False)
+            if r.returncode != 0:
+                m = _FAILED_FILE.search(r.stderr)
+                raise PatchError(p.name, m.group(1) if m else None, r.stderr)
+            log(f"  applied {p.name}")
+
+        changed = 0
+        for rel in sorted(touched | previously):
+            want = stage / rel if rel in touched else pristine / rel
+            dst = target / rel
+            if want.is_file():
+                data = want.read_bytes()
+                if not dst.is_file() or dst.read_bytes() != data:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    dst.write_bytes(data)
+                    changed += 1
+            elif dst.exists():
+                dst.unlink()
+                changed += 1
+    record.write_text(json.dumps({"files": sorted(touched)}, indent=1))
+    log(f"  {len(patches)} patches, {len(touched)} files, {changed} rewritten")
+    return touched
+
+
+# --- the sdist ----------------------------------------------------------------
+
+
+def fetch_sdist(dist_dir: Path, log: Log = _default_log) -> Path:
+    """Download the pinned sdist with pip (the only network access) and verify it."""
+    path = dist_dir / SDIST_FILE
+    if not path.is_file():
+        dist_dir.mkdir(parents=True, exist_ok=True)
+        log(f"downloading {SDIST_NAME}=={SDIST_VERSION} source distribution")
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--disable-pip-version-check", "-d", str(dist_dir), f"{SDIST_NAME}=={SDIST_VERSION}"],
+            capture_output=True, text=True,
+        )
+        if r.returncode != 0 or not path.is_file():
+            raise BuildError(f"pip could not download {SDIST_NAME}=={SDIST_VERSION}:\n{r.stderr[-2000:]}")
+    verify_sha256(path, SDIST_SHA256)
+    return path
+
+
+def unpack(sdist: Path, dest: Path, log: Log = _default_log) -> Path:
+    """Unpack the sdist's top directory to ``dest`` once (atomically)."""
+    marker = dest / ".complete"
+    if marker.is_file():
+        return dest
+    if dest.exists():
+        shutil.rmtree(dest)
+    log(f"unpacking {sdist.name}")
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".unpack-"))
+    try:
+        with tarfile.open(sdist) as tf:
+            kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tf.extractall(tmp, **kwargs)
+        (top,) = list(tmp.iterdir())
+        top.rename(dest)
+        marker.write_text(SDIST_SHA256 + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# --- what is installed ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Installed:
+    package_dir: Path | None
+    lib: Path | None
+    patch_version: str | None
+    stamp: dict | None
+
+    @property
+    def patched(self) -> bool:
+        return self.patch_version is not None
+
+
+def installed() -> Installed:
+    """Inspect the llama_cpp package importable from this interpreter, without importing it."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return Installed(None, None, None, None)
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    lib = library_path(pkg)
+    stamp_file = pkg / STAMP_NAME
+    stamp = json.loads(stamp_file.read_text()) if stamp_file.is_file() else None
+    version = None
+    if lib is not None:
+        version = patch_version_of(lib)
+    return Installed(pkg, lib, version, stamp)
+
+
+def library_path(package_dir: Path) -> Path | None:
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    for d in ([Path(override)] if override else []) + [package_dir / "lib"]:
+        for name in ("libllama.so", "libllama.dylib", "llama.dll"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def patch_version_of(lib: Path) -> str | None:
+    """The version string our patch series exports, or None for a stock library.
+
+    Looked up in a child process: dlopen caches by path, so a library loaded here
+    before a reinstall would keep answering for the old file.
+    """
+    code = (
+        "import ctypes,sys\n"
+        "h=ctypes.CDLL(sys.argv[1])\n"
+        f"f=getattr(h,{PATCH_SYMBOL!r},None)\n"
+        "if f is None: sys.exit(3)\n"
+        "f.restype=ctypes.c_char_p\n"
+        "print(f().decode())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(lib)], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
+
+
+# --- the build --------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BuildResult:
+    digest: str
+    rebuilt: bool
+    package_dir: Path | None
+
+
+def cmake_args_from_env() -> list[str]:
+    extra = os.environ.get("CMAKE_ARGS", "").split()
+    return DEFAULT_CMAKE_ARGS + extra
+
+
+def _check_toolchain() -> None:
+    for tool, what in (("cmake", "cmake (apt-get install cmake)"),
+                       ("c++", "a C++ compiler (apt-get install g++)"),
+                       ("cc", "a C compiler (apt-get install gcc)")):
+        if shutil.which(tool) is None and not (tool == "c++" and shutil.which("g++")) \
+                and not (tool == "cc" and shutil.which("gcc")):
+            raise BuildError(f"{tool} not found on PATH: install {what} and run build again")
+
+
+def build(vendor_dir: Path | None = None, patches_dir: Path | None = None, force: bool = False,
+          log: Log = _default_log) -> BuildResult:
+    vendor_dir = Path(vendor_dir or os.environ.get("POWERINFER_ATTN_VENDOR", REPO_ROOT / "vendor"))
+    patches_dir = Path(patches_dir or REPO_ROOT / "patches")
+    patches = read_series(patches_dir)
+    cmake_args = cmake_args_from_env()
+    digest = series_digest(patches, cmake_args)
+
+    inst = installed()
+    if not force and inst.stamp and inst.stamp.get("digest") == digest and inst.patched:
+        log(f"up to date: patched llama_cpp {inst.patch_version} at {inst.package_dir} "
+            f"({len(patches)} patches, digest {digest[:12]})")
+        return BuildResult(digest, False, inst.package_dir)
+
+    _check_toolchain()
+    vendor_dir.mkdir(parents=True, exist_ok=True)
+    sdist = fetch_sdist(vendor_dir / "dist", log)
+    pristine = unpack(sdist, vendor_dir / "pristine", log)
+    src = vendor_dir / "src"
+    if not (src / ".complete").is_file():
+        log("copying pristine tree to src/")
+        if src.exists():
+            shutil.rmtree(src)
+        shutil.copytree(pristine, src, symlinks=True)
+    log(f"applying {len(patches)} patches from {patches_dir / 'series'}")
+    apply_series(patches, pristine, src, log)
+
+    build_dir = vendor_dir / "build"
+    log(f"building and installing the patched llama-cpp-python (build dir {build_dir}; "
+        f"CMAKE_ARGS: {' '.join(cmake_args)})")
+    env = dict(os.environ, CMAKE_ARGS=" ".join(cmake_args))
+    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+           "--force-reinstall", "--disable-pip-version-check",
+           "-C", f"build-dir={build_dir}", str(src)]
+    r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        raise BuildError(f"building the patched tree failed (exit {r.returncode}); see the compiler output above")
+
+    inst = installed()
+    if not inst.patched:
+        raise BuildError(f"installed library {inst.lib} does not export {PATCH_SYMBOL}: the patches did not take")
+    (inst.package_dir / STAMP_NAME).write_text(json.dumps({
+        "digest": digest,
+        "sdist_sha256": SDIST_SHA256,
+        "patches": [p.name for p in patches],
+        "cmake_args": cmake_args,
+        "patch_version": inst.patch_version,
+    }, indent=1))
+    log(f"installed patched llama_cpp {inst.patch_version} at {inst.package_dir}")
+    return BuildResult(digest, True, inst.package_dir)
+
+
+def check(patches_dir: Path | None = None) -> dict:
+    """Is the importable llama_cpp ours, and built from the current series?"""
+    patches_dir = Path(patches_dir or REPO_ROOT / "patches")
+    inst = installed()
+    digest = series_digest(read_series(patches_dir), cmake_args_from_env())
+    return {
+        "package_dir": str(inst.package_dir) if inst.package_dir else None,
+        "library": str(inst.lib) if inst.lib else None,
+        "patched": inst.patched,
+        "patch_version": inst.patch_version,
+        "current": bool(inst.stamp and inst.stamp.get("digest") == digest),
+        "digest": digest,
+    }

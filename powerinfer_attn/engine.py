@@ -1,0 +1,359 @@
+"""Step-by-step decode through the patched llama.cpp bindings.
+
+The engine owns one model and one context. ``prefill`` runs the prompt densely;
+``step`` decodes one token. Before each step of a sparse run a predictor is asked
+for the ``activated_head`` mask ``[n_layer, n_head]`` (1 = head active), which the
+engine hands to the library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from .build import PATCH_SYMBOL
+
+if TYPE_CHECKING:
+    from .predictors import Predictor
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+_llama = None
+_log_cb = None
+
+
+def bindings():
+    """The patched ``llama_cpp.llama_cpp`` module, refusing a stock build."""
+    global _llama, _log_cb
+    if _llama is not None:
+        return _llama
+    try:
+        import llama_cpp.llama_cpp as C
+    except (ImportError, OSError) as e:
+        raise EngineError(f"the llama_cpp bindings cannot be loaded ({e}); run `powerinfer-attn build`") from e
+    if not hasattr(C, PATCH_SYMBOL):
+        raise EngineError(
+            f"the installed llama_cpp ({C.__file__}) is a stock build without {PATCH_SYMBOL}; "
+            f"run `powerinfer-attn build` in this environment"
+        )
+    verbose = bool(os.environ.get("POWERINFER_ATTN_VERBOSE"))
+
+    last_level = [0]
+
+    @C.llama_log_callback
+    def _log(level, text, _user):
+        # llama.cpp is chatty at load time; keep warnings and errors unless asked.
+        # ggml_log_level: 3 WARN, 4 ERROR, 5 CONT (continues the previous message)
+        if level != 5:
+            last_level[0] = level
+        if verbose or last_level[0] >= 3:
+            os.write(2, text)
+
+    C.llama_log_set(_log, None)
+    _log_cb = _log  # keep the callback alive
+    C.llama_backend_init()
+    _llama = C
+    return C
+
+
+class TensorHook:
+    """Called for graph tensors whose name passes ``wants`` (e.g. ``kqv-12``), right after
+    they are computed, with their float32 data as a writable array of ggml shape reversed
+    (numpy ``(ne3, ne2, ne1, ne0)``). Writing to it changes what later ops read."""
+
+    def wants(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class _GgmlTensor(ctypes.Structure):
+    # the head of struct ggml_tensor (ggml.h), up to the fields read here
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
+
+
+def _eval_callback(hook: TensorHook, errors: list):
+    from .kernels import libs
+
+    C = bindings()
+    g, _ = libs()
+
+    @C.ggml_backend_sched_eval_callback
+    def cb(t, ask, _user):
+        name = g.ggml_get_name(t).decode()
+        if ask:
+            return hook.wants(name)
+        if not hook.wants(name):
+            return True
+        try:
+            head = _GgmlTensor.from_address(t)
+            if head.type != 0 or not g.ggml_is_contiguous(t):  # GGML_TYPE_F32
+                raise EngineError(f"tensor hook: {name} is not a contiguous F32 tensor")
+            shape = tuple(reversed(head.ne[:4]))
+            n = int(np.prod(shape))
+            buf = (ctypes.c_float * n).from_address(g.ggml_get_data(t))
+            hook(name, np.frombuffer(buf, dtype=np.float32).reshape(shape))
+            return True
+        except BaseException as e:  # an exception must not unwind through C; stop the graph instead
+            errors.append(e)
+            return False
+
+    return cb
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    prefill_s: float
+    decode_s: float
+    masks: list[np.ndarray] | None = None
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first generated token comes from the prefill; every later one is one decode step
+        steps = max(len(self.tokens) - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 and steps else 0.0
+
+
+class Engine:
+    def __init__(self, model_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
+                 flash_attn: bool = False, n_batch: int = 512, repack: bool = True,
+                 tensor_hook: TensorHook | None = None):
+        """``repack``: let the CPU backend repack weights it knows how to (Q4_0, Q8_0, ... on
+        AVX2); repacked wq/wo are read by the dense op even in sparse mode (see ``layer_ops``).
+        ``tensor_hook``: observe (and possibly modify in place) graph tensors as they are
+        computed, through llama.cpp's eval callback; see ``TensorHook``."""
+        C = bindings()
+        self.C = C
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise EngineError(f"model file not found: {self.model_path}")
+        self.n_threads = n_threads or min(os.cpu_count() or 1, 16)
+        self.flash_attn = flash_attn
+
+        mparams = C.llama_model_default_params()
+        mparams.use_extra_bufts = repack
+        self.model = C.llama_model_load_from_file(str(self.model_path).encode(), mparams)
+        if not self.model:
+            raise EngineError(f"llama.cpp could not load {self.model_path} (not a GGUF it understands, or corrupt)")
+        self.vocab = C.llama_model_get_vocab(self.model)
+
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.flash_attn_type = 1 if flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
+        cparams.no_perf = True
+        self._hook = tensor_hook
+        self._hook_errors = []
+        if tensor_hook is not None:
+            self._cb = _eval_callback(tensor_hook, self._hook_errors)  # keep alive as long as the context
+            cparams.cb_eval = self._cb
+            cparams.cb_eval_user_data = None
+        self.ctx = C.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            C.llama_model_free(self.model)
+            self.model = None
+            raise EngineError(f"llama.cpp could not create a context (n_ctx={n_ctx})")
+
+        self.n_ctx = C.llama_n_ctx(self.ctx)
+        self.n_layer = C.llama_model_n_layer(self.model)
+        self.n_head = C.llama_model_n_head(self.model)
+        self.n_head_kv = C.llama_model_n_head_kv(self.model)
+        self.n_embd = C.llama_model_n_embd(self.model)
+        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self.n_past = 0
+
+    # --- lifetime -------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.C.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.C.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- text -----------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        data = text.encode()
+        n_max = len(data) + 8
+        buf = (self.C.llama_token * n_max)()
+        n = self.C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, False)
+        if n < 0:
+            raise EngineError(f"tokenization failed ({n})")
+        return list(buf[:n])
+
+    def token_piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self.C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.C.llama_vocab_is_eog(self.vocab, token))
+
+    # --- decode ---------------------------------------------------------
+
+    def reset(self) -> None:
+        self.C.llama_memory_clear(self.C.llama_get_memory(self.ctx), True)
+        self.n_past = 0
+
+    def _decode(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        n = len(tokens)
+        if n == 0:
+            raise EngineError("nothing to decode: empty token list")
+        if self.n_past + n > self.n_ctx:
+            raise EngineError(f"context full: {self.n_past} + {n} tokens > n_ctx {self.n_ctx}")
+        C = self.C
+        batch = C.llama_batch_init(n, 0, 1)
+        try:
+            for i, t in enumerate(tokens):
+                batch.token[i] = t
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = all_logits or i == n - 1
+            batch.n_tokens = n
+            rc = C.llama_decode(self.ctx, batch)
+            if self._hook is not None and self._hook_errors:
+                err = self._hook_errors.pop()
+                self._hook_errors.clear()
+                raise EngineError(f"tensor hook failed: {err}") from err
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with {rc}")
+        finally:
+            C.llama_batch_free(batch)
+        self.n_past += n
+        rows = range(n) if all_logits else [n - 1]
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        for j, i in enumerate(rows):
+            ptr = C.llama_get_logits_ith(self.ctx, i)
+            out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out if all_logits else out[0]
+
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Dense prompt evaluation in n_batch chunks; logits of the last token (or of all)."""
+        C = self.C
+        n_batch = C.llama_n_batch(self.ctx)
+        outs = []
+        for s in range(0, len(tokens), n_batch):
+            outs.append(self._decode(tokens[s:s + n_batch], all_logits))
+        if not outs:
+            raise EngineError("empty prompt: at least one token is needed")
+        return np.concatenate(outs) if all_logits else outs[-1]
+
+    def step(self, token: int) -> np.ndarray:
+        """Decode one token at the next position; its logits."""
+        return self._decode([token])
+
+    # --- sparse attention ----------------------------------------------
+
+    def set_sparse(self, enabled: bool) -> None:
+        """Build single-token decode with the sparse attention ops (prefill stays dense)."""
+        rc = self.C.llama_set_sparse_attn(self.ctx, bool(enabled))
+        if rc != 0:
+            raise EngineError(f"sparse attention is not supported for {self.model_path.name} "
+                              f"(llama architecture only; llama_set_sparse_attn returned {rc})")
+
+    @property
+    def sparse(self) -> bool:
+        return bool(self.C.llama_get_sparse_attn(self.ctx))
+
+    def check_mask(self, mask) -> np.ndarray:
+        """Validate a head mask [n_layer, n_head] of 0/1 and return it as contiguous int32."""
+        m = np.asarray(mask)
+        if m.shape != (self.n_layer, self.n_head):
+            raise ValueError(f"head mask must have shape (n_layer, n_head) = ({self.n_layer}, {self.n_head}), got {m.shape}")
+        if m.dtype == np.bool_:
+            m = m.astype(np.int32)
+        elif not np.issubdtype(m.dtype, np.integer):
+            raise ValueError(f"head mask must be integer or bool, got {m.dtype}")
+        if not np.isin(m, (0, 1)).all():
+            raise ValueError("head mask values must be 0 or 1")
+        return np.ascontiguousarray(m, dtype=np.int32)
+
+    def set_mask(self, mask) -> None:
+        """The activated_head mask for the following decode steps."""
+        m = self.check_mask(mask)
+        ptr = m.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        rc = self.C.llama_set_activated_heads(self.ctx, ptr, m.size)
+        if rc != 0:
+            raise EngineError(f"llama_set_activated_heads returned {rc}")
+
+    def layer_ops(self) -> list[int]:
+        """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo."""
+        return [int(self.C.llama_sparse_attn_layer_ops(self.ctx, il)) for il in range(self.n_layer)]
+
+    def generate(self, prompt: str | Sequence[int], n: int, predictor: "Predictor | None" = None,
+                 stop_at_eog: bool = True) -> Generation:
+        """Greedy generation of up to n tokens; sparse decode when a predictor is given.
+
+        The prompt is always prefilled densely. Before each decode step the predictor
+        gives the mask for that step.
+        """
+        prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.reset()
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_tokens)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        masks: list[np.ndarray] | None = [] if predictor is not None else None
+        self.set_sparse(predictor is not None)
+        try:
+            for i in range(n):
+                tok = int(np.argmax(logits))
+                out.append(tok)
+                if (stop_at_eog and self.is_eog(tok)) or i == n - 1:
+                    break
+                if predictor is not None:
+                    mask = self.check_mask(predictor.predict(StepState(i, self.n_past, tok, self)))
+                    self.set_mask(mask)
+                    masks.append(mask)
+                logits = self.step(tok)
+        finally:
+            self.set_sparse(False)
+        t2 = time.perf_counter()
+        return Generation(prompt_tokens, out, self.detokenize(out), t1 - t0, t2 - t1, masks)
+
+
+@dataclasses.dataclass
+class StepState:
+    """What a predictor is told before a decode step."""
+    step: int          # 0 for the first decode step after the prompt
+    position: int      # position of the token about to be decoded
+    token: int         # the token about to be decoded
+    engine: Engine

@@ -1,0 +1,38 @@
+"""The correctness oracle for sparse decode: stock dense attention whose inactive heads'
+outputs are zeroed.
+
+``ZeroedHeads`` is a tensor hook for a dense engine: right after llama.cpp computes a
+layer's per-head attention output ``kqv-<il>`` (ggml ``[d, n_tokens, n_head]``), it zeroes
+the slices of the heads the mask marks inactive. Everything else is the unpatched dense
+graph, so a sparse decode with the same mask must give the same logits up to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .engine import TensorHook
+
+
+_KQV = re.compile(r"^kqv-(\d+)$")
+
+
+class ZeroedHeads(TensorHook):
+    def __init__(self, n_layer: int, n_head: int):
+        self.mask = np.ones((n_layer, n_head), dtype=np.int32)
+        self.n_head = n_head
+        self.seen = 0
+
+    def wants(self, name: str) -> bool:
+        return _KQV.match(name) is not None
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        il = int(_KQV.match(name).group(1))
+        # numpy (1, n_head, n_tokens, d)
+        if data.shape[1] != self.n_head:
+            raise ValueError(f"{name}: expected {self.n_head} heads in dim 2, got shape {data.shape}")
+        data[:, self.mask[il] == 0, :, :] = 0.0
+        self.seen += 1

@@ -1,0 +1,48 @@
+import os
+
+import pytest
+
+from powerinfer_attn import build
+
+
+def _engine_available() -> str | None:
+    inst = build.installed()
+    if inst.lib is None:
+        return "llama_cpp is not installed (run `powerinfer-attn build`)"
+    if not inst.patched:
+        return f"{inst.lib} is not the patched library (run `powerinfer-attn build`)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def engine_lib():
+    """The patched library must be there; `make test` sets POWERINFER_ATTN_REQUIRE_ENGINE so a
+    missing library fails the run instead of skipping the engine tests."""
+    why = _engine_available()
+    if why:
+        if os.environ.get("POWERINFER_ATTN_REQUIRE_ENGINE"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def model_path(engine_lib):
+    from powerinfer_attn.model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def f32_model_path(model_path):
+    from powerinfer_attn.model import derived_model_path
+
+    return derived_model_path("F32", model_path)
+
+
+@pytest.fixture(scope="session")
+def engine(model_path):
+    from powerinfer_attn.engine import Engine
+
+    eng = Engine(model_path, n_ctx=512, n_threads=2)
+    yield eng
+    eng.close()

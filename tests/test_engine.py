@@ -1,0 +1,169 @@
+"""The patched engine on the default model: dense generation, and sparse decode against its
+oracle (all heads: the dense tokens; a mask: dense attention with those heads zeroed)."""
+
+import numpy as np
+import pytest
+
+from powerinfer_attn.engine import Engine, EngineError
+from powerinfer_attn.predictors import AllHeads, MaskFile, get_predictor
+from powerinfer_attn.reference import ZeroedHeads
+
+PROMPT = "The history of the Roman Empire begins with"
+N_STEPS = 24
+
+
+def test_dense_generation(engine):
+    g = engine.generate("The capital of France is", 8)
+    assert len(g.tokens) >= 1
+    assert "Paris" in g.text
+    assert g.decode_tok_s > 0
+
+
+def test_all_heads_sparse_gives_dense_tokens(engine):
+    dense = engine.generate(PROMPT, N_STEPS, stop_at_eog=False)
+    sparse = engine.generate(PROMPT, N_STEPS, predictor=AllHeads(engine.n_layer, engine.n_head), stop_at_eog=False)
+    assert sparse.tokens == dense.tokens
+    assert sparse.masks is not None and len(sparse.masks) == N_STEPS - 1
+    assert not engine.sparse, "generate must switch sparse off again"
+
+
+def teacher_forced_logits(eng, tokens, prompt_len, masks=None):
+    """Logits of each decode step fed with the given tokens; sparse with masks when given."""
+    eng.reset()
+    eng.prefill(tokens[:prompt_len])
+    out = []
+    eng.set_sparse(masks is not None)
+    try:
+        for i, tok in enumerate(tokens[prompt_len:]):
+            if masks is not None:
+                eng.set_mask(masks[i])
+            out.append(eng.step(tok))
+    finally:
+        eng.set_sparse(False)
+    return np.array(out)
+
+
+def test_all_heads_logits_match_dense(engine):
+    toks = engine.tokenize(PROMPT + " the founding of the city by Romulus and Remus, twin brothers")
+    dense = teacher_forced_logits(engine, toks, 6)
+    ones = np.ones((len(toks) - 6, engine.n_layer, engine.n_head), np.int32)
+    sparse = teacher_forced_logits(engine, toks, 6, ones)
+    np.testing.assert_allclose(sparse, dense, atol=2e-3 * np.abs(dense).max(), rtol=0)
+
+
+def test_sparse_off_is_bit_identical_to_before(engine):
+    """Switching sparse on and off again leaves the dense graph exactly as it was."""
+    toks = engine.tokenize(PROMPT)
+    a = teacher_forced_logits(engine, toks, 4)
+    half = np.zeros((len(toks) - 4, engine.n_layer, engine.n_head), np.int32)
+    half[:, :, ::2] = 1
+    teacher_forced_logits(engine, toks, 4, half)
+    b = teacher_forced_logits(engine, toks, 4)
+    assert np.array_equal(a, b)
+
+
+def zeroed_dense_logits(model_path, tokens, prompt_len, masks):
+    """The oracle: stock dense decode with inactive heads' kqv outputs zeroed by a tensor hook."""
+    hook = ZeroedHeads(masks.shape[1], masks.shape[2])
+    with Engine(model_path, n_ctx=512, n_threads=2, tensor_hook=hook) as ref_eng:
+        ref_eng.prefill(tokens[:prompt_len])  # hook.mask is all ones: dense prefill
+        out = []
+        for i, tok in enumerate(tokens[prompt_len:]):
+            hook.mask = masks[i]
+            out.append(ref_eng.step(tok))
+    assert hook.seen >= len(out) * masks.shape[1]
+    return np.array(out)
+
+
+def random_masks(rng, steps, n_layer, n_head, density):
+    masks = (rng.random((steps, n_layer, n_head)) < density).astype(np.int32)
+    masks[:, 3, :] = 0  # a layer with no active head: its attention contributes nothing
+    return masks
+
+
+def rel_diff(a, b):
+    """Per step: max |a - b| over the vocabulary, relative to max |b|."""
+    return np.abs(a - b).max(axis=1) / np.abs(b).max(axis=1)
+
+
+ORACLE_TEXT = PROMPT + " a small settlement on the banks of the Tiber river in central Italy"
+
+
+@pytest.mark.parametrize("seed,density", [(0, 0.5), (1, 0.25), (2, 0.9)])
+def test_masked_sparse_matches_zeroed_dense_f32(f32_model_path, seed, density):
+    """On the float model (the default model's weights dequantized) the only differences are
+    float rounding: wo's active columns are summed per run of heads instead of in one pass."""
+    with Engine(f32_model_path, n_ctx=512, n_threads=2) as eng:
+        toks = eng.tokenize(ORACLE_TEXT)
+        masks = random_masks(np.random.default_rng(seed), len(toks) - 5, eng.n_layer, eng.n_head, density)
+        sparse = teacher_forced_logits(eng, toks, 5, masks)
+        dense = teacher_forced_logits(eng, toks, 5)
+    ref = zeroed_dense_logits(f32_model_path, toks, 5, masks)
+    assert rel_diff(sparse, ref).max() < 5e-3
+    assert np.array_equal(sparse.argmax(1), ref.argmax(1))
+    # the mask matters: without it the logits are far away
+    assert rel_diff(dense, ref).min() > 20 * rel_diff(sparse, ref).max()
+
+
+@pytest.mark.parametrize("seed,density", [(0, 0.5), (2, 0.9)])
+def test_masked_sparse_tracks_zeroed_dense_q4_1(model_path, engine, seed, density):
+    """On the Q4_1 model activations are quantized to Q8_1 before every dot product, so a
+    rounding-sized difference can flip a quantization step and grow through the layers;
+    the sparse path must still follow the oracle far more closely than dense does."""
+    toks = engine.tokenize(ORACLE_TEXT)
+    masks = random_masks(np.random.default_rng(seed), len(toks) - 5, engine.n_layer, engine.n_head, density)
+    sparse = teacher_forced_logits(engine, toks, 5, masks)
+    dense = teacher_forced_logits(engine, toks, 5)
+    ref = zeroed_dense_logits(model_path, toks, 5, masks)
+    assert (sparse.argmax(1) == ref.argmax(1)).mean() >= 0.85
+    assert np.median(rel_diff(sparse, ref)) < 0.25 * np.median(rel_diff(dense, ref))
+
+
+def test_mask_validation(engine):
+    with pytest.raises(ValueError, match="shape"):
+        engine.set_mask(np.ones((engine.n_layer, engine.n_head + 1), np.int32))
+    with pytest.raises(ValueError, match="0 or 1"):
+        engine.set_mask(np.full((engine.n_layer, engine.n_head), 2, np.int32))
+    with pytest.raises(ValueError, match="integer or bool"):
+        engine.set_mask(np.ones((engine.n_layer, engine.n_head), np.float32))
+    engine.set_mask(np.ones((engine.n_layer, engine.n_head), bool))
+
+
+def test_c_api_rejects_bad_masks(engine):
+    """The C API validates on its own (size and values), returning error codes."""
+    import ctypes
+
+    C = engine.C
+    bad = (ctypes.c_int32 * (engine.n_layer * engine.n_head))(*([1] * (engine.n_layer * engine.n_head)))
+    assert C.llama_set_activated_heads(engine.ctx, bad, engine.n_layer * engine.n_head - 1) == -2
+    bad[5] = 7
+    assert C.llama_set_activated_heads(engine.ctx, bad, engine.n_layer * engine.n_head) == -3
+    assert C.llama_set_activated_heads(engine.ctx, None, 0) == -1
+
+
+def test_layer_ops_report_sparse_parts(engine):
+    # Q4_1 weights, head width 64: wq rows, attention and wo columns all run sparse
+    assert engine.layer_ops() == [7] * engine.n_layer
+
+
+def test_predictors(tmp_path, engine):
+    with pytest.raises(ValueError, match="unknown predictor"):
+        get_predictor("nope", engine.n_layer, engine.n_head)
+    p = tmp_path / "m.npy"
+    np.save(p, np.ones((2, engine.n_layer, engine.n_head), np.int8))
+    mf = get_predictor(f"mask-file:{p}", engine.n_layer, engine.n_head)
+    assert isinstance(mf, MaskFile)
+    g = engine.generate(PROMPT, 3, predictor=mf, stop_at_eog=False)
+    assert len(g.masks) == 2
+    with pytest.raises(ValueError, match="2 steps"):
+        engine.generate(PROMPT, 5, predictor=mf, stop_at_eog=False)
+    np.save(p, np.ones((2, engine.n_layer, 3), np.int8))
+    with pytest.raises(ValueError, match="shape"):
+        get_predictor(f"mask-file:{p}", engine.n_layer, engine.n_head)
+
+
+def test_context_overflow_is_an_error(engine):
+    with pytest.raises(EngineError, match="context full"):
+        engine.generate([1] * (engine.n_ctx + 1), 4)
+    with pytest.raises(EngineError, match="empty"):
+        engine.generate([], 4)

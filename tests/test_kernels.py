@@ -1,0 +1,127 @@
+"""GGML_OP_MUL_MAT_SPARSE_ATTN against a plain numpy reference, for every mode, weight type,
+mask kind and thread count. The reference dequantizes the weights with gguf-py, multiplies in
+float64 and zeroes what inactive heads produce."""
+
+import numpy as np
+import pytest
+
+from powerinfer_attn import kernels
+
+pytestmark = pytest.mark.usefixtures("engine_lib")
+
+WEIGHT_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+THREADS = [1, 2, 3]
+
+
+def masks(n_head, rng):
+    single = np.zeros(n_head, np.int32)
+    single[rng.integers(n_head)] = 1
+    rand = (rng.random(n_head) < 0.5).astype(np.int32)
+    return {"all": np.ones(n_head, np.int32), "single": single, "none": np.zeros(n_head, np.int32), "random": rand}
+
+
+def tolerance(type_name, ref):
+    # src1 is packed to the weight's vec_dot type (Q8_x for quants, F16 for F16) before the dot
+    rel = {"F32": 1e-5, "F16": 2e-3}.get(type_name, 2.5e-2)
+    return rel * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("type_name", WEIGHT_TYPES)
+@pytest.mark.parametrize("n_tok", [1, 3])
+def test_v1_wq_rows(type_name, n_threads, n_tok):
+    rng = np.random.default_rng(1)
+    n_embd, n_head, hd = 256, 4, 64
+    w = rng.standard_normal((n_head * hd, n_embd)).astype(np.float32)
+    a = kernels.quantize(w, type_name)
+    wf = kernels.dequantize(a, type_name, w.shape).astype(np.float64)
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    dense = kernels.mul_mat(None, a, type_name, (n_embd, n_head * hd), x, None, n_threads)
+    for kind, heads in masks(n_head, rng).items():
+        out = kernels.mul_mat("v1", a, type_name, (n_embd, n_head * hd), x, heads, n_threads)
+        ref = x.astype(np.float64) @ wf.T
+        keep = np.repeat(heads, hd).astype(bool)
+        ref[:, ~keep] = 0
+        assert out.shape == ref.shape
+        assert np.all(out[:, ~keep] == 0), kind
+        np.testing.assert_allclose(out, ref, atol=tolerance(type_name, ref), rtol=0, err_msg=kind)
+        # the active rows are the dense op's rows
+        np.testing.assert_allclose(out[:, keep], dense[:, keep], atol=1e-4 * max(1.0, np.abs(dense).max()), rtol=0)
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("kv_type", ["F16", "F32"])
+@pytest.mark.parametrize("n_tok", [1, 2])
+@pytest.mark.parametrize("n_head,n_head_kv", [(6, 2), (4, 4), (3, 1)])
+def test_v2_kq_and_kqv_gqa(kv_type, n_threads, n_tok, n_head, n_head_kv):
+    rng = np.random.default_rng(2)
+    d, n_kv = 64, 77
+    r = n_head // n_head_kv
+    k = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)      # ggml [d, n_kv, n_head_kv]
+    v = rng.standard_normal((n_head_kv, d, n_kv)).astype(np.float32)      # ggml [n_kv, d, n_head_kv]
+    q = rng.standard_normal((n_tok, n_head, d)).astype(np.float32)        # ggml [d, n_head, n_tok], permuted in graph
+    p = rng.random((n_head, n_tok, n_kv)).astype(np.float32)              # ggml [n_kv, n_tok, n_head]
+    ka, va = kernels.quantize(k, kv_type), kernels.quantize(v, kv_type)
+    kf = kernels.dequantize(ka, kv_type, k.shape).astype(np.float64)
+    vf = kernels.dequantize(va, kv_type, v.shape).astype(np.float64)
+    for kind, heads in masks(n_head, rng).items():
+        kq = kernels.mul_mat("v2", ka, kv_type, (d, n_kv, n_head_kv), q, heads, n_threads, permute_b=True)
+        kqv = kernels.mul_mat("v2", va, kv_type, (n_kv, d, n_head_kv), p, heads, n_threads)
+        kq_ref = np.zeros((n_head, n_tok, n_kv))
+        kqv_ref = np.zeros((n_head, n_tok, d))
+        for h in range(n_head):
+            if heads[h]:
+                kq_ref[h] = q[:, h, :].astype(np.float64) @ kf[h // r].T
+                kqv_ref[h] = p[h].astype(np.float64) @ vf[h // r].T
+        np.testing.assert_allclose(kq, kq_ref, atol=tolerance(kv_type, kq_ref), rtol=0, err_msg=kind)
+        np.testing.assert_allclose(kqv, kqv_ref, atol=tolerance(kv_type, kqv_ref), rtol=0, err_msg=kind)
+        assert np.all(kq[heads == 0] == 0) and np.all(kqv[heads == 0] == 0)
+
+
+def test_v2_permuted_kv_cache_view():
+    """k as llama reads it from the cache: [d, n_head_kv, n_kv] permuted to [d, n_kv, n_head_kv]."""
+    rng = np.random.default_rng(3)
+    d, n_kv, n_head, n_head_kv = 64, 50, 6, 3
+    k = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float32)
+    q = rng.standard_normal((1, n_head, d)).astype(np.float32)
+    ka = kernels.quantize(k, "F16")
+    kf = kernels.dequantize(ka, "F16", k.shape).astype(np.float64)
+    heads = np.array([1, 0, 0, 1, 1, 0], np.int32)
+    out = kernels.mul_mat("v2", ka, "F16", (d, n_kv, n_head_kv), q, heads, 2, permute_b=True, permute_a=True)
+    for h in range(n_head):
+        ref = kf[:, h // 2, :] @ q[0, h] if heads[h] else np.zeros(n_kv)
+        np.testing.assert_allclose(out[h, 0], ref, atol=2e-3 * max(1, np.abs(ref).max()), rtol=0)
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("type_name", WEIGHT_TYPES)
+@pytest.mark.parametrize("n_tok", [1, 2])
+def test_v3_wo_cols(type_name, n_threads, n_tok):
+    rng = np.random.default_rng(4)
+    n_embd = 96
+    # K-quants have 256-wide blocks: only heads of width 256 can be skipped column-wise
+    hd = 256 if type_name in ("Q4_K", "Q6_K") else 64
+    n_head = 5 if hd == 64 else 2
+    w = rng.standard_normal((n_embd, n_head * hd)).astype(np.float32)   # ggml [n_head*hd, n_embd]
+    a = kernels.quantize(w, type_name)
+    wf = kernels.dequantize(a, type_name, w.shape).astype(np.float64)
+    x = rng.standard_normal((n_tok, n_head * hd)).astype(np.float32)
+    cases = masks(n_head, rng)
+    cases["alternate"] = (np.arange(n_head) % 2).astype(np.int32)
+    for kind, heads in cases.items():
+        out = kernels.mul_mat("v3", a, type_name, (n_head * hd, n_embd), x, heads, n_threads)
+        keep = np.repeat(heads, hd).astype(bool)
+        ref = x[:, keep].astype(np.float64) @ wf[:, keep].T
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, atol=tolerance(type_name, ref) * np.sqrt(n_head), rtol=0, err_msg=kind)
+        if not heads.any():
+            assert np.all(out == 0)
+
+
+@pytest.mark.parametrize("type_name,hd,ok", [
+    ("F32", 64, True), ("F16", 64, True), ("Q4_0", 64, True), ("Q4_1", 64, True), ("Q8_0", 64, True),
+    ("Q4_K", 64, False), ("Q6_K", 64, False), ("Q4_K", 256, True), ("Q4_0", 48, False),
+])
+def test_cols_alignment_rule(type_name, hd, ok):
+    g, _ = kernels.libs()
+    assert g.ggml_sparse_attn_cols_ok(kernels.GGML_TYPE[type_name], hd) is ok
