@@ -24,6 +24,7 @@ demo: setup
 	$(BIN)/powerinfer-attn generate -p "The capital of France is" -n 32 --sparse --predictor all
 
 test: setup
+	$(BIN)/powerinfer-attn build --stock
 	POWERINFER_ATTN_REQUIRE_ENGINE=1 $(PY) -m pytest -v tests
 
 # the pure-Python tests, no build needed

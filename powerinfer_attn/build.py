@@ -387,6 +387,39 @@ def build(vendor_dir: Path | None = None, patches_dir: Path | None = None, force
     return BuildResult(digest, True, inst.package_dir)
 
 
+def build_stock(vendor_dir: Path | None = None, log: Log = _default_log) -> Path:
+    """Build the unpatched tree into ``vendor/stock/site`` (not the current environment), as the
+    reference for "with sparse off the patched engine behaves exactly as stock llama.cpp".
+    Returns the directory to put on PYTHONPATH. Idempotent like ``build``."""
+    vendor_dir = Path(vendor_dir or os.environ.get("POWERINFER_ATTN_VENDOR", REPO_ROOT / "vendor"))
+    cmake_args = cmake_args_from_env()
+    digest = series_digest([], cmake_args)
+    stock = vendor_dir / "stock"
+    site = stock / "site"
+    stamp = site / STAMP_NAME
+    if stamp.is_file() and json.loads(stamp.read_text()).get("digest") == digest:
+        log(f"up to date: stock llama_cpp at {site}")
+        return site
+    _check_toolchain()
+    vendor_dir.mkdir(parents=True, exist_ok=True)
+    sdist = fetch_sdist(vendor_dir / "dist", log)
+    pristine = unpack(sdist, vendor_dir / "pristine", log)
+    src = stock / "src"
+    if not (src / ".complete").is_file():
+        if src.exists():
+            shutil.rmtree(src)
+        shutil.copytree(pristine, src, symlinks=True)  # the build writes libraries into its source tree
+    log(f"building the stock (unpatched) llama-cpp-python into {site}")
+    env = dict(os.environ, CMAKE_ARGS=" ".join(cmake_args))
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+                        "--upgrade", "--disable-pip-version-check", "--target", str(site),
+                        "-C", f"build-dir={stock / 'build'}", str(src)], env=env)
+    if r.returncode != 0:
+        raise BuildError(f"building the stock tree failed (exit {r.returncode}); see the compiler output above")
+    stamp.write_text(json.dumps({"digest": digest, "cmake_args": cmake_args}, indent=1))
+    return site
+
+
 def check(patches_dir: Path | None = None) -> dict:
     """Is the importable llama_cpp ours, and built from the current series?"""
     patches_dir = Path(patches_dir or REPO_ROOT / "patches")

@@ -31,10 +31,16 @@ def main() -> None:
 @main.command()
 @click.option("--check", is_flag=True, help="Only report whether the installed library is the patched one.")
 @click.option("--force", is_flag=True, help="Rebuild even when the installed build is current.")
+@click.option("--stock", is_flag=True, help="Build the unpatched tree into vendor/stock/site instead (reference for tests).")
 @json_option
-def build(check: bool, force: bool, as_json: bool) -> None:
+def build(check: bool, force: bool, stock: bool, as_json: bool) -> None:
     """Fetch the pinned llama.cpp tree, apply patches/, build and install it."""
     try:
+        if stock:
+            site = build_mod.build_stock()
+            if as_json:
+                click.echo(json.dumps({"stock_site": str(site)}))
+            return
         if check:
             info = build_mod.check()
             if as_json:
@@ -68,21 +74,22 @@ def model() -> None:
 @click.option("--ctx", "n_ctx", type=click.IntRange(16), default=2048, show_default=True, help="Context size.")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @click.option("--sparse", is_flag=True, help="Decode with sparse attention heads.")
-@click.option("--predictor", default=None, help="Head predictor for --sparse: all, mask-file:PATH.")
+@click.option("--predictor", default=None,
+              help="Head predictor for --sparse: all, random:K[:SEED], static:K[:FILE], oracle:P, oracle-topk:K, mask-file:PATH.")
 @model_option
 @threads_option
 @json_option
 def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, model, threads, as_json) -> None:
     """Greedy generation through the patched bindings, with decode speed."""
-    from .engine import Engine, EngineError
+    from .engine import EngineError, open_engine
     from .predictors import get_predictor
 
     if predictor and not sparse:
         _fail(ValueError("--predictor needs --sparse"))
     try:
         path = resolve_model(model)
-        with Engine(path, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn) as eng:
-            pred = get_predictor(predictor or "all", eng.n_layer, eng.n_head) if sparse else None
+        pred = get_predictor(predictor or "all", path) if sparse else None
+        with open_engine(path, pred, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn) as eng:
             g = eng.generate(prompt, n_tokens, predictor=pred)
             threads_used = eng.n_threads
             layer_ops = eng.layer_ops() if sparse else None
@@ -105,6 +112,148 @@ def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, model, thre
                    f"prefill {len(g.prompt_tokens)} tokens in {g.prefill_s * 1000:.0f} ms, "
                    f"{threads_used} threads"
                    + (f", mean head density {density:.2f}" if sparse else ""), err=True)
+
+
+def _open_predictor(spec: str, path):
+    from .predictors import get_predictor
+
+    return get_predictor(spec, path)
+
+
+@main.command()
+@click.option("--prompt", "-p", required=True, help="Prompt text.")
+@click.option("-n", "n_tokens", type=click.IntRange(1), default=48, show_default=True, help="Tokens to generate.")
+@click.option("--predictor", required=True, help="Head predictor (see `generate --help`).")
+@model_option
+@threads_option
+@json_option
+def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
+    """Generate greedily dense and sparse from one prompt, side by side."""
+    from . import compare as cmp
+    from .engine import EngineError
+
+    try:
+        path = resolve_model(model)
+        res = cmp.compare(path, prompt, n_tokens, _open_predictor(predictor, path), threads)
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=1))
+        return
+    click.echo(f"--- dense ({res.dense_tok_s:.1f} tok/s)\n{prompt}{res.dense_text}")
+    click.echo(f"--- sparse, {res.predictor}, mean head density {res.density:.2f} ({res.sparse_tok_s:.1f} tok/s)\n"
+               f"{prompt}{res.sparse_text}")
+    div = "none" if res.first_divergence is None else f"token {res.first_divergence}"
+    click.echo(f"--- token agreement {res.agreement:.2f}, first divergence: {div}")
+
+
+@main.command()
+@click.option("--text-file", type=click.Path(dir_okay=False), default=None,
+              help="Text to score on (default: $POWERINFER_ATTN_TEXT), e.g. WikiText-2's wiki.test.raw.")
+@click.option("--prefix", type=click.IntRange(1), default=128, show_default=True, help="Dense prefill tokens per window.")
+@click.option("--steps", type=click.IntRange(1), default=128, show_default=True, help="Sparse decode steps per window.")
+@click.option("--windows", type=click.IntRange(1), default=8, show_default=True, help="Windows, spread over the text's second half.")
+@click.option("--predictor", default=None, help="Head predictor (see `generate --help`).")
+@click.option("--mask-file", type=click.Path(dir_okay=False), default=None, help="Masks [steps, n_layer, n_head] (.npy), used in every window.")
+@click.option("--dump-logits", type=click.Path(dir_okay=False), default=None, help="Write the sparse logits ([steps, n_vocab], or [windows, steps, n_vocab]) as float32 .npy.")
+@model_option
+@threads_option
+@json_option
+def score(text_file, prefix, steps, windows, predictor, mask_file, dump_logits, model, threads, as_json) -> None:
+    """Teacher-forced quality of sparse decode against dense: perplexity, KL, top-1 agreement."""
+    from pathlib import Path
+
+    from . import compare as cmp
+    from .engine import EngineError
+
+    if bool(predictor) == bool(mask_file):
+        _fail(ValueError("give exactly one of --predictor and --mask-file"))
+    try:
+        path = resolve_model(model)
+        text = cmp.resolve_text_file(text_file)
+        pred = _open_predictor(predictor or f"mask-file:{mask_file}", path)
+        with click.progressbar(length=2 * steps * windows, label=f"scoring {pred.name}", file=sys.stderr) as bar:
+            res = cmp.score(path, text, pred, prefix, steps, windows, threads,
+                            Path(dump_logits) if dump_logits else None, bar.update)
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=1))
+        return
+    click.echo(f"predictor {res.predictor}: {res.windows} windows x {res.steps} steps after {res.prefix} dense tokens")
+    click.echo(f"  perplexity dense {res.ppl_dense:.3f}, sparse {res.ppl_sparse:.3f} "
+               f"({100 * (res.ppl_sparse / res.ppl_dense - 1):+.1f}%)")
+    click.echo(f"  KL(dense || sparse) {res.kl_mean:.4f} nats/token, top-1 agreement {res.top1_agreement:.3f}")
+    click.echo(f"  mean head density {res.density:.3f}; per layer: "
+               + " ".join(f"{x:.2f}" for x in res.density_per_layer))
+
+
+@main.command()
+@click.option("--text-file", type=click.Path(dir_okay=False), default=None,
+              help="Calibration text (default: $POWERINFER_ATTN_TEXT); its first half is read.")
+@click.option("--tokens", type=click.IntRange(64), default=8192, show_default=True, help="Tokens to read.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output JSON (default: where static:K looks).")
+@model_option
+@threads_option
+@json_option
+def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
+    """Mean importance of each head on a text, for the static:K predictor."""
+    from pathlib import Path
+
+    from . import compare as cmp
+    from .engine import EngineError
+    from .predictors import default_calibration_path
+
+    try:
+        path = resolve_model(model)
+        text = cmp.resolve_text_file(text_file)
+        dest = Path(out) if out else default_calibration_path(path)
+        with click.progressbar(length=tokens, label="calibrating", file=sys.stderr) as bar:
+            res = cmp.calibrate(path, text, dest, tokens, threads=threads, progress=bar.update)
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps({"out": str(dest), "tokens": res["tokens"]}, indent=1))
+    else:
+        click.echo(f"wrote {dest} ({res['tokens']} tokens)")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+@main.command()
+@model_option
+@click.option("--ctx", "ctxs", default="256,1024,4096", show_default=True, help="Context lengths, comma-separated.")
+@click.option("--density", "densities", default="1,0.75,0.5,0.25", show_default=True, help="Head densities, comma-separated.")
+@click.option("--reps", type=click.IntRange(3), default=20, show_default=True, help="Timed steps per configuration.")
+@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="auto: measure dense both ways per context and use the faster for all.")
+@click.option("--gqa", is_flag=True, help="Drop whole KV groups first (saves K/V reads too).")
+@threads_option
+@json_option
+def bench(model, ctxs, densities, reps, flash_attn, gqa, threads, as_json) -> None:
+    """Decode tok/s, dense against sparse at fixed head densities, per context length."""
+    import os
+
+    from . import bench as bench_mod
+    from .engine import EngineError
+
+    try:
+        result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
+                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa)
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(f"model {result['model']}, {result['threads']} threads, median of {result['reps']} steps"
+                   + (", GQA-group masks" if gqa else ""))
+        click.echo(bench_mod.format_table(result))
 
 
 if __name__ == "__main__":

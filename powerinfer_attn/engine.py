@@ -32,7 +32,11 @@ _log_cb = None
 
 
 def bindings():
-    """The patched ``llama_cpp.llama_cpp`` module, refusing a stock build."""
+    """The patched ``llama_cpp.llama_cpp`` module, refusing a stock build.
+
+    ``POWERINFER_ATTN_ALLOW_STOCK=1`` accepts a stock build for dense decoding only; the
+    tests use it in a child process to compare against unpatched llama.cpp.
+    """
     global _llama, _log_cb
     if _llama is not None:
         return _llama
@@ -40,7 +44,7 @@ def bindings():
         import llama_cpp.llama_cpp as C
     except (ImportError, OSError) as e:
         raise EngineError(f"the llama_cpp bindings cannot be loaded ({e}); run `powerinfer-attn build`") from e
-    if not hasattr(C, PATCH_SYMBOL):
+    if not hasattr(C, PATCH_SYMBOL) and not os.environ.get("POWERINFER_ATTN_ALLOW_STOCK"):
         raise EngineError(
             f"the installed llama_cpp ({C.__file__}) is a stock build without {PATCH_SYMBOL}; "
             f"run `powerinfer-attn build` in this environment"
@@ -265,6 +269,13 @@ class Engine:
             out[j] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out if all_logits else out[0]
 
+    def rollback(self, n_past: int) -> None:
+        """Forget every position from ``n_past`` on (the KV cache entries and the count)."""
+        if not 0 <= n_past <= self.n_past:
+            raise EngineError(f"cannot roll back to {n_past}: {self.n_past} positions decoded")
+        self.C.llama_memory_seq_rm(self.C.llama_get_memory(self.ctx), 0, n_past, -1)
+        self.n_past = n_past
+
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Dense prompt evaluation in n_batch chunks; logits of the last token (or of all)."""
         C = self.C
@@ -284,6 +295,10 @@ class Engine:
 
     def set_sparse(self, enabled: bool) -> None:
         """Build single-token decode with the sparse attention ops (prefill stays dense)."""
+        if not hasattr(self.C, "llama_set_sparse_attn"):
+            if enabled:
+                raise EngineError("this is a stock llama.cpp library: no sparse attention")
+            return
         rc = self.C.llama_set_sparse_attn(self.ctx, bool(enabled))
         if rc != 0:
             raise EngineError(f"sparse attention is not supported for {self.model_path.name} "
@@ -357,3 +372,17 @@ class StepState:
     position: int      # position of the token about to be decoded
     token: int         # the token about to be decoded
     engine: Engine
+
+
+def open_engine(model_path, predictor: "Predictor | None" = None, **kwargs) -> Engine:
+    """An engine built for ``predictor`` (with its tensor hook, if it has one) and the
+    predictor bound to it."""
+    hook = getattr(predictor, "hook", None)
+    eng = Engine(model_path, tensor_hook=hook, **kwargs)
+    if predictor is not None:
+        try:
+            predictor.bind(eng)
+        except BaseException:
+            eng.close()
+            raise
+    return eng

@@ -1,44 +1,145 @@
 """Predictors: before each sparse decode step, which heads of each layer run.
 
-A predictor is any object with ``predict(state) -> mask`` where ``mask`` is
-``[n_layer, n_head]`` of 0/1 (1 = head active). ``state`` is an
-``engine.StepState`` (step index, position, token, engine).
+A predictor has a ``name``, ``bind(engine)`` (called once the engine exists; checks that the
+predictor fits the model) and ``predict(state) -> mask`` with ``mask`` ``[n_layer, n_head]``
+of 0/1 (1 = head active); ``state`` is an ``engine.StepState``. A predictor that needs to
+watch the graph has a ``hook`` (an ``engine.TensorHook``) that the engine must be built with.
 
-Built-in, selectable by name with ``get_predictor``:
+Built-in, by name (``get_predictor``), with what each costs per decode step:
 
-- ``all``: every head active. Costs nothing; the sparse path's exactness check
-  (it must reproduce dense decoding).
-- ``mask-file:PATH``: masks read from a ``.npy`` array ``[steps, n_layer, n_head]``;
-  step i uses ``masks[i]``. Costs one array lookup per step.
+- ``all``: every head. Nothing. The sparse path's exactness check.
+- ``random:K[:SEED]``: K heads per layer drawn at random every step (seeded). A few
+  microseconds. The floor any real predictor must beat.
+- ``static:K[:FILE]``: the K heads of each layer with the highest mean importance on a
+  calibration text (``powerinfer-attn calibrate``, stored as a small JSON file). Nothing.
+- ``oracle:P`` / ``oracle-topk:K``: per token, the heads whose importance (norm of the
+  contribution through ``wo``) covers fraction P of the layer's total, or the top K,
+  measured on a dense step of the same state that is then rolled back. It costs a whole
+  dense step plus the graph switch: an upper bound on quality, never a speed mode.
+- ``mask-file:PATH``: masks from a ``.npy`` array ``[steps, n_layer, n_head]``; step i uses
+  ``masks[i]``. An array lookup.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from .importance import HeadContributions, mass_mask, topk_mask
 
 
 @runtime_checkable
 class Predictor(Protocol):
     name: str
 
+    def bind(self, engine) -> None: ...
+
     def predict(self, state) -> np.ndarray: ...
 
 
-class AllHeads:
+class _Shaped:
+    n_layer = n_head = 0
+
+    def bind(self, engine) -> None:
+        self.n_layer, self.n_head = engine.n_layer, engine.n_head
+
+
+class AllHeads(_Shaped):
     name = "all"
 
-    def __init__(self, n_layer: int, n_head: int):
-        self._mask = np.ones((n_layer, n_head), dtype=np.int32)
+    def predict(self, state) -> np.ndarray:
+        return np.ones((self.n_layer, self.n_head), np.int32)
+
+
+class RandomHeads(_Shaped):
+    def __init__(self, k: int, seed: int = 0):
+        self.k, self.seed = k, seed
+        self.name = f"random:{k}"
+        self.rng = np.random.default_rng(seed)
+
+    def bind(self, engine) -> None:
+        super().bind(engine)
+        if not 1 <= self.k <= self.n_head:
+            raise ValueError(f"random:{self.k}: K must be in [1, {self.n_head}]")
 
     def predict(self, state) -> np.ndarray:
-        return self._mask
+        scores = self.rng.random((self.n_layer, self.n_head))
+        return topk_mask(scores, self.k)
 
 
-class MaskFile:
-    def __init__(self, path: str | Path, n_layer: int, n_head: int):
+class StaticHeads(_Shaped):
+    def __init__(self, k: int, path: str | Path):
+        self.k, self.path = k, Path(path)
+        self.name = f"static:{k}"
+        if not self.path.is_file():
+            raise ValueError(f"static:{k}: calibration file {self.path} not found; run `powerinfer-attn calibrate`")
+        self.calibration = json.loads(self.path.read_text())
+        self.importance = np.array(self.calibration["importance"], np.float32)
+
+    def bind(self, engine) -> None:
+        super().bind(engine)
+        if self.importance.shape != (self.n_layer, self.n_head):
+            raise ValueError(f"{self.path} was calibrated for {self.importance.shape} heads, "
+                             f"the model has ({self.n_layer}, {self.n_head})")
+        if self.calibration.get("model_name") != engine.model_path.name:
+            raise ValueError(f"{self.path} was calibrated on {self.calibration.get('model_name')}, "
+                             f"not {engine.model_path.name}")
+        if not 1 <= self.k <= self.n_head:
+            raise ValueError(f"static:{self.k}: K must be in [1, {self.n_head}]")
+        self.mask = topk_mask(self.importance, self.k)
+
+    def predict(self, state) -> np.ndarray:
+        return self.mask
+
+
+class Oracle(_Shaped):
+    """Measures importance on a dense step of the current state, rolls it back, then selects."""
+
+    def __init__(self, model_path: str | Path, fraction: float | None = None, k: int | None = None):
+        self.fraction, self.k = fraction, k
+        self.name = f"oracle:{fraction:g}" if fraction is not None else f"oracle-topk:{k}"
+        self.model_path = model_path
+        self.hook = _DeferredHook()
+
+    def bind(self, engine) -> None:
+        super().bind(engine)
+        if self.k is not None and not 1 <= self.k <= self.n_head:
+            raise ValueError(f"oracle-topk:{self.k}: K must be in [1, {self.n_head}]")
+        self.hook.inner = HeadContributions(engine.model_path, engine.n_layer, engine.n_head)
+        self.hook.inner.active = False
+
+    def predict(self, state) -> np.ndarray:
+        eng, hook = state.engine, self.hook.inner
+        was_sparse = eng.sparse
+        eng.set_sparse(False)
+        hook.active = True
+        try:
+            eng.step(state.token)
+        finally:
+            hook.active = False
+            eng.rollback(state.position)
+            eng.set_sparse(was_sparse)
+        imp = hook.last
+        return mass_mask(imp, self.fraction) if self.fraction is not None else topk_mask(imp, self.k)
+
+
+class _DeferredHook:
+    """The engine needs its hook at construction, before the predictor can be bound."""
+
+    inner: HeadContributions | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.inner is not None and self.inner.wants(name)
+
+    def __call__(self, name, data) -> None:
+        self.inner(name, data)
+
+
+class MaskFile(_Shaped):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         self.name = f"mask-file:{self.path}"
         if not self.path.is_file():
@@ -47,11 +148,17 @@ class MaskFile:
             masks = np.load(self.path, allow_pickle=False)
         except ValueError as e:
             raise ValueError(f"{self.path} is not a .npy array: {e}") from e
-        if masks.ndim != 3 or masks.shape[1:] != (n_layer, n_head):
-            raise ValueError(f"{self.path}: mask array must have shape (steps, {n_layer}, {n_head}), got {masks.shape}")
+        if masks.ndim != 3:
+            raise ValueError(f"{self.path}: mask array must have shape (steps, n_layer, n_head), got {masks.shape}")
         if not (np.issubdtype(masks.dtype, np.integer) or masks.dtype == np.bool_) or not np.isin(masks, (0, 1)).all():
             raise ValueError(f"{self.path}: masks must be integer or bool 0/1 values")
         self.masks = masks.astype(np.int32)
+
+    def bind(self, engine) -> None:
+        super().bind(engine)
+        if self.masks.shape[1:] != (self.n_layer, self.n_head):
+            raise ValueError(f"{self.path}: mask array must have shape (steps, {self.n_layer}, {self.n_head}), "
+                             f"got {self.masks.shape}")
 
     def predict(self, state) -> np.ndarray:
         if state.step >= len(self.masks):
@@ -59,14 +166,35 @@ class MaskFile:
         return self.masks[state.step]
 
 
-NAMES = ("all", "mask-file:PATH")
+NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P", "oracle-topk:K", "mask-file:PATH")
 
 
-def get_predictor(spec: str, n_layer: int, n_head: int) -> Predictor:
-    """A predictor from its command-line name."""
+def default_calibration_path(model_path: str | Path) -> Path:
+    from .model import cache_dir
+
+    return cache_dir() / "calibration" / (Path(model_path).name + ".json")
+
+
+def get_predictor(spec: str, model_path: str | Path) -> Predictor:
+    """A predictor from its command-line name (see the module doc). Call ``bind(engine)`` next."""
     kind, _, arg = spec.partition(":")
-    if kind == "all" and not arg:
-        return AllHeads(n_layer, n_head)
-    if kind == "mask-file" and arg:
-        return MaskFile(arg, n_layer, n_head)
+    try:
+        if kind == "all" and not arg:
+            return AllHeads()
+        if kind == "random" and arg:
+            k, _, seed = arg.partition(":")
+            return RandomHeads(int(k), int(seed) if seed else 0)
+        if kind == "static" and arg:
+            k, _, path = arg.partition(":")
+            return StaticHeads(int(k), path or default_calibration_path(model_path))
+        if kind == "oracle" and arg:
+            return Oracle(model_path, fraction=float(arg))
+        if kind == "oracle-topk" and arg:
+            return Oracle(model_path, k=int(arg))
+        if kind == "mask-file" and arg:
+            return MaskFile(arg)
+    except ValueError as e:
+        if "invalid literal" in str(e) or "could not convert" in str(e):
+            raise ValueError(f"bad predictor {spec!r}: {e}; choose from: {', '.join(NAMES)}") from e
+        raise
     raise ValueError(f"unknown predictor {spec!r}; choose from: {', '.join(NAMES)}")

@@ -2,10 +2,10 @@
 outputs are zeroed.
 
 ``ZeroedHeads`` is a tensor hook for a dense engine: right after llama.cpp computes a
-layer's per-head attention output ``kqv-<il>`` (ggml ``[d, n_tokens, n_head]``), it zeroes
-the slices of the heads the mask marks inactive. Everything else is the unpatched dense
-graph, so a sparse decode with the same mask must give the same logits up to float
-rounding.
+layer's attention output before ``wo``, ``kqv_out-<il>`` (ggml ``[d*n_head, n_tokens]``, the
+heads side by side; the same tensor with or without flash attention), it zeroes the slices
+of the heads the mask marks inactive. Everything else is the unpatched dense graph, so a
+sparse decode with the same mask must give the same logits up to float rounding.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from .engine import TensorHook
 
 
-_KQV = re.compile(r"^kqv-(\d+)$")
+_KQV_OUT = re.compile(r"^kqv_out-(\d+)$")
 
 
 class ZeroedHeads(TensorHook):
@@ -27,12 +27,14 @@ class ZeroedHeads(TensorHook):
         self.seen = 0
 
     def wants(self, name: str) -> bool:
-        return _KQV.match(name) is not None
+        return _KQV_OUT.match(name) is not None
 
     def __call__(self, name: str, data: np.ndarray) -> None:
-        il = int(_KQV.match(name).group(1))
-        # numpy (1, n_head, n_tokens, d)
-        if data.shape[1] != self.n_head:
-            raise ValueError(f"{name}: expected {self.n_head} heads in dim 2, got shape {data.shape}")
-        data[:, self.mask[il] == 0, :, :] = 0.0
+        il = int(_KQV_OUT.match(name).group(1))
+        # numpy (1, 1, n_tokens, n_head*d)
+        width = data.shape[-1]
+        if width % self.n_head:
+            raise ValueError(f"{name}: width {width} is not a multiple of {self.n_head} heads")
+        heads = data.reshape(data.shape[:-1] + (self.n_head, width // self.n_head))
+        heads[..., self.mask[il] == 0, :] = 0.0
         self.seen += 1

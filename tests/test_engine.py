@@ -21,7 +21,9 @@ def test_dense_generation(engine):
 
 def test_all_heads_sparse_gives_dense_tokens(engine):
     dense = engine.generate(PROMPT, N_STEPS, stop_at_eog=False)
-    sparse = engine.generate(PROMPT, N_STEPS, predictor=AllHeads(engine.n_layer, engine.n_head), stop_at_eog=False)
+    pred = AllHeads()
+    pred.bind(engine)
+    sparse = engine.generate(PROMPT, N_STEPS, predictor=pred, stop_at_eog=False)
     assert sparse.tokens == dense.tokens
     assert sparse.masks is not None and len(sparse.masks) == N_STEPS - 1
     assert not engine.sparse, "generate must switch sparse off again"
@@ -62,10 +64,10 @@ def test_sparse_off_is_bit_identical_to_before(engine):
     assert np.array_equal(a, b)
 
 
-def zeroed_dense_logits(model_path, tokens, prompt_len, masks):
-    """The oracle: stock dense decode with inactive heads' kqv outputs zeroed by a tensor hook."""
+def zeroed_dense_logits(model_path, tokens, prompt_len, masks, flash_attn=False, n_ctx=512):
+    """The oracle: stock dense decode with inactive heads' outputs zeroed by a tensor hook."""
     hook = ZeroedHeads(masks.shape[1], masks.shape[2])
-    with Engine(model_path, n_ctx=512, n_threads=2, tensor_hook=hook) as ref_eng:
+    with Engine(model_path, n_ctx=n_ctx, n_threads=2, tensor_hook=hook, flash_attn=flash_attn) as ref_eng:
         ref_eng.prefill(tokens[:prompt_len])  # hook.mask is all ones: dense prefill
         out = []
         for i, tok in enumerate(tokens[prompt_len:]):
@@ -119,6 +121,27 @@ def test_masked_sparse_tracks_zeroed_dense_q4_1(model_path, engine, seed, densit
     assert np.median(rel_diff(sparse, ref)) < 0.25 * np.median(rel_diff(dense, ref))
 
 
+@pytest.mark.parametrize("long_context", [False, True], ids=["row-path", "split-kv-path"])
+def test_flash_attention_sparse(f32_model_path, long_context):
+    """Flash attention skips inactive heads in its per-head loop; from 512 cached tokens on,
+    decode takes the split-KV path, where skipped heads' partials must carry no mass."""
+    text = ORACLE_TEXT + (" The city grew, conquered its neighbours and built roads." * 50 if long_context else "")
+    with Engine(f32_model_path, n_ctx=1024, n_threads=2, flash_attn=True) as eng:
+        toks = eng.tokenize(text)
+        prompt_len = len(toks) - 8
+        assert (prompt_len >= 512) == long_context
+        ones = np.ones((8, eng.n_layer, eng.n_head), np.int32)
+        dense = teacher_forced_logits(eng, toks, prompt_len)
+        np.testing.assert_allclose(teacher_forced_logits(eng, toks, prompt_len, ones), dense,
+                                   atol=1e-4 * np.abs(dense).max(), rtol=0)
+        masks = random_masks(np.random.default_rng(5), 8, eng.n_layer, eng.n_head, 0.5)
+        sparse = teacher_forced_logits(eng, toks, prompt_len, masks)
+    ref = zeroed_dense_logits(f32_model_path, toks, prompt_len, masks, flash_attn=True, n_ctx=1024)
+    # flash attention accumulates V*softmax in F16 on the CPU, which amplifies rounding differences
+    assert rel_diff(sparse, ref).max() < 2e-2
+    assert rel_diff(dense, ref).min() > 20 * rel_diff(sparse, ref).max()
+
+
 def test_mask_validation(engine):
     with pytest.raises(ValueError, match="shape"):
         engine.set_mask(np.ones((engine.n_layer, engine.n_head + 1), np.int32))
@@ -146,20 +169,21 @@ def test_layer_ops_report_sparse_parts(engine):
     assert engine.layer_ops() == [7] * engine.n_layer
 
 
-def test_predictors(tmp_path, engine):
+def test_mask_file_predictor(tmp_path, engine):
     with pytest.raises(ValueError, match="unknown predictor"):
-        get_predictor("nope", engine.n_layer, engine.n_head)
+        get_predictor("nope", engine.model_path)
     p = tmp_path / "m.npy"
     np.save(p, np.ones((2, engine.n_layer, engine.n_head), np.int8))
-    mf = get_predictor(f"mask-file:{p}", engine.n_layer, engine.n_head)
+    mf = get_predictor(f"mask-file:{p}", engine.model_path)
     assert isinstance(mf, MaskFile)
+    mf.bind(engine)
     g = engine.generate(PROMPT, 3, predictor=mf, stop_at_eog=False)
     assert len(g.masks) == 2
     with pytest.raises(ValueError, match="2 steps"):
         engine.generate(PROMPT, 5, predictor=mf, stop_at_eog=False)
     np.save(p, np.ones((2, engine.n_layer, 3), np.int8))
     with pytest.raises(ValueError, match="shape"):
-        get_predictor(f"mask-file:{p}", engine.n_layer, engine.n_head)
+        get_predictor(f"mask-file:{p}", engine.model_path).bind(engine)
 
 
 def test_context_overflow_is_an_error(engine):

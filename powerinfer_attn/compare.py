@@ -1,0 +1,205 @@
+"""Does head pruning keep the model's output? Dense against sparse, two ways.
+
+``compare``: greedy generation from one prompt, dense and sparse, token by token.
+
+``score``: teacher-forced quality on a text. Each window is ``prefix + steps + 1`` tokens: the
+prefix is prefilled densely, then ``steps`` tokens are fed one at a time, once through plain
+dense decode and once through sparse decode with the predictor's mask, and each step's logits
+are scored on the next token. Reported: perplexity (dense and sparse), KL(dense || sparse) per
+token, top-1 agreement with dense, and the mean density per layer.
+
+Windows are spread evenly over the second half of the text's tokens; ``calibrate`` (static
+predictor) reads the first half, so a static predictor is never scored on its own
+calibration text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .engine import Engine, StepState, open_engine
+from .importance import HeadContributions
+from .predictors import Predictor
+
+TEXT_ENV = "POWERINFER_ATTN_TEXT"
+
+Progress = Callable[[int], None]
+
+
+def resolve_text_file(path: str | os.PathLike | None) -> Path:
+    p = path or os.environ.get(TEXT_ENV)
+    if not p:
+        raise ValueError(f"no text file: pass --text-file or set {TEXT_ENV} "
+                         f"(e.g. the WikiText-2 test split, wiki.test.raw)")
+    p = Path(p)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file not found: {p}")
+    return p
+
+
+def text_tokens(eng: Engine, path: Path) -> list[int]:
+    return eng.tokenize(path.read_text(encoding="utf-8", errors="replace"), add_bos=False)
+
+
+def window_starts(n_tokens: int, length: int, windows: int, first_half: bool = False) -> list[int]:
+    """``windows`` start offsets of windows of ``length`` tokens, evenly spaced over one half."""
+    lo, hi = (0, n_tokens // 2) if first_half else (n_tokens // 2, n_tokens)
+    span = hi - lo - length
+    if span < 0 or windows < 1:
+        raise ValueError(f"text too short: {hi - lo} tokens in that half, windows need {length}")
+    if windows == 1:
+        return [lo]
+    return [lo + round(i * span / (windows - 1)) for i in range(windows)]
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    predictor: str
+    windows: int
+    prefix: int
+    steps: int
+    ppl_dense: float
+    ppl_sparse: float
+    kl_mean: float
+    top1_agreement: float
+    density: float
+    density_per_layer: list[float]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def score(model_path: Path, text_file: Path, predictor: Predictor, prefix: int = 128, steps: int = 128,
+          windows: int = 8, threads: int | None = None, dump_logits: Path | None = None,
+          progress: Progress | None = None) -> ScoreResult:
+    length = prefix + steps + 1
+    n_ctx = length + 8
+    with Engine(model_path, n_ctx=n_ctx, n_threads=threads) as dense, \
+            open_engine(model_path, predictor, n_ctx=n_ctx, n_threads=threads) as sparse:
+        toks = text_tokens(dense, text_file)
+        starts = window_starts(len(toks), length, windows)
+        nll_d, nll_s, kls, agree, masks_all, dumped = [], [], [], [], [], []
+        for w, s0 in enumerate(starts):
+            win = toks[s0:s0 + length]
+            dense.reset()
+            dense.prefill(win[:prefix])
+            d_logits = np.array([dense.step(t) for t in win[prefix:prefix + steps]])
+            if progress:
+                progress(steps)
+
+            sparse.reset()
+            sparse.prefill(win[:prefix])
+            sparse.set_sparse(True)
+            s_logits = []
+            try:
+                for i, t in enumerate(win[prefix:prefix + steps]):
+                    mask = sparse.check_mask(predictor.predict(StepState(i, sparse.n_past, t, sparse)))
+                    sparse.set_mask(mask)
+                    masks_all.append(mask)
+                    s_logits.append(sparse.step(t))
+            finally:
+                sparse.set_sparse(False)
+            s_logits = np.array(s_logits)
+            if progress:
+                progress(steps)
+            if dump_logits is not None:
+                dumped.append(s_logits.astype(np.float32))
+
+            targets = np.array(win[prefix + 1:prefix + steps + 1])
+            ld, ls = _log_softmax(d_logits), _log_softmax(s_logits)
+            idx = np.arange(steps)
+            nll_d.append(-ld[idx, targets])
+            nll_s.append(-ls[idx, targets])
+            kls.append((np.exp(ld) * (ld - ls)).sum(axis=1))
+            agree.append(d_logits.argmax(axis=1) == s_logits.argmax(axis=1))
+    if dump_logits is not None:
+        arr = dumped[0] if len(dumped) == 1 else np.stack(dumped)
+        np.save(dump_logits, arr)
+    masks = np.array(masks_all)
+    per_layer = masks.mean(axis=(0, 2))
+    return ScoreResult(
+        predictor=predictor.name, windows=len(starts), prefix=prefix, steps=steps,
+        ppl_dense=float(np.exp(np.concatenate(nll_d).mean())),
+        ppl_sparse=float(np.exp(np.concatenate(nll_s).mean())),
+        kl_mean=float(np.concatenate(kls).mean()),
+        top1_agreement=float(np.concatenate(agree).mean()),
+        density=float(masks.mean()),
+        density_per_layer=[round(float(x), 4) for x in per_layer],
+    )
+
+
+def calibrate(model_path: Path, text_file: Path, out: Path, tokens: int = 8192, batch: int = 512,
+              threads: int | None = None, progress: Progress | None = None) -> dict:
+    """Mean per-head importance over the first half of a text, for the static predictor."""
+    n_layer = n_head = 0
+    with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch) as probe:
+        toks = text_tokens(probe, text_file)
+        n_layer, n_head = probe.n_layer, probe.n_head
+    half = toks[:len(toks) // 2][:tokens]
+    hook = HeadContributions(model_path, n_layer, n_head)
+    total = np.zeros((n_layer, n_head), np.float64)
+    count = 0
+    with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch, tensor_hook=hook) as eng:
+        for s0 in range(0, len(half) - 1, batch):
+            chunk = half[s0:s0 + batch]
+            eng.reset()
+            eng.prefill(chunk)
+            total += hook.per_token.sum(axis=0)
+            count += hook.per_token.shape[0]
+            if progress:
+                progress(len(chunk))
+    result = {
+        "model_name": Path(model_path).name,
+        "text_file": str(text_file),
+        "tokens": count,
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "importance": (total / max(count, 1)).round(6).tolist(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+@dataclasses.dataclass
+class CompareResult:
+    predictor: str
+    prompt: str
+    dense_tokens: list[int]
+    sparse_tokens: list[int]
+    dense_text: str
+    sparse_text: str
+    first_divergence: int | None
+    agreement: float
+    density: float
+    dense_tok_s: float
+    sparse_tok_s: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compare(model_path: Path, prompt: str, n: int, predictor: Predictor, threads: int | None = None,
+            n_ctx: int = 2048, flash_attn: bool = False) -> CompareResult:
+    with Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn) as dense:
+        gd = dense.generate(prompt, n, stop_at_eog=False)
+    with open_engine(model_path, predictor, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn) as sparse:
+        gs = sparse.generate(prompt, n, predictor=predictor, stop_at_eog=False)
+        sparse_text = gs.text
+        dense_text = sparse.detokenize(gd.tokens)
+    first = next((i for i, (a, b) in enumerate(zip(gd.tokens, gs.tokens)) if a != b), None)
+    agree = float(np.mean([a == b for a, b in zip(gd.tokens, gs.tokens)])) if gd.tokens else 1.0
+    return CompareResult(predictor.name, prompt, gd.tokens, gs.tokens, dense_text, sparse_text, first, agree,
+                         float(np.mean(gs.masks)) if gs.masks else 1.0, gd.decode_tok_s, gs.decode_tok_s)

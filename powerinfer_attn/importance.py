@@ -1,0 +1,96 @@
+"""Per-head importance: the norm of each head's contribution through ``wo``.
+
+A head's output ``o_h`` (width d) reaches the residual stream only through the columns of
+``wo`` that read it, so its contribution is ``wo[:, h*d:(h+1)*d] @ o_h`` and its importance
+the norm of that vector. ``HeadContributions`` is a tensor hook that reads every layer's
+``kqv_out-<il>`` (the heads side by side, before ``wo``) and computes these norms for the
+last token of the batch, with ``wo`` dequantized from the GGUF once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .engine import TensorHook
+
+_KQV_OUT = re.compile(r"^kqv_out-(\d+)$")
+
+
+def load_wo(model_path: str | Path, n_layer: int) -> list[np.ndarray]:
+    """Each layer's ``wo`` as float32 ``(n_embd, n_head*d)`` (out = wo @ heads)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(model_path))
+    tensors = {t.name: t for t in reader.tensors}
+    out = []
+    for il in range(n_layer):
+        t = tensors.get(f"blk.{il}.attn_output.weight")
+        if t is None:
+            raise ValueError(f"{model_path}: no blk.{il}.attn_output.weight")
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)
+        out.append(w.reshape(int(t.shape[1]), int(t.shape[0])))
+    return out
+
+
+class HeadContributions(TensorHook):
+    """Records, for every token of each decode, ``importance[token, il, h]``.
+
+    ``last`` is the last token's ``[n_layer, n_head]``. ``active`` switches recording on and off.
+    """
+
+    def __init__(self, model_path: str | Path, n_layer: int, n_head: int):
+        self.wo = load_wo(model_path, n_layer)
+        self.n_layer, self.n_head = n_layer, n_head
+        self.per_token = np.zeros((0, n_layer, n_head), np.float32)
+        self.active = True
+
+    @property
+    def last(self) -> np.ndarray:
+        return self.per_token[-1]
+
+    def wants(self, name: str) -> bool:
+        return self.active and _KQV_OUT.match(name) is not None
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        il = int(_KQV_OUT.match(name).group(1))
+        o = data.reshape(-1, data.shape[-1])  # (n_tokens, n_head*d)
+        n_tokens, width = o.shape
+        if il == 0 or self.per_token.shape[0] != n_tokens:
+            self.per_token = np.zeros((n_tokens, self.n_layer, self.n_head), np.float32)
+        d = width // self.n_head
+        w = self.wo[il]
+        for h in range(self.n_head):
+            contrib = o[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T  # (n_tokens, n_embd)
+            self.per_token[:, il, h] = np.linalg.norm(contrib, axis=1)
+
+
+def mass_mask(importance: np.ndarray, fraction: float) -> np.ndarray:
+    """Per layer, the fewest heads whose importance sums to at least ``fraction`` of the layer's total."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"mass fraction must be in (0, 1], got {fraction}")
+    order = np.argsort(-importance, axis=1, kind="stable")
+    sorted_imp = np.take_along_axis(importance, order, axis=1)
+    total = sorted_imp.sum(axis=1, keepdims=True)
+    cum = np.cumsum(sorted_imp, axis=1)
+    # keep head j (in sorted order) while the mass before it is still short of the target
+    before = cum - sorted_imp
+    keep_sorted = before < fraction * total - 1e-12
+    keep_sorted[:, 0] = True
+    mask = np.zeros_like(importance, dtype=np.int32)
+    np.put_along_axis(mask, order, keep_sorted.astype(np.int32), axis=1)
+    return mask
+
+
+def topk_mask(importance: np.ndarray, k: int) -> np.ndarray:
+    """Per layer, the ``k`` most important heads."""
+    n_head = importance.shape[1]
+    if not 1 <= k <= n_head:
+        raise ValueError(f"k must be in [1, {n_head}], got {k}")
+    order = np.argsort(-importance, axis=1, kind="stable")[:, :k]
+    mask = np.zeros_like(importance, dtype=np.int32)
+    np.put_along_axis(mask, order, 1, axis=1)
+    return mask

@@ -1,0 +1,78 @@
+"""compare, score and calibrate end to end on the default model, on a small text of our own."""
+
+import json
+
+import numpy as np
+import pytest
+
+from powerinfer_attn import compare as cmp
+from powerinfer_attn.predictors import get_predictor
+
+TEXT = (
+    "The Tiber is the third longest river in Italy. It rises in the Apennine Mountains in Emilia-Romagna "
+    "and flows through Tuscany, Umbria and Lazio, where it is joined by the river Aniene, to the Tyrrhenian Sea. "
+    "Rome was founded on its eastern banks. The river rises at Mount Fumaiolo in central Italy and flows in a "
+    "generally southerly direction past Perugia and Orvieto to reach Rome. "
+) * 6
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "river.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def run_score(model_path, text_file, spec, **kw):
+    pred = get_predictor(spec, model_path)
+    return cmp.score(model_path, text_file, pred, prefix=24, steps=12, windows=2, threads=2, **kw)
+
+
+def test_score_all_matches_dense(model_path, text_file, tmp_path):
+    out = tmp_path / "logits.npy"
+    r = run_score(model_path, text_file, "all", dump_logits=out)
+    assert r.kl_mean < 1e-6 and r.top1_agreement == 1.0
+    assert r.ppl_sparse == pytest.approx(r.ppl_dense, rel=1e-5)
+    assert r.density == 1.0 and len(r.density_per_layer) == 30
+    assert np.load(out).shape == (2, 12, 49152)
+
+
+def test_score_orders_oracle_static_random(model_path, text_file, tmp_path):
+    calib = tmp_path / "calib.json"
+    cmp.calibrate(model_path, text_file, calib, tokens=256, batch=128, threads=2)
+    data = json.loads(calib.read_text())
+    assert np.array(data["importance"]).shape == (30, 9) and data["tokens"] > 0
+    oracle = run_score(model_path, text_file, "oracle-topk:7")
+    static = run_score(model_path, text_file, f"static:7:{calib}")
+    rand = run_score(model_path, text_file, "random:7:1")
+    for r in (oracle, static, rand):
+        assert r.density == pytest.approx(7 / 9)
+    assert oracle.kl_mean < rand.kl_mean
+    assert static.kl_mean < rand.kl_mean
+
+
+def test_oracle_full_mass_keeps_every_head(model_path, text_file):
+    r = run_score(model_path, text_file, "oracle:1.0")
+    assert r.density == 1.0 and r.kl_mean < 1e-6
+
+
+def test_static_refuses_other_model(model_path, f32_model_path, text_file, tmp_path):
+    from powerinfer_attn.engine import open_engine
+
+    calib = tmp_path / "calib.json"
+    cmp.calibrate(model_path, text_file, calib, tokens=128, batch=128, threads=2)
+    pred = get_predictor(f"static:7:{calib}", f32_model_path)
+    with pytest.raises(ValueError, match="calibrated on"):
+        open_engine(f32_model_path, pred, n_ctx=256, n_threads=2)
+
+
+def test_compare_all_agrees(model_path):
+    r = cmp.compare(model_path, "The capital of France is", 12, get_predictor("all", model_path), threads=2)
+    assert r.agreement == 1.0 and r.first_divergence is None
+    assert r.dense_tokens == r.sparse_tokens and r.density == 1.0
+
+
+def test_text_file_required(monkeypatch):
+    monkeypatch.delenv(cmp.TEXT_ENV, raising=False)
+    with pytest.raises(ValueError, match="--text-file"):
+        cmp.resolve_text_file(None)

@@ -1,0 +1,71 @@
+"""Pure-Python pieces: head selection rules, bench masks, scoring windows."""
+
+import numpy as np
+import pytest
+
+from powerinfer_attn.bench import heads_for_density
+from powerinfer_attn.compare import _log_softmax, window_starts
+from powerinfer_attn.importance import mass_mask, topk_mask
+
+
+def test_mass_mask_keeps_fewest_heads_covering_fraction():
+    imp = np.array([[5.0, 3.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    assert mass_mask(imp, 0.5).tolist() == [[1, 0, 0, 0], [1, 1, 0, 0]]
+    assert mass_mask(imp, 0.8).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert mass_mask(imp, 0.9).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert mass_mask(imp, 1.0).sum() == 8
+    # at least one head per layer, even for a layer with no mass
+    assert mass_mask(np.zeros((1, 3)), 0.5).sum() == 1
+    with pytest.raises(ValueError):
+        mass_mask(imp, 0.0)
+
+
+def test_mass_mask_covers_fraction_property():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        imp = rng.random((3, 9)) ** 3
+        p = rng.uniform(0.05, 1.0)
+        m = mass_mask(imp, p)
+        kept = (imp * m).sum(1)
+        assert np.all(kept >= p * imp.sum(1) - 1e-9)
+        # minimal: dropping the weakest kept head falls short
+        for il in range(3):
+            weakest = imp[il][m[il] == 1].min()
+            if m[il].sum() > 1:
+                assert kept[il] - weakest < p * imp[il].sum() + 1e-9
+
+
+def test_topk_mask():
+    imp = np.array([[0.1, 0.9, 0.5], [3.0, 2.0, 1.0]])
+    assert topk_mask(imp, 2).tolist() == [[0, 1, 1], [1, 1, 0]]
+    with pytest.raises(ValueError):
+        topk_mask(imp, 4)
+
+
+def test_heads_for_density_plain_and_gqa():
+    m = heads_for_density(0.5, 2, 9, 3)
+    assert m.shape == (2, 9) and m.sum(1).tolist() == [4, 4]  # round(4.5) = 4 (banker's rounding)
+    # plain spreads over the 3 KV groups of 3 query heads
+    groups = m[0].reshape(3, 3).sum(1)
+    assert groups.max() - groups.min() <= 1
+    g = heads_for_density(1 / 3, 1, 9, 3, gqa=True)
+    assert g[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]  # one whole group
+    assert heads_for_density(1.0, 1, 9, 3).sum() == 9
+    with pytest.raises(ValueError):
+        heads_for_density(0.0, 1, 9, 3)
+
+
+def test_window_starts():
+    s = window_starts(1000, 100, 5)
+    assert s[0] == 500 and s[-1] == 900 and len(s) == 5
+    assert all(b > a for a, b in zip(s, s[1:]))
+    assert window_starts(1000, 100, 2, first_half=True) == [0, 400]
+    with pytest.raises(ValueError, match="too short"):
+        window_starts(100, 100, 2)
+
+
+def test_log_softmax():
+    x = np.array([[1.0, 2.0, 3.0], [1000.0, 1000.0, 0.0]])
+    ls = _log_softmax(x)
+    np.testing.assert_allclose(np.exp(ls).sum(1), 1.0)
+    np.testing.assert_allclose(ls[1, 0], np.log(0.5))
