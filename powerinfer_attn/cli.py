@@ -153,39 +153,41 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @click.option("--prefix", type=click.IntRange(1), default=128, show_default=True, help="Dense prefill tokens per window.")
 @click.option("--steps", type=click.IntRange(1), default=128, show_default=True, help="Sparse decode steps per window.")
 @click.option("--windows", type=click.IntRange(1), default=8, show_default=True, help="Windows, spread over the text's second half.")
-@click.option("--predictor", default=None, help="Head predictor (see `generate --help`).")
+@click.option("--predictor", "predictors", multiple=True,
+              help="Head predictor (see `generate --help`); repeat it to score several on the same windows.")
 @click.option("--mask-file", type=click.Path(dir_okay=False), default=None, help="Masks [steps, n_layer, n_head] (.npy), used in every window.")
-@click.option("--dump-logits", type=click.Path(dir_okay=False), default=None, help="Write the sparse logits ([steps, n_vocab], or [windows, steps, n_vocab]) as float32 .npy.")
+@click.option("--dump-logits", type=click.Path(dir_okay=False), default=None,
+              help="Write the (first) sparse logits ([steps, n_vocab], or [windows, steps, n_vocab]) as float32 .npy.")
 @model_option
 @threads_option
 @json_option
-def score(text_file, prefix, steps, windows, predictor, mask_file, dump_logits, model, threads, as_json) -> None:
+def score(text_file, prefix, steps, windows, predictors, mask_file, dump_logits, model, threads, as_json) -> None:
     """Teacher-forced quality of sparse decode against dense: perplexity, KL, top-1 agreement."""
     from pathlib import Path
 
     from . import compare as cmp
     from .engine import EngineError
 
-    if bool(predictor) == bool(mask_file):
-        _fail(ValueError("give exactly one of --predictor and --mask-file"))
+    if bool(predictors) == bool(mask_file):
+        _fail(ValueError("give --predictor (one or more) or --mask-file"))
+    specs = list(predictors) or [f"mask-file:{mask_file}"]
     try:
         path = resolve_model(model)
         text = cmp.resolve_text_file(text_file)
-        pred = _open_predictor(predictor or f"mask-file:{mask_file}", path)
-        with click.progressbar(length=2 * steps * windows, label=f"scoring {pred.name}", file=sys.stderr) as bar:
-            res = cmp.score(path, text, pred, prefix, steps, windows, threads,
-                            Path(dump_logits) if dump_logits else None, bar.update)
+        preds = [_open_predictor(sp, path) for sp in specs]
+        with click.progressbar(length=(1 + len(preds)) * steps * windows, label="scoring", file=sys.stderr) as bar:
+            results = cmp.score(path, text, preds, prefix, steps, windows, threads,
+                                Path(dump_logits) if dump_logits else None, bar.update)
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps(res.to_json(), indent=1))
+        click.echo(json.dumps([r.to_json() for r in results], indent=1))
         return
-    click.echo(f"predictor {res.predictor}: {res.windows} windows x {res.steps} steps after {res.prefix} dense tokens")
-    click.echo(f"  perplexity dense {res.ppl_dense:.3f}, sparse {res.ppl_sparse:.3f} "
-               f"({100 * (res.ppl_sparse / res.ppl_dense - 1):+.1f}%)")
-    click.echo(f"  KL(dense || sparse) {res.kl_mean:.4f} nats/token, top-1 agreement {res.top1_agreement:.3f}")
-    click.echo(f"  mean head density {res.density:.3f}; per layer: "
-               + " ".join(f"{x:.2f}" for x in res.density_per_layer))
+    r0 = results[0]
+    click.echo(f"{path.name} on {text.name}: {r0.windows} windows x {r0.steps} steps after {r0.prefix} dense tokens")
+    click.echo(cmp.format_scores(results))
+    for r in results:
+        click.echo(f"density per layer, {r.predictor}: " + " ".join(f"{x:.2f}" for x in r.density_per_layer))
 
 
 @main.command()

@@ -15,6 +15,7 @@ calibration text.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -81,63 +82,84 @@ class ScoreResult:
         return dataclasses.asdict(self)
 
 
-def score(model_path: Path, text_file: Path, predictor: Predictor, prefix: int = 128, steps: int = 128,
+def score(model_path: Path, text_file: Path, predictors: list[Predictor], prefix: int = 128, steps: int = 128,
           windows: int = 8, threads: int | None = None, dump_logits: Path | None = None,
-          progress: Progress | None = None) -> ScoreResult:
+          progress: Progress | None = None) -> list[ScoreResult]:
+    """Score each predictor on the same windows against one dense pass.
+    ``dump_logits`` writes the first predictor's sparse logits."""
     length = prefix + steps + 1
     n_ctx = length + 8
-    with Engine(model_path, n_ctx=n_ctx, n_threads=threads) as dense, \
-            open_engine(model_path, predictor, n_ctx=n_ctx, n_threads=threads) as sparse:
+    with contextlib.ExitStack() as stack:
+        dense = stack.enter_context(Engine(model_path, n_ctx=n_ctx, n_threads=threads))
+        sparse_engines = [stack.enter_context(open_engine(model_path, p, n_ctx=n_ctx, n_threads=threads))
+                          for p in predictors]
         toks = text_tokens(dense, text_file)
         starts = window_starts(len(toks), length, windows)
-        nll_d, nll_s, kls, agree, masks_all, dumped = [], [], [], [], [], []
-        for w, s0 in enumerate(starts):
+        acc = [dict(nll_d=[], nll_s=[], kl=[], agree=[], masks=[]) for _ in predictors]
+        dumped = []
+        for s0 in starts:
             win = toks[s0:s0 + length]
+            targets = np.array(win[prefix + 1:prefix + steps + 1])
+            idx = np.arange(steps)
             dense.reset()
             dense.prefill(win[:prefix])
             d_logits = np.array([dense.step(t) for t in win[prefix:prefix + steps]])
+            ld = _log_softmax(d_logits)
             if progress:
                 progress(steps)
-
-            sparse.reset()
-            sparse.prefill(win[:prefix])
-            sparse.set_sparse(True)
-            s_logits = []
-            try:
-                for i, t in enumerate(win[prefix:prefix + steps]):
-                    mask = sparse.check_mask(predictor.predict(StepState(i, sparse.n_past, t, sparse)))
-                    sparse.set_mask(mask)
-                    masks_all.append(mask)
-                    s_logits.append(sparse.step(t))
-            finally:
-                sparse.set_sparse(False)
-            s_logits = np.array(s_logits)
-            if progress:
-                progress(steps)
-            if dump_logits is not None:
-                dumped.append(s_logits.astype(np.float32))
-
-            targets = np.array(win[prefix + 1:prefix + steps + 1])
-            ld, ls = _log_softmax(d_logits), _log_softmax(s_logits)
-            idx = np.arange(steps)
-            nll_d.append(-ld[idx, targets])
-            nll_s.append(-ls[idx, targets])
-            kls.append((np.exp(ld) * (ld - ls)).sum(axis=1))
-            agree.append(d_logits.argmax(axis=1) == s_logits.argmax(axis=1))
+            for j, (pred, eng) in enumerate(zip(predictors, sparse_engines)):
+                s_logits, masks = _sparse_window(eng, pred, win, prefix, steps)
+                if progress:
+                    progress(steps)
+                if j == 0 and dump_logits is not None:
+                    dumped.append(s_logits.astype(np.float32))
+                ls = _log_softmax(s_logits)
+                a = acc[j]
+                a["nll_d"].append(-ld[idx, targets])
+                a["nll_s"].append(-ls[idx, targets])
+                a["kl"].append((np.exp(ld) * (ld - ls)).sum(axis=1))
+                a["agree"].append(d_logits.argmax(axis=1) == s_logits.argmax(axis=1))
+                a["masks"].extend(masks)
     if dump_logits is not None:
-        arr = dumped[0] if len(dumped) == 1 else np.stack(dumped)
-        np.save(dump_logits, arr)
-    masks = np.array(masks_all)
-    per_layer = masks.mean(axis=(0, 2))
-    return ScoreResult(
-        predictor=predictor.name, windows=len(starts), prefix=prefix, steps=steps,
-        ppl_dense=float(np.exp(np.concatenate(nll_d).mean())),
-        ppl_sparse=float(np.exp(np.concatenate(nll_s).mean())),
-        kl_mean=float(np.concatenate(kls).mean()),
-        top1_agreement=float(np.concatenate(agree).mean()),
-        density=float(masks.mean()),
-        density_per_layer=[round(float(x), 4) for x in per_layer],
-    )
+        np.save(dump_logits, dumped[0] if len(dumped) == 1 else np.stack(dumped))
+    results = []
+    for pred, a in zip(predictors, acc):
+        masks = np.array(a["masks"])
+        results.append(ScoreResult(
+            predictor=pred.name, windows=len(starts), prefix=prefix, steps=steps,
+            ppl_dense=float(np.exp(np.concatenate(a["nll_d"]).mean())),
+            ppl_sparse=float(np.exp(np.concatenate(a["nll_s"]).mean())),
+            kl_mean=float(np.concatenate(a["kl"]).mean()),
+            top1_agreement=float(np.concatenate(a["agree"]).mean()),
+            density=float(masks.mean()),
+            density_per_layer=[round(float(x), 4) for x in masks.mean(axis=(0, 2))],
+        ))
+    return results
+
+
+def _sparse_window(eng: Engine, pred: Predictor, win: list[int], prefix: int, steps: int):
+    eng.reset()
+    eng.prefill(win[:prefix])
+    eng.set_sparse(True)
+    logits, masks = [], []
+    try:
+        for i, t in enumerate(win[prefix:prefix + steps]):
+            mask = eng.check_mask(pred.predict(StepState(i, eng.n_past, t, eng)))
+            eng.set_mask(mask)
+            masks.append(mask)
+            logits.append(eng.step(t))
+    finally:
+        eng.set_sparse(False)
+    return np.array(logits), masks
+
+
+def format_scores(results: list[ScoreResult]) -> str:
+    lines = ["| predictor | mean density | perplexity dense | perplexity sparse | change | KL(dense\\|\\|sparse) | top-1 agreement |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.predictor} | {r.density:.3f} | {r.ppl_dense:.3f} | {r.ppl_sparse:.3f} | "
+                     f"{100 * (r.ppl_sparse / r.ppl_dense - 1):+.1f}% | {r.kl_mean:.4f} | {r.top1_agreement:.3f} |")
+    return "\n".join(lines)
 
 
 def calibrate(model_path: Path, text_file: Path, out: Path, tokens: int = 8192, batch: int = 512,

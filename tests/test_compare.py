@@ -23,9 +23,10 @@ def text_file(tmp_path_factory):
     return p
 
 
-def run_score(model_path, text_file, spec, **kw):
-    pred = get_predictor(spec, model_path)
-    return cmp.score(model_path, text_file, pred, prefix=24, steps=12, windows=2, threads=2, **kw)
+def run_score(model_path, text_file, *specs, **kw):
+    preds = [get_predictor(spec, model_path) for spec in specs]
+    res = cmp.score(model_path, text_file, preds, prefix=24, steps=12, windows=2, threads=2, **kw)
+    return res if len(specs) > 1 else res[0]
 
 
 def test_score_all_matches_dense(model_path, text_file, tmp_path):
@@ -42,9 +43,7 @@ def test_score_orders_oracle_static_random(model_path, text_file, tmp_path):
     cmp.calibrate(model_path, text_file, calib, tokens=256, batch=128, threads=2)
     data = json.loads(calib.read_text())
     assert np.array(data["importance"]).shape == (30, 9) and data["tokens"] > 0
-    oracle = run_score(model_path, text_file, "oracle-topk:7")
-    static = run_score(model_path, text_file, f"static:7:{calib}")
-    rand = run_score(model_path, text_file, "random:7:1")
+    oracle, static, rand = run_score(model_path, text_file, "oracle-topk:7", f"static:7:{calib}", "random:7:1")
     for r in (oracle, static, rand):
         assert r.density == pytest.approx(7 / 9)
     assert oracle.kl_mean < rand.kl_mean
