@@ -18,11 +18,13 @@ import dataclasses
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .engine import Engine
+from .profile import NodeTimer, amdahl_limit, profile_steps
 
 
 def heads_for_density(density: float, n_layer: int, n_head: int, n_head_kv: int, gqa: bool = False) -> np.ndarray:
@@ -49,11 +51,27 @@ def heads_for_density(density: float, n_layer: int, n_head: int, n_head_kv: int,
 class BenchRow:
     ctx: int
     mode: str            # "dense" or "sparse"
-    density: float
+    density: float       # asked for
+    kept: float          # heads actually kept (round(density * n_head) per layer) / n_head
     tok_s: float
     step_ms: float
-    ratio: float | None  # sparse tok/s / dense tok/s, same context, same run
+    ratio: float | None  # median over pairs of dense step time / sparse step time, same run
+    limit: float | None  # Amdahl limit of the ratio at this kept fraction (None: not profiled)
     flash_attn: bool
+    repack: bool
+
+
+# weight types the CPU backend may repack into its own layout (ggml-cpu/repack.cpp)
+REPACKABLE_TYPES = ("Q4_0", "Q4_K", "IQ4_NL", "Q8_0")
+
+
+def repackable_types(model_path) -> list[str]:
+    """Weight types in the model that the CPU backend may repack; none means the repack
+    setting cannot change anything, so the benchmark does not measure both."""
+    from gguf import GGUFReader
+
+    types = {t.tensor_type.name for t in GGUFReader(str(model_path)).tensors}
+    return sorted(types & set(REPACKABLE_TYPES))
 
 
 def _timed_step(eng: Engine, token: int, ctx: int) -> float:
@@ -74,38 +92,71 @@ def _filler_tokens(eng: Engine, n: int) -> list[int]:
     return (base * (n // len(base) + 1))[:n]
 
 
-def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
-        flash_attn: str = "auto", gqa: bool = False, progress: Callable[[str], None] | None = None) -> dict:
-    """Measure; returns a dict ready for JSON (rows plus the set-up)."""
-    say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
-    rows: list[BenchRow] = []
-    choices = {}
-    for ctx in ctxs:
-        n_ctx = ctx + 16
-        fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
-        # the dense baseline is the fastest stock configuration: try each flash-attention setting
-        best = None
-        for fa in fa_options:
-            with Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa) as eng:
+def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, repack_options, say) -> tuple[bool, bool]:
+    """The stock configuration (flash attention, repack) with the fastest decode at ``ctx``."""
+    best = None
+    for fa in fa_options:
+        for rp in repack_options:
+            with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp) as eng:
                 toks = _filler_tokens(eng, ctx + 1)
-                say(f"ctx {ctx}: filling the cache, flash attention {'on' if fa else 'off'}")
+                label = f"flash attention {'on' if fa else 'off'}, repack {'on' if rp else 'off'}"
+                say(f"ctx {ctx}: dense, {label}: filling the cache")
                 _fill(eng, ctx, toks)
                 _timed_step(eng, toks[ctx], ctx)  # warm-up
-                times = [_timed_step(eng, toks[ctx], ctx) for _ in range(max(3, reps // 4))]
-            med = statistics.median(times)
-            say(f"ctx {ctx}: dense, flash attention {'on' if fa else 'off'}: {1 / med:.1f} tok/s")
-            if best is None or med < best[1]:
-                best = (fa, med)
-        fa = best[0]
-        choices[ctx] = fa
-        with Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa) as dense, \
-                Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa) as sparse:
+                med = statistics.median(_timed_step(eng, toks[ctx], ctx) for _ in range(max(3, reps // 4)))
+            say(f"ctx {ctx}: dense, {label}: {1 / med:.1f} tok/s")
+            if best is None or med < best[2]:
+                best = (fa, rp, med)
+    return best[0], best[1]
+
+
+def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say) -> dict:
+    """Per-part profile of the dense step and of the sparse step at each density."""
+    timer = NodeTimer()
+    with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp, tensor_hook=timer) as eng:
+        toks = _filler_tokens(eng, ctx + 1)
+        say(f"ctx {ctx}: profiling, filling the cache")
+        _fill(eng, ctx, toks)
+
+        def step():
+            _timed_step(eng, toks[ctx], ctx)
+
+        out = {"dense": profile_steps(eng, timer, step, reps)}
+        say(f"ctx {ctx}: skippable share of the dense step {out['dense']['skippable_share']:.3f}")
+        eng.set_sparse(True)
+        out["sparse"] = {}
+        for d, m in masks.items():
+            eng.set_mask(m)
+            out["sparse"][str(d)] = profile_steps(eng, timer, step, reps)
+    return out
+
+
+def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
+        flash_attn: str = "auto", gqa: bool = False, profile: bool = True,
+        progress: Callable[[str], None] | None = None) -> dict:
+    """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up)."""
+    say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
+    fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
+    repack_types = repackable_types(model_path)
+    repack_options = [True, False] if repack_types else [True]
+    if not repack_types:
+        say("no weights of a type the CPU backend repacks: repack left on, not measured both ways")
+    rows: list[BenchRow] = []
+    choices, profiles = {}, {}
+    for ctx in ctxs:
+        n_ctx = ctx + 16
+        # the dense baseline is the fastest stock configuration on this machine
+        fa, rp = _fastest_dense(model_path, ctx, threads, reps, fa_options, repack_options, say)
+        choices[ctx] = {"flash_attn": "on" if fa else "off", "repack": "on" if rp else "off"}
+        with Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp) as dense, \
+                Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp) as sparse:
             toks = _filler_tokens(dense, ctx + 1)
             say(f"ctx {ctx}: filling two caches (dense, sparse), flash attention {'on' if fa else 'off'}")
             _fill(dense, ctx, toks)
             _fill(sparse, ctx, toks)
             sparse.set_sparse(True)
             masks = {d: heads_for_density(d, sparse.n_layer, sparse.n_head, sparse.n_head_kv, gqa) for d in densities}
+            layer_ops = sparse.layer_ops()
             # warm-up: build both graphs
             _timed_step(dense, toks[ctx], ctx)
             sparse.set_mask(masks[densities[0]])
@@ -122,33 +173,93 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
                     times["dense"].append(t_dense)
                     times[d].append(t_sparse)
                     ratios[d].append(t_dense / t_sparse)
-            dense_med = statistics.median(times["dense"])
-            rows.append(BenchRow(ctx, "dense", 1.0, 1 / dense_med, dense_med * 1e3, None, fa))
-            for d in densities:
-                med = statistics.median(times[d])
-                ratio = statistics.median(ratios[d])
-                rows.append(BenchRow(ctx, "sparse", d, 1 / med, med * 1e3, ratio, fa))
-                say(f"ctx {ctx}: sparse density {d:g}: {1 / med:.1f} tok/s ({ratio:.3f}x dense {1 / dense_med:.1f})")
+        share = None
+        if profile:
+            profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say)
+            share = profiles[ctx]["dense"]["skippable_share"]
+        dense_med = statistics.median(times["dense"])
+        rows.append(BenchRow(ctx, "dense", 1.0, 1.0, 1 / dense_med, dense_med * 1e3, None, None, fa, rp))
+        for d in densities:
+            med = statistics.median(times[d])
+            ratio = statistics.median(ratios[d])
+            kept = float(masks[d].mean())
+            limit = amdahl_limit(share, kept) if share is not None else None
+            rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, fa, rp))
+            say(f"ctx {ctx}: sparse density {d:g}: {1 / med:.1f} tok/s ({ratio:.3f}x dense {1 / dense_med:.1f}"
+                + (f", limit {limit:.3f}x)" if limit else ")"))
     return {
         "model": str(model_path),
         "threads": threads,
         "reps": reps,
         "gqa_masks": gqa,
-        "flash_attn": {str(c): ("on" if v else "off") for c, v in choices.items()},
-        "repacked_weights": "default (on); the Q4_1 default model has no repackable weights",
+        "dense_config": {str(c): v for c, v in choices.items()},
+        "repackable_types": repack_types,
+        "sparse_layer_ops": layer_ops,
         "rows": [dataclasses.asdict(r) for r in rows],
+        "profiles": {str(c): p for c, p in profiles.items()},
     }
 
 
 def format_table(result: dict) -> str:
-    lines = ["| ctx | flash attn | dense tok/s | " + " | ".join(
-        f"sparse {r['density']:g}" for r in result["rows"] if r["mode"] == "sparse" and r["ctx"] == result["rows"][0]["ctx"]) + " |"]
-    lines.append("|" + "---|" * (lines[0].count("|") - 1))
+    """Markdown: per context, dense tok/s and per density sparse tok/s (ratio, Amdahl limit)."""
+    rows = result["rows"]
+    densities = [r["density"] for r in rows if r["mode"] == "sparse" and r["ctx"] == rows[0]["ctx"]]
+    head = "| ctx | dense config | dense tok/s | " + " | ".join(f"density {d:g}" for d in densities) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by_ctx: dict[int, list[dict]] = {}
-    for r in result["rows"]:
+    for r in rows:
         by_ctx.setdefault(r["ctx"], []).append(r)
     for ctx, rs in by_ctx.items():
         dense = next(r for r in rs if r["mode"] == "dense")
-        cells = [f"{r['tok_s']:.1f} ({r['ratio']:.2f}x)" for r in rs if r["mode"] == "sparse"]
-        lines.append(f"| {ctx} | {'on' if dense['flash_attn'] else 'off'} | {dense['tok_s']:.1f} | " + " | ".join(cells) + " |")
+        cells = []
+        for r in rs:
+            if r["mode"] == "sparse":
+                limit = f" of {r['limit']:.2f}x" if r["limit"] else ""
+                cells.append(f"{r['tok_s']:.1f} ({r['ratio']:.2f}x{limit})")
+        cfg = f"FA {'on' if dense['flash_attn'] else 'off'}, repack {'on' if dense['repack'] else 'off'}"
+        lines.append(f"| {ctx} | {cfg} | {dense['tok_s']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_profile(result: dict) -> str:
+    """Markdown: per context, ms per step in each skippable part, dense and sparse."""
+    parts = ["wq", "kq", "softmax", "kqv", "flash_attn", "wo"]
+    head = "| ctx | graph | step ms | skippable share | " + " | ".join(parts) + " | rest |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for ctx, prof in result.get("profiles", {}).items():
+        graphs = [("dense", prof["dense"])] + [(f"sparse {d}", p) for d, p in prof["sparse"].items()]
+        for label, p in graphs:
+            ms = p["parts_ms"]
+            rest = sum(v for k, v in ms.items() if k not in parts)
+            share = sum(ms.get(k, 0.0) for k in parts) / max(sum(ms.values()), 1e-9)
+            lines.append(f"| {ctx} | {label} | {p['step_ms']:.2f} | {share:.3f} | "
+                         + " | ".join(f"{ms.get(k, 0.0):.2f}" for k in parts) + f" | {rest:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> None:
+    """tok/s against context length: one line per density, dense dashed."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install 'powerinfer-attn[plot]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    ctxs = sorted({r["ctx"] for r in rows})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    dense = [next(r["tok_s"] for r in rows if r["ctx"] == c and r["mode"] == "dense") for c in ctxs]
+    ax.plot(ctxs, dense, "k--o", label="dense (fastest stock config)")
+    for d in sorted({r["density"] for r in rows if r["mode"] == "sparse"}, reverse=True):
+        ys = [next(r["tok_s"] for r in rows if r["ctx"] == c and r["mode"] == "sparse" and r["density"] == d) for c in ctxs]
+        ax.plot(ctxs, ys, "-o", label=f"sparse, density {d:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title(f"{Path(result['model']).name}, {result['threads']} threads")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -236,9 +236,12 @@ def _ints(text: str) -> list[int]:
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="auto: measure dense both ways per context and use the faster for all.")
 @click.option("--gqa", is_flag=True, help="Drop whole KV groups first (saves K/V reads too).")
+@click.option("--profile/--no-profile", default=True, show_default=True,
+              help="Per-op profile of the step and the Amdahl limit of each ratio.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a tok/s vs context plot (PNG).")
 @threads_option
 @json_option
-def bench(model, ctxs, densities, reps, flash_attn, gqa, threads, as_json) -> None:
+def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
@@ -247,15 +250,23 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, threads, as_json) -> No
 
     try:
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
-                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa)
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile)
+        if plot_path:
+            bench_mod.plot(result, plot_path)
+    except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
         click.echo(json.dumps(result, indent=1))
     else:
-        click.echo(f"model {result['model']}, {result['threads']} threads, median of {result['reps']} steps"
-                   + (", GQA-group masks" if gqa else ""))
+        click.echo(f"model {result['model']}, {result['threads']} threads, median of {result['reps']} paired steps"
+                   + (", GQA-group masks" if gqa else "")
+                   + "; cells: sparse tok/s (ratio to dense" + (" of its Amdahl limit)" if profile else ")"))
         click.echo(bench_mod.format_table(result))
+        if profile:
+            click.echo("\nms per step by part (profiled node by node, fixed per-node cost removed):")
+            click.echo(bench_mod.format_profile(result))
+        if plot_path:
+            click.echo(f"\nplot: {plot_path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,75 @@
+"""bench and the per-op profile: what they measure and report, on a short context."""
+
+import json
+
+import numpy as np
+import pytest
+
+from powerinfer_attn import bench, profile
+from powerinfer_attn.engine import Engine
+
+
+def test_part_of_names():
+    assert profile.part_of("Qcur-3", "MUL_MAT") == "wq"
+    assert profile.part_of("Qcur-3", "MUL_MAT_SPARSE_ATTN") == "wq"
+    assert profile.part_of("Qcur-3 (view) (permuted)", "PERMUTE") == "other"
+    assert profile.part_of("Qcur-3", "ROPE") == "other"
+    assert profile.part_of("kq-12", "MUL_MAT") == "kq"
+    assert profile.part_of("kq_soft_max-12", "SOFT_MAX") == "softmax"
+    assert profile.part_of("kqv-0", "MUL_MAT_SPARSE_ATTN") == "kqv"
+    assert profile.part_of("attn_out-29", "MUL_MAT") == "wo"
+    assert profile.part_of("node_193", "FLASH_ATTN_EXT") == "flash_attn"
+    assert profile.part_of("ffn_up-1", "MUL_MAT") == "ffn"
+    assert profile.part_of("result_output", "MUL_MAT") == "output"
+
+
+def test_amdahl_limit():
+    assert profile.amdahl_limit(0.0, 0.5) == 1.0
+    assert profile.amdahl_limit(0.6, 1.0) == pytest.approx(1.0)
+    assert profile.amdahl_limit(1.0, 0.25) == pytest.approx(4.0)
+    assert profile.amdahl_limit(0.75, 0.5) == pytest.approx(1 / (0.25 + 0.375))
+
+
+def test_profile_accounts_for_the_step(model_path):
+    timer = profile.NodeTimer()
+    with Engine(model_path, n_ctx=320, n_threads=2, tensor_hook=timer) as eng:
+        toks = bench._filler_tokens(eng, 257)
+        eng.prefill(toks[:256])
+
+        def step():
+            bench._timed_step(eng, toks[256], 256)
+
+        dense = profile.profile_steps(eng, timer, step, 3)
+        eng.set_sparse(True)
+        eng.set_mask(bench.heads_for_density(1 / 3, eng.n_layer, eng.n_head, eng.n_head_kv))
+        sparse = profile.profile_steps(eng, timer, step, 3)
+        assert eng.n_past == 256  # every profiled step was rolled back
+    for p in (dense, sparse):
+        # every node was seen; the corrected parts add up to about the plain step
+        assert p["nodes"] > 10 * eng.n_layer
+        assert sum(p["parts_ms"].values()) == pytest.approx(p["step_ms"], rel=0.35)
+        assert 0.0 < p["skippable_share"] < 1.0
+        for part in ("wq", "kq", "softmax", "kqv", "wo", "ffn"):
+            assert p["parts_ms"][part] > 0.0
+
+
+def test_run_reports_ratios_limits_and_plot(model_path, tmp_path):
+    res = bench.run(model_path, [64], [1.0, 0.5], threads=2, reps=3, flash_attn="off", progress=lambda m: None)
+    json.dumps(res)  # JSON-ready
+    rows = res["rows"]
+    assert [r["mode"] for r in rows] == ["dense", "sparse", "sparse"]
+    dense, all_heads, half = rows
+    assert dense["ratio"] is None and dense["flash_attn"] is False
+    assert all_heads["kept"] == 1.0 and all_heads["limit"] == pytest.approx(1.0)
+    assert half["kept"] == pytest.approx(np.round(0.5 * 9) / 9)
+    assert 1.0 < half["limit"] < 1 / half["kept"]
+    for r in rows[1:]:
+        assert r["ratio"] > 0.3 and r["tok_s"] > 0
+    assert set(res["profiles"]["64"]["sparse"]) == {"1.0", "0.5"}
+    assert all(ops == 7 for ops in res["sparse_layer_ops"])  # wq, attention and wo all sparse
+    table = bench.format_table(res)
+    assert "| 64 | FA off" in table and "density 0.5" in table
+    assert "| 64 | sparse 0.5 |" in bench.format_profile(res)
+    out = tmp_path / "bench.png"
+    bench.plot(res, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
