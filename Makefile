@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PY      = $(BIN)/python
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast sanitize clean
 
 $(BIN)/powerinfer-attn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,44 @@ demo: setup
 test: setup
 	$(BIN)/powerinfer-attn build --stock
 	POWERINFER_ATTN_REQUIRE_ENGINE=1 $(PY) -m pytest -v tests
+	$(MAKE) sanitize
 
 # the pure-Python tests, no build needed
 test-fast: $(BIN)/powerinfer-attn
 	$(PY) -m pytest -q tests/test_build.py tests/test_model.py
+
+# The kernel tests against ggml-base + ggml-cpu built alone from the patched tree with
+# AddressSanitizer and UndefinedBehaviorSanitizer (any UB aborts). Same CPU options as the
+# normal build (native, OpenMP, llamafile); -O1 -g. Incremental: a second run only rebuilds
+# what changed. Python is not instrumented, so libasan is preloaded and leak checks are off.
+SAN_CC      ?= gcc
+SAN_CXX     ?= g++
+SAN_BUILD   ?= vendor/asan-build
+GGML_SRC     = vendor/src/vendor/llama.cpp/ggml
+SAN_FLAGS    = -fno-sanitize-recover=undefined
+SAN_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
+SAN_GEN      = $(if $(shell command -v ninja 2>/dev/null),-G Ninja,)
+
+$(SAN_BUILD)/CMakeCache.txt: Makefile tests/sanitize/CMakeLists.txt | setup
+	@test -f $(GGML_SRC)/CMakeLists.txt || { echo "no patched tree at $(GGML_SRC): run \`$(BIN)/powerinfer-attn build --force\`" >&2; exit 1; }
+	cmake -S tests/sanitize -B $(SAN_BUILD) $(SAN_GEN) -DGGML_DIR=$(abspath $(GGML_SRC)) \
+		-DCMAKE_C_COMPILER=$(SAN_CC) -DCMAKE_CXX_COMPILER=$(SAN_CXX) \
+		-DCMAKE_BUILD_TYPE=RelWithDebInfo \
+		-DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -g" -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g" \
+		-DCMAKE_C_FLAGS="$(SAN_FLAGS)" -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" \
+		-DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(abspath $(SAN_BUILD))/lib \
+		-DGGML_SANITIZE_ADDRESS=ON -DGGML_SANITIZE_UNDEFINED=ON \
+		-DGGML_NATIVE=ON -DGGML_LLAMAFILE=ON -DGGML_OPENMP=ON -DGGML_BLAS=OFF \
+		-DGGML_BACKEND_DL=OFF -DBUILD_SHARED_LIBS=ON \
+		-DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF
+	@touch $@
+
+sanitize: $(SAN_BUILD)/CMakeCache.txt
+	cmake --build $(SAN_BUILD) --target ggml-base ggml-cpu -j $(SAN_JOBS)
+	LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	POWERINFER_ATTN_GGML_LIB_DIR=$(abspath $(SAN_BUILD))/lib \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_properties.py
 
 clean:
 	rm -rf $(VENV) vendor

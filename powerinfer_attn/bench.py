@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from .engine import Engine
-from .profile import NodeTimer, amdahl_limit, profile_steps
+from .profile import NodeTimer, amdahl_limit, profile_steps, trustworthy
 
 
 def heads_for_density(density: float, n_layer: int, n_head: int, n_head_kv: int, gqa: bool = False) -> np.ndarray:
@@ -176,7 +176,11 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         share = None
         if profile:
             profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say)
-            share = profiles[ctx]["dense"]["skippable_share"]
+            if trustworthy(profiles[ctx]["dense"]):
+                share = profiles[ctx]["dense"]["skippable_share"]
+            else:
+                say(f"ctx {ctx}: the profile accounts for {profiles[ctx]['dense']['accounted']:.2f} of the step: "
+                    "no Amdahl limit (node-by-node timing is not faithful at this thread count)")
         dense_med = statistics.median(times["dense"])
         rows.append(BenchRow(ctx, "dense", 1.0, 1.0, 1 / dense_med, dense_med * 1e3, None, None, fa, rp))
         for d in densities:
@@ -232,6 +236,10 @@ def format_profile(result: dict) -> str:
             ms = p["parts_ms"]
             rest = sum(v for k, v in ms.items() if k not in parts)
             share = sum(ms.get(k, 0.0) for k in parts) / max(sum(ms.values()), 1e-9)
+            if not trustworthy(p):
+                lines.append(f"| {ctx} | {label} | {p['step_ms']:.2f} | (parts add up to {p['accounted']:.2f}x the step: "
+                             "not faithful) |" + " |" * (len(parts) + 1))
+                continue
             lines.append(f"| {ctx} | {label} | {p['step_ms']:.2f} | {share:.3f} | "
                          + " | ".join(f"{ms.get(k, 0.0):.2f}" for k in parts) + f" | {rest:.2f} |")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,17 +64,21 @@ class HashMismatch(BuildError):
     def __init__(self, path: Path, expected: str, actual: str):
         super().__init__(
             f"sha256 mismatch for {path}: expected {expected}, got {actual}. "
-            f"The file is corrupt or not the pinned release; delete it and run again."
+            f"The file is corrupt or not the pinned release; delete it (rm {path}) and run again "
+            f"to download it afresh."
         )
         self.path, self.expected, self.actual = path, expected, actual
 
 
 class PatchError(BuildError):
-    def __init__(self, patch: str, file: str | None, detail: str):
+    def __init__(self, patch: str, file: str | None, detail: str, pristine: Path | None = None):
         where = f" at {file}" if file else ""
+        tree = f"the pinned tree {pristine} (from {SDIST_FILE})" if pristine else f"the pinned tree ({SDIST_FILE})"
         super().__init__(
             f"patch {patch} does not apply{where}: {detail.strip()}\n"
-            f"The tree was left untouched. Refresh the patch against {SDIST_FILE}."
+            f"The tree was left untouched. Update the patch against {tree}: apply the series up to "
+            f"{patch} in a copy of it, redo the rejected hunks by hand, and regenerate {patch} with "
+            f"`git diff` (a/ b/ paths from the sdist root)."
         )
         self.patch, self.file = patch, file
 
@@ -192,7 +197,7 @@ def apply_series(patches: list[Path], pristine: Path, target: Path, log: Log = _
                 r = _git_apply(p, stage, check=False)
             if r.returncode != 0:
                 m = _FAILED_FILE.search(r.stderr)
-                raise PatchError(p.name, m.group(1) if m else None, r.stderr)
+                raise PatchError(p.name, m.group(1) if m else None, r.stderr, pristine)
             log(f"  applied {p.name}")
 
         changed = 0
@@ -326,13 +331,62 @@ def cmake_args_from_env() -> list[str]:
     return DEFAULT_CMAKE_ARGS + extra
 
 
-def _check_toolchain() -> None:
-    for tool, what in (("cmake", "cmake (apt-get install cmake)"),
-                       ("c++", "a C++ compiler (apt-get install g++)"),
-                       ("cc", "a C compiler (apt-get install gcc)")):
-        if shutil.which(tool) is None and not (tool == "c++" and shutil.which("g++")) \
-                and not (tool == "cc" and shutil.which("gcc")):
-            raise BuildError(f"{tool} not found on PATH: install {what} and run build again")
+def _find_program(env_var: str | None, names: tuple[str, ...]) -> str | None:
+    """The program ``$env_var`` names (its first word: CC may be "ccache gcc"), else the first
+    of ``names`` on PATH."""
+    if env_var and os.environ.get(env_var, "").strip():
+        try:
+            first = shlex.split(os.environ[env_var])[0]
+        except ValueError:  # unbalanced quotes
+            first = os.environ[env_var].split()[0]
+        return shutil.which(first)
+    return next((found for found in map(shutil.which, names) if found), None)
+
+
+def _python_tool(module: str) -> bool:
+    """scikit-build-core also uses cmake/ninja from their PyPI packages (pip install cmake ninja)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return False
+    # a plain directory called cmake/ on sys.path is a namespace package (no origin), not the tool
+    return spec is not None and spec.origin not in (None, "namespace")
+
+
+def check_toolchain() -> dict[str, str]:
+    """Find what the build needs before the long pip build starts: a C and a C++ compiler
+    (``$CC``/``$CXX`` if set), cmake (on PATH or the ``cmake`` Python package) and a build tool
+    (make or ninja). Raises BuildError listing everything missing and what to install."""
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    for key, env_var, names, what in (
+            ("cc", "CC", ("cc", "gcc", "clang"), "a C compiler"),
+            ("cxx", "CXX", ("c++", "g++", "clang++"), "a C++ compiler")):
+        prog = _find_program(env_var, names)
+        if prog:
+            found[key] = prog
+        elif os.environ.get(env_var, "").strip():
+            missing.append(f"{what}: {env_var}={os.environ[env_var]!r} is not found on PATH (fix or unset {env_var})")
+        else:
+            missing.append(f"{what} ({', '.join(names)} on PATH, or ${env_var})")
+    cmake = _find_program(None, ("cmake", "cmake3"))
+    if cmake or _python_tool("cmake"):
+        found["cmake"] = cmake or "cmake (Python package)"
+    else:
+        missing.append("cmake (on PATH, or `pip install cmake` in this environment)")
+    tool = _find_program(None, ("ninja", "make"))
+    if tool or _python_tool("ninja") or os.environ.get("CMAKE_GENERATOR"):
+        found["build_tool"] = tool or os.environ.get("CMAKE_GENERATOR") or "ninja (Python package)"
+    else:
+        missing.append("make or ninja")
+    if missing:
+        raise BuildError(
+            "cannot build the patched llama.cpp, missing: " + "; ".join(missing) + ". "
+            "Install a C/C++ toolchain and CMake (Debian/Ubuntu: `apt-get install build-essential cmake`; "
+            "Fedora: `dnf install gcc gcc-c++ make cmake`; macOS: `xcode-select --install` and "
+            "`brew install cmake`), then run `powerinfer-attn build` again."
+        )
+    return found
 
 
 def build(vendor_dir: Path | None = None, patches_dir: Path | None = None, force: bool = False,
@@ -349,7 +403,7 @@ def build(vendor_dir: Path | None = None, patches_dir: Path | None = None, force
             f"({len(patches)} patches, digest {digest[:12]})")
         return BuildResult(digest, False, inst.package_dir)
 
-    _check_toolchain()
+    check_toolchain()
     vendor_dir.mkdir(parents=True, exist_ok=True)
     sdist = fetch_sdist(vendor_dir / "dist", log)
     pristine = unpack(sdist, vendor_dir / "pristine", log)
@@ -400,7 +454,7 @@ def build_stock(vendor_dir: Path | None = None, log: Log = _default_log) -> Path
     if stamp.is_file() and json.loads(stamp.read_text()).get("digest") == digest:
         log(f"up to date: stock llama_cpp at {site}")
         return site
-    _check_toolchain()
+    check_toolchain()
     vendor_dir.mkdir(parents=True, exist_ok=True)
     sdist = fetch_sdist(vendor_dir / "dist", log)
     pristine = unpack(sdist, vendor_dir / "pristine", log)

@@ -8,10 +8,12 @@ engine hands to the library.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -27,8 +29,15 @@ class EngineError(RuntimeError):
     pass
 
 
+class SparseFallbackWarning(UserWarning):
+    """Sparse decode is on, but some parts of some layers run on the dense op (see
+    ``Engine.layer_ops``): the result is still exact, those parts are just not skipped."""
+
+
 _llama = None
 _log_cb = None
+# llama.cpp's (and ggml's) most recent error lines, to say why a load failed
+_recent_errors: collections.deque[str] = collections.deque(maxlen=8)
 
 
 def bindings():
@@ -59,6 +68,8 @@ def bindings():
         # ggml_log_level: 3 WARN, 4 ERROR, 5 CONT (continues the previous message)
         if level != 5:
             last_level[0] = level
+        if last_level[0] == 4:  # GGML_LOG_LEVEL_ERROR
+            _recent_errors.append(text.decode(errors="replace").strip())
         if verbose or last_level[0] >= 3:
             os.write(2, text)
 
@@ -91,7 +102,22 @@ def _eval_callback(hook: TensorHook, errors: list):
     from .kernels import libs
 
     C = bindings()
-    g, _ = libs()
+    g, _ = libs(Path(C._lib._name).parent)  # the libggml-base that libllama itself uses
+
+    if not getattr(hook, "wants_data", True):
+        # a hook that only times nodes (profile.NodeTimer): no name decoding, no data access
+        @C.ggml_backend_sched_eval_callback
+        def timing_cb(t, ask, _user):
+            if ask:
+                return hook.wants("")
+            try:
+                hook.node(g, t)
+                return True
+            except BaseException as e:
+                errors.append(e)
+                return False
+
+        return timing_cb
 
     @C.ggml_backend_sched_eval_callback
     def cb(t, ask, _user):
@@ -132,6 +158,35 @@ class Generation:
         return steps / self.decode_s if self.decode_s > 0 and steps else 0.0
 
 
+# llama_set_activated_heads's return codes (llama.h)
+_SET_HEADS_ERRORS = {
+    -1: "no mask or no context",
+    -2: "wrong number of values",
+    -3: "a value other than 0 or 1",
+    -4: "sparse attention does not support this model's architecture (llama only)",
+}
+
+
+def _check_gguf_file(path: Path) -> None:
+    """Refuse what is plainly not a GGUF before llama.cpp sees it, naming the file."""
+    if not path.is_file():
+        raise EngineError(f"model file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if size == 0:
+        raise EngineError(f"model file {path} is empty")
+    if magic != b"GGUF":
+        raise EngineError(f"model file {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
+def _load_error(path: Path) -> str:
+    """Why llama.cpp refused ``path``: its last error lines, if it logged any."""
+    why = [line for line in _recent_errors if line and "failed to load model" not in line]
+    detail = f": {why[-1]}" if why else ""
+    return f"llama.cpp could not load {path} (a truncated or corrupt GGUF, or one it does not understand){detail}"
+
+
 class Engine:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  flash_attn: bool = False, n_batch: int = 512, repack: bool = True,
@@ -143,16 +198,17 @@ class Engine:
         C = bindings()
         self.C = C
         self.model_path = Path(model_path)
-        if not self.model_path.is_file():
-            raise EngineError(f"model file not found: {self.model_path}")
+        _check_gguf_file(self.model_path)
         self.n_threads = n_threads or min(os.cpu_count() or 1, 16)
         self.flash_attn = flash_attn
+        self.repack = repack
 
         mparams = C.llama_model_default_params()
         mparams.use_extra_bufts = repack
+        _recent_errors.clear()
         self.model = C.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self.model:
-            raise EngineError(f"llama.cpp could not load {self.model_path} (not a GGUF it understands, or corrupt)")
+            raise EngineError(_load_error(self.model_path))
         self.vocab = C.llama_model_get_vocab(self.model)
 
         cparams = C.llama_context_default_params()
@@ -182,16 +238,28 @@ class Engine:
         self.n_embd = C.llama_model_n_embd(self.model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.n_past = 0
+        self._warned_fallback = False
 
     # --- lifetime -------------------------------------------------------
 
     def close(self) -> None:
+        """Free the context and the model; every later call raises EngineError."""
         if getattr(self, "ctx", None):
             self.C.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
             self.C.llama_model_free(self.model)
             self.model = None
+        self.vocab = None
+
+    @property
+    def closed(self) -> bool:
+        return not getattr(self, "ctx", None)
+
+    def _check_open(self) -> None:
+        # the C API takes the freed pointers without complaint: refuse here instead
+        if self.closed:
+            raise EngineError(f"the engine for {self.model_path.name} is closed (no model or context)")
 
     def __enter__(self):
         return self
@@ -208,6 +276,7 @@ class Engine:
     # --- text -----------------------------------------------------------
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        self._check_open()
         data = text.encode()
         n_max = len(data) + 8
         buf = (self.C.llama_token * n_max)()
@@ -217,6 +286,8 @@ class Engine:
         return list(buf[:n])
 
     def token_piece(self, token: int) -> bytes:
+        self._check_open()
+        self._check_token(token)
         buf = ctypes.create_string_buffer(64)
         n = self.C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
@@ -228,20 +299,33 @@ class Engine:
         return b"".join(self.token_piece(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
+        self._check_open()
         return bool(self.C.llama_vocab_is_eog(self.vocab, token))
 
     # --- decode ---------------------------------------------------------
 
     def reset(self) -> None:
+        self._check_open()
         self.C.llama_memory_clear(self.C.llama_get_memory(self.ctx), True)
         self.n_past = 0
 
+    def _check_token(self, token) -> None:
+        if not 0 <= int(token) < self.n_vocab:
+            raise EngineError(f"token id {int(token)} is out of range: the vocabulary has {self.n_vocab} tokens")
+
+    def _check_room(self, n: int) -> None:
+        if self.n_past + n > self.n_ctx:
+            raise EngineError(f"context full: {self.n_past} positions used + {n} new token{'s' * (n != 1)} > n_ctx {self.n_ctx} "
+                              f"(use a larger n_ctx, a shorter prompt or fewer tokens, or roll back)")
+
     def _decode(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        self._check_open()
         n = len(tokens)
         if n == 0:
             raise EngineError("nothing to decode: empty token list")
-        if self.n_past + n > self.n_ctx:
-            raise EngineError(f"context full: {self.n_past} + {n} tokens > n_ctx {self.n_ctx}")
+        self._check_room(n)
+        for t in tokens:
+            self._check_token(t)
         C = self.C
         batch = C.llama_batch_init(n, 0, 1)
         try:
@@ -271,20 +355,26 @@ class Engine:
 
     def rollback(self, n_past: int) -> None:
         """Forget every position from ``n_past`` on (the KV cache entries and the count)."""
+        self._check_open()
         if not 0 <= n_past <= self.n_past:
             raise EngineError(f"cannot roll back to {n_past}: {self.n_past} positions decoded")
         self.C.llama_memory_seq_rm(self.C.llama_get_memory(self.ctx), 0, n_past, -1)
         self.n_past = n_past
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Dense prompt evaluation in n_batch chunks; logits of the last token (or of all)."""
+        """Dense prompt evaluation in n_batch chunks; logits of the last token (or of all).
+        A prompt that does not fit the rest of the context is refused before anything runs."""
+        self._check_open()
+        if len(tokens) == 0:
+            raise EngineError("empty prompt: at least one token is needed")
+        self._check_room(len(tokens))
+        for t in tokens:
+            self._check_token(t)
         C = self.C
         n_batch = C.llama_n_batch(self.ctx)
         outs = []
         for s in range(0, len(tokens), n_batch):
             outs.append(self._decode(tokens[s:s + n_batch], all_logits))
-        if not outs:
-            raise EngineError("empty prompt: at least one token is needed")
         return np.concatenate(outs) if all_logits else outs[-1]
 
     def step(self, token: int) -> np.ndarray:
@@ -294,7 +384,12 @@ class Engine:
     # --- sparse attention ----------------------------------------------
 
     def set_sparse(self, enabled: bool) -> None:
-        """Build single-token decode with the sparse attention ops (prefill stays dense)."""
+        """Build single-token decode with the sparse attention ops (prefill stays dense).
+
+        Other architectures than llama are refused (EngineError). Parts of layers that the sparse
+        ops cannot serve stay on the dense op, which is exact but skips nothing: the first time
+        that happens a ``SparseFallbackWarning`` says which (see ``layer_ops``)."""
+        self._check_open()
         if not hasattr(self.C, "llama_set_sparse_attn"):
             if enabled:
                 raise EngineError("this is a stock llama.cpp library: no sparse attention")
@@ -303,9 +398,15 @@ class Engine:
         if rc != 0:
             raise EngineError(f"sparse attention is not supported for {self.model_path.name} "
                               f"(llama architecture only; llama_set_sparse_attn returned {rc})")
+        if enabled and not self._warned_fallback:
+            self._warned_fallback = True
+            msg = self.fallback_summary()
+            if msg:
+                warnings.warn(SparseFallbackWarning(msg), stacklevel=2)
 
     @property
     def sparse(self) -> bool:
+        self._check_open()
         return bool(self.C.llama_get_sparse_attn(self.ctx))
 
     def check_mask(self, mask) -> np.ndarray:
@@ -322,16 +423,46 @@ class Engine:
         return np.ascontiguousarray(m, dtype=np.int32)
 
     def set_mask(self, mask) -> None:
-        """The activated_head mask for the following decode steps."""
+        """The activated_head mask for the following decode steps (it may be set before
+        ``set_sparse(True)``; all heads are active until the first call)."""
+        self._check_open()
         m = self.check_mask(mask)
         ptr = m.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         rc = self.C.llama_set_activated_heads(self.ctx, ptr, m.size)
         if rc != 0:
-            raise EngineError(f"llama_set_activated_heads returned {rc}")
+            why = _SET_HEADS_ERRORS.get(rc, "unknown error")
+            raise EngineError(f"llama_set_activated_heads returned {rc} ({why}) for {self.model_path.name}")
 
     def layer_ops(self) -> list[int]:
-        """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo."""
+        """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo; -1 for every
+        layer of a model the sparse ops do not support (another architecture than llama)."""
+        self._check_open()
         return [int(self.C.llama_sparse_attn_layer_ops(self.ctx, il)) for il in range(self.n_layer)]
+
+    def fallback_summary(self) -> str | None:
+        """What runs dense in sparse mode and why, in words; None when everything runs sparse."""
+        ops = self.layer_ops()
+        parts = []
+        for bit, what in ((1, "wq"), (4, "wo")):
+            layers = [il for il, o in enumerate(ops) if o >= 0 and not o & bit]
+            if layers:
+                parts.append(f"{what} in {_layer_ranges(layers)} ({self._fallback_reason(what, layers[0])})")
+        if not parts:
+            return None
+        return (f"{self.model_path.name}: sparse attention runs the dense op for " + "; ".join(parts) +
+                ". Decode stays exact, but those parts skip no work.")
+
+    def _fallback_reason(self, what: str, il: int) -> str:
+        repacked = "repacked for this CPU; Engine(repack=False) keeps it sparse"
+        if what == "wq":
+            return repacked if self.repack else "a fused wqkv or a LoRA adapter on it"
+        info = _gguf_tensor(self.model_path, f"blk.{il}.attn_output.weight")
+        if info is not None:
+            type_name, block, ne0 = info
+            head_dim = ne0 // self.n_head
+            if head_dim % block:
+                return f"it is {type_name}, whose {block}-value blocks do not fit a head width of {head_dim}"
+        return repacked if self.repack else "its head width is not whole blocks of its type"
 
     def generate(self, prompt: str | Sequence[int], n: int, predictor: "Predictor | None" = None,
                  stop_at_eog: bool = True) -> Generation:
@@ -363,6 +494,31 @@ class Engine:
             self.set_sparse(False)
         t2 = time.perf_counter()
         return Generation(prompt_tokens, out, self.detokenize(out), t1 - t0, t2 - t1, masks)
+
+
+def _gguf_tensor(path: Path, name: str) -> tuple[str, int, int] | None:
+    """(type name, values per block, ne0) of a tensor in a GGUF file, or None if unreadable."""
+    try:
+        from gguf import GGML_QUANT_SIZES, GGUFReader
+
+        for t in GGUFReader(path).tensors:
+            if t.name == name:
+                return t.tensor_type.name, GGML_QUANT_SIZES[t.tensor_type][0], int(t.shape[0])
+    except Exception:  # only used to word a warning
+        return None
+    return None
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> 'layers 0-2, 5'."""
+    runs: list[list[int]] = []
+    for il in layers:
+        if runs and runs[-1][1] == il - 1:
+            runs[-1][1] = il
+        else:
+            runs.append([il, il])
+    word = "layer" if len(layers) == 1 else "layers"
+    return word + " " + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 @dataclasses.dataclass

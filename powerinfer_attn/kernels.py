@@ -3,12 +3,21 @@
 Used by the kernel tests (against a plain numpy reference) and for op-level timing.
 Shapes follow ggml: ``ne = (ne0, ne1, ne2)`` with ne0 the contiguous dimension, so a
 numpy array of shape ``(ne2, ne1, ne0)`` holds a ggml tensor ``[ne0, ne1, ne2]``.
+
+The libraries are those of the installed patched ``llama_cpp`` package, unless
+``$POWERINFER_ATTN_GGML_LIB_DIR`` names another directory holding ``libggml-base.so`` and
+``libggml-cpu.so`` built from the patched tree (``make sanitize`` points it at an
+AddressSanitizer/UBSan build in ``vendor/asan-build``).
+
+Arguments the ops would reject with a ggml assertion (which aborts the process) are refused
+here with a ValueError instead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +28,59 @@ from . import build
 GGML_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 GGML_TYPE_I32 = 26
 MODES = {"v1": 1, "v2": 2, "v3": 3}
+LIB_DIR_ENV = "POWERINFER_ATTN_GGML_LIB_DIR"
 
 
 class _InitParams(ctypes.Structure):
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
 
+class _CPlan(ctypes.Structure):
+    # struct ggml_cplan (ggml-cpu.h)
+    _fields_ = [("work_size", ctypes.c_size_t), ("work_data", ctypes.c_void_p), ("n_threads", ctypes.c_int),
+                ("threadpool", ctypes.c_void_p), ("abort_callback", ctypes.c_void_p),
+                ("abort_callback_data", ctypes.c_void_p), ("use_ref", ctypes.c_bool)]
+
+
 @functools.lru_cache(maxsize=1)
-def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """libggml-base and libggml-cpu from the installed patched llama_cpp package."""
+def package_lib_dir() -> Path:
+    """The lib directory of the installed patched llama_cpp package (looked up once)."""
     inst = build.installed()
     if inst.lib is None or not inst.patched:
         raise RuntimeError("the patched llama_cpp is not installed; run `powerinfer-attn build`")
-    libdir = Path(inst.lib).parent
+    return Path(inst.lib).parent
+
+
+def lib_dir() -> Path:
+    """Where the kernel helpers load libggml-base/libggml-cpu from: ``$POWERINFER_ATTN_GGML_LIB_DIR``,
+    else ``package_lib_dir()``."""
+    override = os.environ.get(LIB_DIR_ENV)
+    if not override:
+        return package_lib_dir()
+    d = Path(override).resolve()
+    missing = [n for n in ("libggml-base.so", "libggml-cpu.so") if not (d / n).is_file()]
+    if missing:
+        raise RuntimeError(f"${LIB_DIR_ENV} is {d}, which has no {' or '.join(missing)}")
+    return d
+
+
+def libs(libdir: Path | None = None) -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """libggml-base and libggml-cpu from ``libdir`` (default ``lib_dir()``)."""
+    return _load(Path(libdir) if libdir else lib_dir())
+
+
+@functools.lru_cache(maxsize=None)
+def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
     g = ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
     cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     sigs = {
         (g, "ggml_init"): ([_InitParams], P),
+        (g, "ggml_tensor_overhead"): ([], ctypes.c_size_t),
+        (g, "ggml_graph_overhead"): ([], ctypes.c_size_t),
+        (g, "ggml_backend_cpu_buffer_from_ptr"): ([P, ctypes.c_size_t], P),
+        (g, "ggml_backend_tensor_alloc"): ([P, P, P], I32),
+        (g, "ggml_backend_buffer_free"): ([P], None),
         (g, "ggml_free"): ([P], None),
         (g, "ggml_new_tensor_1d"): ([P, I32, I64], P),
         (g, "ggml_new_tensor_2d"): ([P, I32, I64, I64], P),
@@ -55,21 +99,40 @@ def libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_build_forward_expand"): ([P, P], None),
         (g, "ggml_quantize_chunk"): ([I32, P, P, I64, I64, I64, P], ctypes.c_size_t),
         (g, "ggml_row_size"): ([I32, I64], ctypes.c_size_t),
-        (cpu, "ggml_graph_compute_with_ctx"): ([P, P, I32], I32),
+        (g, "ggml_blck_size"): ([I32], I64),
+        (cpu, "ggml_graph_plan"): ([P, I32, P], _CPlan),
+        (cpu, "ggml_graph_compute"): ([P, ctypes.POINTER(_CPlan)], I32),
         (cpu, "ggml_cpu_init"): ([], None),
     }
     for (lib, name), (argtypes, restype) in sigs.items():
+        if not hasattr(lib, name):  # a stock library (a tensor hook on it): no sparse ops
+            continue
         f = getattr(lib, name)
         f.argtypes, f.restype = argtypes, restype
     cpu.ggml_cpu_init()
     return g, cpu
 
 
+def block_size(type_name: str) -> int:
+    """Values per block of ggml type ``type_name`` (1 for F32/F16)."""
+    g, _ = libs()
+    return int(g.ggml_blck_size(_type_id(type_name)))
+
+
+def _type_id(type_name: str) -> int:
+    if type_name not in GGML_TYPE:
+        raise ValueError(f"unsupported weight type {type_name!r}; choose from {', '.join(GGML_TYPE)}")
+    return GGML_TYPE[type_name]
+
+
 def quantize(w: np.ndarray, type_name: str) -> bytes:
     """Rows of float32 ``w`` (last axis = ne0) in ggml type ``type_name``."""
     g, _ = libs()
     w = np.ascontiguousarray(w, dtype=np.float32)
-    t = GGML_TYPE[type_name]
+    t = _type_id(type_name)
+    if w.ndim == 0 or w.shape[-1] % block_size(type_name):
+        raise ValueError(f"rows of {type_name} must be whole blocks of {block_size(type_name)} values, "
+                         f"got shape {w.shape}")
     if type_name == "F32":
         return w.tobytes()
     if type_name == "F16":
@@ -94,13 +157,42 @@ def dequantize(data: bytes, type_name: str, shape: tuple[int, ...]) -> np.ndarra
     return q.astype(np.float32).reshape(shape)
 
 
+_libc = ctypes.CDLL(None)
+_libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+_libc.free.argtypes = [ctypes.c_void_p]
+
+
 class _Ctx:
-    def __init__(self, mem: int):
-        g, _ = libs()
-        self.g = g
-        self.ctx = g.ggml_init(_InitParams(mem, None, False))
+    """A ggml context that holds only tensor headers and the graph: every tensor's data, the
+    result and the work buffer each get their own heap allocation of exactly their size, so an
+    AddressSanitizer build sees a kernel that reads or writes past any of them."""
+
+    def __init__(self):
+        g, cpu = libs()
+        self.g, self.cpu = g, cpu
+        self.allocs: list[int] = []
+        self.buffers: list[int] = []
+        mem = 16 * g.ggml_tensor_overhead() + g.ggml_graph_overhead() + 4096
+        self.ctx = g.ggml_init(_InitParams(mem, None, True))
         if not self.ctx:
             raise MemoryError("ggml_init failed")
+
+    def _malloc(self, n: int) -> int:
+        p = ctypes.c_void_p()
+        if _libc.posix_memalign(ctypes.byref(p), 64, max(n, 1)) != 0:
+            raise MemoryError(f"cannot allocate {n} bytes")
+        self.allocs.append(p.value)
+        return p.value
+
+    def allocate(self, t) -> int:
+        """Give tensor t data of its own; its address."""
+        n = self.g.ggml_nbytes(t)
+        ptr = self._malloc(n)
+        buf = self.g.ggml_backend_cpu_buffer_from_ptr(ptr, n)
+        self.buffers.append(buf)
+        if self.g.ggml_backend_tensor_alloc(buf, t, ptr) != 0:
+            raise RuntimeError("ggml_backend_tensor_alloc failed")
+        return ptr
 
     def tensor(self, type_id: int, ne: tuple[int, ...], data: bytes):
         g = self.g
@@ -109,24 +201,68 @@ class _Ctx:
         n = g.ggml_nbytes(t)
         if len(data) != n:
             raise ValueError(f"tensor {ne} of type {type_id} needs {n} bytes, got {len(data)}")
-        ctypes.memmove(g.ggml_get_data(t), data, n)
+        ctypes.memmove(self.allocate(t), data, n)
         return t
 
     def compute(self, t, n_threads: int, shape: tuple[int, ...]) -> np.ndarray:
-        g, cpu = libs()
+        g, cpu = self.g, self.cpu
+        out = self.allocate(t)
         gf = g.ggml_new_graph(self.ctx)
         g.ggml_build_forward_expand(gf, t)
-        status = cpu.ggml_graph_compute_with_ctx(self.ctx, gf, n_threads)
+        plan = cpu.ggml_graph_plan(gf, n_threads, None)
+        plan.work_data = self._malloc(plan.work_size) if plan.work_size else None
+        status = cpu.ggml_graph_compute(gf, ctypes.byref(plan))
         if status != 0:
-            raise RuntimeError(f"ggml_graph_compute_with_ctx returned {status}")
+            raise RuntimeError(f"ggml_graph_compute returned {status}")
         n = int(np.prod(shape))
-        buf = (ctypes.c_float * n).from_address(g.ggml_get_data(t))
-        return np.frombuffer(buf, dtype=np.float32).reshape(shape).copy()
+        if n * 4 != g.ggml_nbytes(t):
+            raise RuntimeError(f"result is {g.ggml_nbytes(t)} bytes, expected {n} floats")
+        return np.frombuffer((ctypes.c_float * n).from_address(out), dtype=np.float32).reshape(shape).copy()
 
     def close(self):
+        for buf in self.buffers:
+            self.g.ggml_backend_buffer_free(buf)
+        self.buffers.clear()
+        for p in self.allocs:
+            _libc.free(p)
+        self.allocs.clear()
         if self.ctx:
             self.g.ggml_free(self.ctx)
             self.ctx = None
+
+
+def check_args(mode: str | None, a_type: str, a_ne: tuple[int, ...], b_ne: tuple[int, ...],
+               heads: np.ndarray | None, n_threads: int) -> None:
+    """The conditions ggml asserts for ``mul_mat`` (``b_ne`` after any permute), as ValueErrors."""
+    _type_id(a_type)
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    a4, b4 = tuple(a_ne) + (1,) * (4 - len(a_ne)), tuple(b_ne) + (1,) * (4 - len(b_ne))
+    if a4[0] != b4[0] or b4[2] % a4[2] or b4[3] % a4[3]:
+        raise ValueError(f"cannot multiply a {a_ne} by b {b_ne}: ne0 must agree and b's ne2, ne3 be multiples of a's")
+    if a_ne[0] % block_size(a_type):
+        raise ValueError(f"a's rows ({a_ne[0]}) must be whole {a_type} blocks of {block_size(a_type)}")
+    if mode is None:
+        return
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    h = np.asarray(heads)
+    if h.ndim != 1 or h.size == 0:
+        raise ValueError(f"heads must be a non-empty vector, got shape {h.shape}")
+    if not np.isin(h, (0, 1)).all():
+        raise ValueError("heads values must be 0 or 1")
+    n_head = h.size
+    if mode == "v1" and a_ne[1] % n_head:
+        raise ValueError(f"v1: a's {a_ne[1]} rows are not {n_head} heads of equal width")
+    if mode == "v2" and (len(b_ne) < 3 or b_ne[2] != n_head):
+        raise ValueError(f"v2: b's ne2 must be n_head = {n_head}, b is {b_ne}")
+    if mode == "v3":
+        g, _ = libs()
+        if a_ne[0] % n_head or a4[2:] != (1, 1) or b4[2:] != (1, 1):
+            raise ValueError(f"v3: a {a_ne} must be 2-D with {n_head} heads of equal width, b 2-D")
+        if not g.ggml_sparse_attn_cols_ok(_type_id(a_type), a_ne[0] // n_head):
+            raise ValueError(f"v3: head width {a_ne[0] // n_head} is not whole {a_type} blocks "
+                             f"of {block_size(a_type)}: use the dense op")
 
 
 def mul_mat(mode: str | None, a: bytes, a_type: str, a_ne: tuple[int, ...], b: np.ndarray,
@@ -141,8 +277,9 @@ def mul_mat(mode: str | None, a: bytes, a_type: str, a_ne: tuple[int, ...], b: n
     """
     b = np.ascontiguousarray(b, dtype=np.float32)
     b_ne = tuple(reversed(b.shape))
-    mem = len(a) + b.nbytes * 8 + (1 << 20) + 64 * a_ne[1] * 16 * max(1, b.size // b.shape[-1])
-    c = _Ctx(mem + (16 << 20))
+    b_ne_eff = (b_ne[0], b_ne[2], b_ne[1]) if permute_b else b_ne
+    check_args(mode, a_type, a_ne, b_ne_eff, heads, n_threads)
+    c = _Ctx()
     g = c.g
     try:
         if permute_a:

@@ -109,9 +109,18 @@ def profile_steps(eng: Engine, timer: NodeTimer, step, reps: int) -> dict:
         "profiled_step_ms": statistics.median(totals) * 1e3,
         "nodes": nodes,
         "node_overhead_us": overhead * 1e6,
+        # corrected parts / plain step: far from 1 when the fixed per-node cost is not the same
+        # for every node (many threads, where waking them dominates small ops): then the
+        # shares are not to be trusted
+        "accounted": total_ms / (plain * 1e3),
         "parts_ms": dict(sorted(parts_ms.items(), key=lambda kv: -kv[1])),
         "skippable_share": skip_ms / total_ms if total_ms > 0 else 0.0,
     }
+
+
+def trustworthy(prof: dict, tolerance: float = 0.2) -> bool:
+    """Whether the corrected parts of a profile add up to the plain step within ``tolerance``."""
+    return abs(prof["accounted"] - 1.0) <= tolerance
 
 
 def amdahl_limit(share: float, kept: float) -> float:

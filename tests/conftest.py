@@ -26,6 +26,22 @@ def engine_lib():
 
 
 @pytest.fixture(scope="session")
+def ggml_lib(request):
+    """libggml-base/libggml-cpu for the kernel tests: those of the patched package (as
+    ``engine_lib``), or the build ``$POWERINFER_ATTN_GGML_LIB_DIR`` names (``make sanitize``),
+    which must then be there."""
+    from powerinfer_attn import kernels
+
+    if os.environ.get(kernels.LIB_DIR_ENV):
+        try:
+            kernels.lib_dir()
+        except RuntimeError as e:
+            pytest.fail(str(e))
+        return
+    request.getfixturevalue("engine_lib")
+
+
+@pytest.fixture(scope="session")
 def model_path(engine_lib):
     from powerinfer_attn.model import default_model_path
 

@@ -47,7 +47,7 @@ def test_profile_accounts_for_the_step(model_path):
     for p in (dense, sparse):
         # every node was seen; the corrected parts add up to about the plain step
         assert p["nodes"] > 10 * eng.n_layer
-        assert sum(p["parts_ms"].values()) == pytest.approx(p["step_ms"], rel=0.35)
+        assert profile.trustworthy(p, 0.35)
         assert 0.0 < p["skippable_share"] < 1.0
         for part in ("wq", "kq", "softmax", "kqv", "wo", "ffn"):
             assert p["parts_ms"][part] > 0.0

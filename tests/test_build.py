@@ -101,7 +101,11 @@ def test_failing_patch_names_patch_and_file_and_leaves_tree(tree, tmp_path):
         build.apply_series(build.read_series(patches), pristine, target, lambda m: None)
     assert ei.value.patch == "stale.patch"
     assert ei.value.file == "README"
-    assert "stale.patch" in str(ei.value) and "README" in str(ei.value)
+    msg = str(ei.value)
+    assert "stale.patch" in msg and "README" in msg
+    # what to do: update the patch against the pinned tree, and how
+    assert f"Update the patch against the pinned tree {pristine}" in msg
+    assert "redo the rejected hunks by hand" in msg and "git diff" in msg
     after = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
     assert after == before, "a failed series must leave the tree untouched"
     assert not list(target.parent.glob(".stage-*"))
@@ -126,6 +130,7 @@ def test_sha256_mismatch_names_file_and_expected_hash(tmp_path):
         build.verify_sha256(f, build.SDIST_SHA256)
     msg = str(ei.value)
     assert str(f) in msg and build.SDIST_SHA256 in msg and hashlib.sha256(b"not the sdist").hexdigest() in msg
+    assert f"delete it (rm {f}) and run again" in msg
 
 
 def test_fetch_sdist_refuses_corrupt_cached_download(tmp_path):
@@ -142,3 +147,71 @@ def test_repo_series_is_valid():
         head = text.split("diff --git", 1)[0]
         assert head.strip(), f"{p.name} needs a header saying what it does and why"
         assert build.touched_files(p), f"{p.name} touches no file"
+
+
+# --- the toolchain check: before the long pip build ------------------------------------
+
+
+def fake_tools(monkeypatch, tmp_path, names, env=None):
+    """PATH holding only executables called ``names``; no CC/CXX/CMAKE_GENERATOR unless given,
+    and no cmake/ninja Python packages."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        exe = bindir / name
+        exe.write_text("#!/bin/sh\nexit 0\n")
+        exe.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bindir))
+    for var in ("CC", "CXX", "CMAKE_GENERATOR"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in (env or {}).items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(build, "_python_tool", lambda module: False)
+    return bindir
+
+
+def test_missing_compiler_stops_build_before_anything_else(monkeypatch, tmp_path):
+    fake_tools(monkeypatch, tmp_path, ["cmake", "make"])
+
+    def no_download(*a, **k):
+        raise AssertionError("the toolchain must be checked before fetching the sdist")
+
+    monkeypatch.setattr(build, "fetch_sdist", no_download)
+    vendor = tmp_path / "vendor"
+    for run in (lambda: build.build(vendor_dir=vendor, force=True, log=lambda m: None),
+                lambda: build.build_stock(vendor_dir=vendor, log=lambda m: None)):
+        with pytest.raises(BuildError) as ei:
+            run()
+        msg = str(ei.value)
+        assert "a C compiler (cc, gcc, clang on PATH, or $CC)" in msg
+        assert "a C++ compiler (c++, g++, clang++ on PATH, or $CXX)" in msg
+        assert "cmake" not in msg.split("missing:")[1].split(".")[0]
+        assert "apt-get install build-essential cmake" in msg and "run `powerinfer-attn build` again" in msg
+    assert not vendor.exists()
+
+
+def test_toolchain_found_on_path_or_from_cc_cxx(monkeypatch, tmp_path):
+    bindir = fake_tools(monkeypatch, tmp_path, ["gcc", "g++", "cmake", "ninja"])
+    assert build.check_toolchain() == {"cc": str(bindir / "gcc"), "cxx": str(bindir / "g++"),
+                                       "cmake": str(bindir / "cmake"), "build_tool": str(bindir / "ninja")}
+    # CC/CXX win over PATH, and may carry a launcher and flags ("ccache clang")
+    bindir = fake_tools(monkeypatch, tmp_path / "other", ["mycc", "myc++"], env={"CC": "mycc -O2", "CXX": "myc++"})
+    monkeypatch.setattr(build, "_python_tool", lambda module: module in ("cmake", "ninja"))
+    found = build.check_toolchain()
+    assert found["cc"] == str(bindir / "mycc") and found["cxx"] == str(bindir / "myc++")
+    assert found["cmake"] == "cmake (Python package)"
+
+
+def test_cc_naming_a_missing_program_is_reported(monkeypatch, tmp_path):
+    fake_tools(monkeypatch, tmp_path, ["cc", "c++", "cmake", "make"], env={"CC": "/opt/nowhere/clang-99"})
+    with pytest.raises(BuildError, match=r"CC='/opt/nowhere/clang-99' is not found on PATH \(fix or unset CC\)"):
+        build.check_toolchain()
+
+
+def test_missing_cmake_and_make_are_reported(monkeypatch, tmp_path):
+    fake_tools(monkeypatch, tmp_path, ["cc", "c++"])
+    with pytest.raises(BuildError) as ei:
+        build.check_toolchain()
+    msg = str(ei.value)
+    assert "cmake (on PATH, or `pip install cmake` in this environment)" in msg and "make or ninja" in msg
+    assert "compiler" not in msg.split("missing:")[1].split(". Install")[0]

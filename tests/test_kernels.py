@@ -7,7 +7,7 @@ import pytest
 
 from powerinfer_attn import kernels
 
-pytestmark = pytest.mark.usefixtures("engine_lib")
+pytestmark = pytest.mark.usefixtures("ggml_lib")
 
 WEIGHT_TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
 THREADS = [1, 2, 3]
