@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PY      = $(BIN)/python
 
-.PHONY: setup demo test test-fast sanitize clean
+.PHONY: setup demo test test-fast sanitize figures clean
 
 $(BIN)/powerinfer-attn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ test: setup
 	$(BIN)/powerinfer-attn build --stock
 	POWERINFER_ATTN_REQUIRE_ENGINE=1 $(PY) -m pytest -v tests
 	$(MAKE) sanitize
+
+# The README's figures: quality on WikiText-2 and decode speed at 2 threads (about 20 min on
+# 2 cores). `powerinfer-attn show figures/FILE.json` prints a result's tables again.
+TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
+figures: setup
+	mkdir -p figures
+	$(BIN)/powerinfer-attn calibrate --text-file $(TEXT) -t 2
+	$(BIN)/powerinfer-attn score --text-file $(TEXT) --windows 8 -t 2 --json \
+		--predictor all --predictor oracle:0.85 --predictor static:7 --predictor random:7 > figures/score.json
+	$(BIN)/powerinfer-attn bench --ctx 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \
+		--json --plot figures/bench-2threads.png > figures/bench-2threads.json
+	$(BIN)/powerinfer-attn show figures/score.json
+	$(BIN)/powerinfer-attn show figures/bench-2threads.json
 
 # the pure-Python tests, no build needed
 test-fast: $(BIN)/powerinfer-attn

@@ -269,5 +269,31 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, thr
             click.echo(f"\nplot: {plot_path}")
 
 
+@main.command()
+@click.argument("result", type=click.Path(exists=True, dir_okay=False))
+def show(result) -> None:
+    """Print the tables of a result saved with `score --json` or `bench --json`."""
+    from pathlib import Path
+
+    from . import bench as bench_mod
+    from . import compare as cmp
+
+    try:
+        data = json.loads(Path(result).read_text())
+    except (OSError, ValueError) as e:
+        _fail(ValueError(f"{result}: not a JSON result ({e})"))
+    if isinstance(data, list) and data and "kl_mean" in data[0]:
+        click.echo(cmp.format_scores([cmp.ScoreResult(**r) for r in data]))
+    elif isinstance(data, dict) and "rows" in data:
+        click.echo(f"{Path(data['model']).name}, {data['threads']} threads, median of {data['reps']} paired steps"
+                   + (", GQA-group masks" if data.get("gqa_masks") else ""))
+        click.echo(bench_mod.format_table(data))
+        if data.get("profiles"):
+            click.echo("")
+            click.echo(bench_mod.format_profile(data))
+    else:
+        _fail(ValueError(f"{result}: neither a score nor a bench result"))
+
+
 if __name__ == "__main__":
     main()

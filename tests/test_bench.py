@@ -73,3 +73,26 @@ def test_run_reports_ratios_limits_and_plot(model_path, tmp_path):
     out = tmp_path / "bench.png"
     bench.plot(res, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_prints_saved_results(tmp_path):
+    from click.testing import CliRunner
+
+    from powerinfer_attn.cli import main
+
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(json.dumps({
+        "model": "/m/x.gguf", "threads": 2, "reps": 3, "gqa_masks": False, "profiles": {},
+        "rows": [
+            {"ctx": 64, "mode": "dense", "density": 1.0, "kept": 1.0, "tok_s": 50.0, "step_ms": 20.0,
+             "ratio": None, "limit": None, "flash_attn": False, "repack": True},
+            {"ctx": 64, "mode": "sparse", "density": 0.5, "kept": 4 / 9, "tok_s": 60.0, "step_ms": 16.7,
+             "ratio": 1.2, "limit": 1.5, "flash_attn": False, "repack": True},
+        ]}))
+    out = CliRunner().invoke(main, ["show", str(bench_json)])
+    assert out.exit_code == 0, out.output
+    assert "| 64 | FA off, repack on | 50.0 | 60.0 (1.20x of 1.50x) |" in out.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    out = CliRunner().invoke(main, ["show", str(bad)])
+    assert out.exit_code != 0 and "neither a score nor a bench result" in out.output
