@@ -10,6 +10,11 @@ ratio the median over pairs of dense step time / sparse step time.
 
 The masks are fixed for the whole run (the same heads every step), so the figures are about
 the kernels, not a predictor. ``heads_for_density`` says which heads stay on.
+
+With ``trained`` (a ``trained:PRED.gguf[:RULE=VALUE]`` predictor), a third context decodes
+with that predictor computed inside the graph, its cost included, paired with dense steps the
+same way; its density is what the predictor chose on the benchmark's filler text, read back in
+a separate context (reading masks needs an eval callback, which would slow the timed one).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import Engine
+from .engine import Engine, open_engine
 from .profile import NodeTimer, amdahl_limit, profile_steps, trustworthy
 
 
@@ -92,6 +97,26 @@ def _filler_tokens(eng: Engine, n: int) -> list[int]:
     return (base * (n // len(base) + 1))[:n]
 
 
+def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp: bool) -> Engine:
+    """A context whose sparse decode takes its masks from the in-graph predictor ``spec``
+    (no tensor hook: nothing slows the timed steps)."""
+    from .predictors import TrainedHeads, get_predictor
+
+    pred = get_predictor(spec, model_path)
+    if not isinstance(pred, TrainedHeads):
+        raise ValueError(f"bench --predictor takes a trained:PRED.gguf predictor, not {spec!r}")
+    eng = Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp)
+    try:
+        eng.load_head_predictor(pred.path)
+        if pred.rule:
+            eng.set_head_rule(pred.rule, pred.value)
+        eng.use_head_predictor(True)
+    except BaseException:
+        eng.close()
+        raise
+    return eng
+
+
 def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, repack_options, say) -> tuple[bool, bool]:
     """The stock configuration (flash attention, repack) with the fastest decode at ``ctx``."""
     best = None
@@ -131,8 +156,24 @@ def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict
     return out
 
 
+def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spec: str, toks: list[int]) -> float:
+    """Mean density the in-graph predictor chooses over a few steps at ``ctx``."""
+    from .predictors import get_predictor
+
+    pred = get_predictor(spec, model_path)
+    with open_engine(model_path, pred, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp) as eng:
+        _fill(eng, ctx, toks)
+        eng.set_sparse(True)
+        masks = []
+        for i in range(4):
+            eng.predicted_step(pred, i, toks[ctx])
+            masks.append(pred.observed())
+            eng.rollback(ctx)
+    return float(np.mean(masks))
+
+
 def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
-        flash_attn: str = "auto", gqa: bool = False, profile: bool = True,
+        flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
         progress: Callable[[str], None] | None = None) -> dict:
     """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up)."""
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -163,6 +204,13 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             _timed_step(sparse, toks[ctx], ctx)
             times = {"dense": []} | {d: [] for d in densities}
             ratios = {d: [] for d in densities}
+            t_eng = None
+            if trained:
+                t_eng = stack_trained(model_path, trained, n_ctx, threads, fa, rp)
+                _fill(t_eng, ctx, toks)
+                t_eng.set_sparse(True)
+                _timed_step(t_eng, toks[ctx], ctx)
+                times["trained"], ratios["trained"] = [], []
             for r in range(reps):
                 # each sparse step is paired with a dense step right before it, so that the
                 # ratio of the pair is not moved by drift in the machine's speed
@@ -173,6 +221,14 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
                     times["dense"].append(t_dense)
                     times[d].append(t_sparse)
                     ratios[d].append(t_dense / t_sparse)
+                if t_eng is not None:
+                    t_dense = _timed_step(dense, toks[ctx], ctx)
+                    t_sparse = _timed_step(t_eng, toks[ctx], ctx)
+                    times["dense"].append(t_dense)
+                    times["trained"].append(t_sparse)
+                    ratios["trained"].append(t_dense / t_sparse)
+            if t_eng is not None:
+                t_eng.close()
         share = None
         if profile:
             profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say)
@@ -191,11 +247,19 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, fa, rp))
             say(f"ctx {ctx}: sparse density {d:g}: {1 / med:.1f} tok/s ({ratio:.3f}x dense {1 / dense_med:.1f}"
                 + (f", limit {limit:.3f}x)" if limit else ")"))
+        if trained:
+            kept = _trained_density(model_path, ctx, threads, fa, rp, trained, toks)
+            med, ratio = statistics.median(times["trained"]), statistics.median(ratios["trained"])
+            limit = amdahl_limit(share, kept) if share is not None else None
+            rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, fa, rp))
+            say(f"ctx {ctx}: {trained} (density {kept:.3f} here, predictor included): {1 / med:.1f} tok/s "
+                f"({ratio:.3f}x dense {1 / dense_med:.1f})")
     return {
         "model": str(model_path),
         "threads": threads,
         "reps": reps,
         "gqa_masks": gqa,
+        "trained": trained,
         "dense_config": {str(c): v for c, v in choices.items()},
         "repackable_types": repack_types,
         "sparse_layer_ops": layer_ops,
@@ -208,7 +272,10 @@ def format_table(result: dict) -> str:
     """Markdown: per context, dense tok/s and per density sparse tok/s (ratio, Amdahl limit)."""
     rows = result["rows"]
     densities = [r["density"] for r in rows if r["mode"] == "sparse" and r["ctx"] == rows[0]["ctx"]]
-    head = "| ctx | dense config | dense tok/s | " + " | ".join(f"density {d:g}" for d in densities) + " |"
+    head = "| ctx | dense config | dense tok/s | " + " | ".join(f"density {d:g}" for d in densities)
+    if any(r["mode"] == "trained" for r in rows):
+        head += f" | {result['trained']} (density chosen)"
+    head += " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     by_ctx: dict[int, list[dict]] = {}
     for r in rows:
@@ -220,6 +287,8 @@ def format_table(result: dict) -> str:
             if r["mode"] == "sparse":
                 limit = f" of {r['limit']:.2f}x" if r["limit"] else ""
                 cells.append(f"{r['tok_s']:.1f} ({r['ratio']:.2f}x{limit})")
+            elif r["mode"] == "trained":
+                cells.append(f"{r['tok_s']:.1f} ({r['ratio']:.2f}x, density {r['kept']:.2f})")
         cfg = f"FA {'on' if dense['flash_attn'] else 'off'}, repack {'on' if dense['repack'] else 'off'}"
         lines.append(f"| {ctx} | {cfg} | {dense['tok_s']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -262,6 +331,9 @@ def plot(result: dict, path) -> None:
     for d in sorted({r["density"] for r in rows if r["mode"] == "sparse"}, reverse=True):
         ys = [next(r["tok_s"] for r in rows if r["ctx"] == c and r["mode"] == "sparse" and r["density"] == d) for c in ctxs]
         ax.plot(ctxs, ys, "-o", label=f"sparse, density {d:g}")
+    trained = [next((r["tok_s"] for r in rows if r["ctx"] == c and r["mode"] == "trained"), None) for c in ctxs]
+    if all(t is not None for t in trained):
+        ax.plot(ctxs, trained, "-s", color="tab:purple", label="sparse, trained predictor (in graph)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("decode tok/s")

@@ -75,7 +75,8 @@ def model() -> None:
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @click.option("--sparse", is_flag=True, help="Decode with sparse attention heads.")
 @click.option("--predictor", default=None,
-              help="Head predictor for --sparse: all, random:K[:SEED], static:K[:FILE], oracle:P, oracle-topk:K, mask-file:PATH.")
+              help="Head predictor for --sparse: all, random:K[:SEED], static:K[:FILE], oracle:P, oracle-topk:K, mask-file:PATH, "
+                   "trained:PRED.gguf[:RULE=VALUE].")
 @model_option
 @threads_option
 @json_option
@@ -220,6 +221,63 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
         click.echo(f"wrote {dest} ({res['tokens']} tokens)")
 
 
+@main.command()
+@click.option("--text-file", type=click.Path(dir_okay=False), default=None,
+              help="Text (default: $POWERINFER_ATTN_TEXT); only whole articles in its first 45% are read.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory (its old data is replaced).")
+@click.option("--tokens", type=click.IntRange(512), default=32768, show_default=True,
+              help="Tokens to record, in 512-token chunks spread over the training articles.")
+@model_option
+@threads_option
+@json_option
+def collect(text_file, out, tokens, model, threads, as_json) -> None:
+    """Record each layer's attention input and each head's importance, for train-predictor."""
+    from pathlib import Path
+
+    from . import collect as col
+    from . import compare as cmp
+    from .engine import EngineError
+
+    try:
+        path = resolve_model(model)
+        text = cmp.resolve_text_file(text_file)
+        with click.progressbar(length=tokens, label="collecting", file=sys.stderr) as bar:
+            meta = col.collect(path, text, Path(out), tokens, threads=threads, progress=bar.update)
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(meta, indent=1))
+    else:
+        click.echo(f"wrote {meta['chunks']} chunks ({meta['tokens']} tokens) to {out}\nfrom {meta['articles']}")
+
+
+@main.command("train-predictor")
+@click.argument("data_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Predictor file to write (.gguf).")
+@click.option("--rule", type=click.Choice(["threshold", "topk", "mass"]), default="threshold", show_default=True,
+              help="Selection rule stored in the file (score/bench can override it).")
+@click.option("--density", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.7, show_default=True,
+              help="threshold: pick the threshold giving this mean density on the held-out data.")
+@click.option("--value", type=float, default=None, help="The rule's value (k for topk, fraction for mass; a fixed threshold).")
+@json_option
+def train_predictor(data_dir, out, rule, density, value, as_json) -> None:
+    """Fit a per-layer linear head predictor (numpy ridge) and write it as a GGUF sidecar."""
+    from pathlib import Path
+
+    from . import train as tr
+
+    try:
+        summary = tr.train(Path(data_dir), Path(out), rule, density, value,
+                           progress=None if as_json else (lambda m: click.echo(m, err=True)))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        click.echo(f"wrote {out}: rule {summary['rule']} {summary['rule_value']:.4f}, held-out density "
+                   f"{summary['heldout_density']:.3f}, held-out R^2 {summary['heldout_r2_mean']:.3f} (mean over layers)")
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
@@ -239,9 +297,11 @@ def _ints(text: str) -> list[int]:
 @click.option("--profile/--no-profile", default=True, show_default=True,
               help="Per-op profile of the step and the Amdahl limit of each ratio.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a tok/s vs context plot (PNG).")
+@click.option("--predictor", "trained", default=None,
+              help="Also time sparse decode with this trained:PRED.gguf[:RULE=VALUE] predictor, computed in the graph.")
 @threads_option
 @json_option
-def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, threads, as_json) -> None:
+def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
@@ -250,7 +310,7 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, thr
 
     try:
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
-                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile)
+                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained)
         if plot_path:
             bench_mod.plot(result, plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import Engine, StepState, open_engine
+from .engine import Engine, open_engine
 from .importance import HeadContributions
 from .predictors import Predictor
 
@@ -144,10 +144,9 @@ def _sparse_window(eng: Engine, pred: Predictor, win: list[int], prefix: int, st
     logits, masks = [], []
     try:
         for i, t in enumerate(win[prefix:prefix + steps]):
-            mask = eng.check_mask(pred.predict(StepState(i, eng.n_past, t, eng)))
-            eng.set_mask(mask)
+            lg, mask = eng.predicted_step(pred, i, t)
             masks.append(mask)
-            logits.append(eng.step(t))
+            logits.append(lg)
     finally:
         eng.set_sparse(False)
     return np.array(logits), masks

@@ -128,12 +128,13 @@ def _eval_callback(hook: TensorHook, errors: list):
             return True
         try:
             head = _GgmlTensor.from_address(t)
-            if head.type != 0 or not g.ggml_is_contiguous(t):  # GGML_TYPE_F32
-                raise EngineError(f"tensor hook: {name} is not a contiguous F32 tensor")
+            dtype = {0: np.float32, 26: np.int32}.get(head.type)  # GGML_TYPE_F32, GGML_TYPE_I32
+            if dtype is None or not g.ggml_is_contiguous(t):
+                raise EngineError(f"tensor hook: {name} is not a contiguous F32 or I32 tensor")
             shape = tuple(reversed(head.ne[:4]))
             n = int(np.prod(shape))
-            buf = (ctypes.c_float * n).from_address(g.ggml_get_data(t))
-            hook(name, np.frombuffer(buf, dtype=np.float32).reshape(shape))
+            buf = (ctypes.c_char * (4 * n)).from_address(g.ggml_get_data(t))
+            hook(name, np.frombuffer(buf, dtype=dtype).reshape(shape))
             return True
         except BaseException as e:  # an exception must not unwind through C; stop the graph instead
             errors.append(e)
@@ -239,6 +240,7 @@ class Engine:
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.n_past = 0
         self._warned_fallback = False
+        self._head_predictor: Path | None = None
 
     # --- lifetime -------------------------------------------------------
 
@@ -433,6 +435,48 @@ class Engine:
             why = _SET_HEADS_ERRORS.get(rc, "unknown error")
             raise EngineError(f"llama_set_activated_heads returned {rc} ({why}) for {self.model_path.name}")
 
+    def load_head_predictor(self, path: str | os.PathLike) -> None:
+        """Load a trained head predictor (GGUF sidecar from ``train-predictor``) into the context.
+        It runs only after ``use_head_predictor(True)``."""
+        self._check_open()
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"head predictor not found: {p}")
+        if not hasattr(self.C, "llama_head_predictor_load"):
+            raise EngineError("this library has no in-graph head predictor (rebuild: powerinfer-attn build)")
+        rc = self.C.llama_head_predictor_load(self.ctx, str(p).encode())
+        if rc != 0:
+            why = {-1: "not a readable head predictor file (see the log above)",
+                   -2: "it was trained for a model of another shape",
+                   -4: "sparse attention does not support this model's architecture (llama only)"}.get(rc, "unknown error")
+            raise EngineError(f"{p}: llama_head_predictor_load returned {rc}: {why}")
+        self._head_predictor = p
+
+    def set_head_rule(self, rule: str, value: float | None = None) -> None:
+        """The loaded predictor's selection rule: ``file`` (its own), ``threshold``, ``topk`` or ``mass``."""
+        from .train import RULE_IDS
+
+        self._check_open()
+        if rule not in RULE_IDS:
+            raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULE_IDS)}")
+        if rule != "file" and value is None:
+            raise ValueError(f"rule {rule} needs a value")
+        rc = self.C.llama_head_predictor_set_rule(self.ctx, RULE_IDS[rule], float(value or 0.0))
+        if rc == -1:
+            raise EngineError("no head predictor loaded")
+        if rc != 0:
+            raise ValueError(f"bad value {value} for rule {rule} (topk: a whole number in [1, {self.n_head}]; "
+                             f"mass: a fraction in (0, 1])")
+
+    def use_head_predictor(self, enabled: bool) -> None:
+        """Sparse decode takes its masks from the loaded predictor, computed in the graph (True),
+        or from ``set_mask`` (False)."""
+        self._check_open()
+        if enabled and self._head_predictor is None:
+            raise EngineError("no head predictor loaded (load_head_predictor)")
+        if hasattr(self.C, "llama_set_head_predictor"):
+            self.C.llama_set_head_predictor(self.ctx, bool(enabled))
+
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo; -1 for every
         layer of a model the sparse ops do not support (another architecture than llama)."""
@@ -464,6 +508,21 @@ class Engine:
                 return f"it is {type_name}, whose {block}-value blocks do not fit a head width of {head_dim}"
         return repacked if self.repack else "its head width is not whole blocks of its type"
 
+    def predicted_step(self, predictor: "Predictor", i: int, token: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decode one token sparsely with the predictor's mask; (logits, the mask used).
+
+        An in-graph predictor (``trained:``) computes the masks inside the step; any other
+        predictor's mask is set first, and overrides a loaded in-graph predictor."""
+        if getattr(predictor, "in_graph", False):
+            self.use_head_predictor(True)
+            logits = self.step(token)
+            return logits, predictor.observed()
+        if self._head_predictor is not None:
+            self.use_head_predictor(False)
+        mask = self.check_mask(predictor.predict(StepState(i, self.n_past, token, self)))
+        self.set_mask(mask)
+        return self.step(token), mask
+
     def generate(self, prompt: str | Sequence[int], n: int, predictor: "Predictor | None" = None,
                  stop_at_eog: bool = True) -> Generation:
         """Greedy generation of up to n tokens; sparse decode when a predictor is given.
@@ -486,10 +545,10 @@ class Engine:
                 if (stop_at_eog and self.is_eog(tok)) or i == n - 1:
                     break
                 if predictor is not None:
-                    mask = self.check_mask(predictor.predict(StepState(i, self.n_past, tok, self)))
-                    self.set_mask(mask)
+                    logits, mask = self.predicted_step(predictor, i, tok)
                     masks.append(mask)
-                logits = self.step(tok)
+                else:
+                    logits = self.step(tok)
         finally:
             self.set_sparse(False)
         t2 = time.perf_counter()

@@ -18,6 +18,10 @@ Built-in, by name (``get_predictor``), with what each costs per decode step:
   dense step plus the graph switch: an upper bound on quality, never a speed mode.
 - ``mask-file:PATH``: masks from a ``.npy`` array ``[steps, n_layer, n_head]``; step i uses
   ``masks[i]``. An array lookup.
+- ``trained:PRED.gguf[:RULE=VALUE]``: the predictor from ``train-predictor``, computed inside
+  the decode graph (``in_graph``): one small matrix-vector product and a selection per layer,
+  no Python per step. RULE (threshold, topk, mass) overrides the file's rule. Its ``hook``
+  reads back the masks the graph chose (``observed``).
 """
 
 from __future__ import annotations
@@ -166,7 +170,57 @@ class MaskFile(_Shaped):
         return self.masks[state.step]
 
 
-NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P", "oracle-topk:K", "mask-file:PATH")
+class _MaskReader:
+    """Tensor hook: the ``head_mask-<il>`` tensors the in-graph predictor computed in the last step."""
+
+    def __init__(self):
+        self.mask: np.ndarray | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.mask is not None and name.startswith("head_mask-")
+
+    def __call__(self, name, data) -> None:
+        self.mask[int(name.rpartition("-")[2])] = data.reshape(-1)
+
+
+class TrainedHeads(_Shaped):
+    in_graph = True
+
+    def __init__(self, path: str | Path, rule: str | None = None, value: float | None = None):
+        from .train import read_metadata
+
+        self.path, self.rule, self.value = Path(path), rule, value
+        if not self.path.is_file():
+            raise ValueError(f"trained predictor file not found: {self.path}; run `powerinfer-attn train-predictor`")
+        try:
+            self.meta = read_metadata(self.path)
+        except Exception as e:
+            raise ValueError(f"{self.path} is not a GGUF head predictor: {e}") from e
+        if self.meta.get("kind") != "linear":
+            raise ValueError(f"{self.path} is not a head predictor (no head_predictor.kind)")
+        self.name = f"trained:{self.path.name}" + (f":{rule}={value:g}" if rule else "")
+        self.hook = _MaskReader()
+
+    def bind(self, engine) -> None:
+        super().bind(engine)
+        if self.meta.get("model_name") != engine.model_path.name:
+            raise ValueError(f"{self.path} was trained for {self.meta.get('model_name')}, not {engine.model_path.name}")
+        engine.load_head_predictor(self.path)
+        if self.rule:
+            engine.set_head_rule(self.rule, self.value)
+        engine.use_head_predictor(True)
+        self.hook.mask = np.zeros((self.n_layer, self.n_head), np.int32)
+
+    def predict(self, state) -> None:
+        return None  # the graph decides
+
+    def observed(self) -> np.ndarray:
+        """The masks of the last decode step, as the graph computed them."""
+        return self.hook.mask.copy()
+
+
+NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P", "oracle-topk:K", "mask-file:PATH",
+         "trained:PRED.gguf[:RULE=VALUE]")
 
 
 def default_calibration_path(model_path: str | Path) -> Path:
@@ -193,6 +247,14 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
             return Oracle(model_path, k=int(arg))
         if kind == "mask-file" and arg:
             return MaskFile(arg)
+        if kind == "trained" and arg:
+            path, _, rule = arg.partition(":")
+            if rule:
+                name, eq, value = rule.partition("=")
+                if not eq or name not in ("threshold", "topk", "mass"):
+                    raise ValueError(f"bad predictor {spec!r}: the rule is threshold=V, topk=K or mass=P")
+                return TrainedHeads(path, name, float(value))
+            return TrainedHeads(path)
     except ValueError as e:
         if "invalid literal" in str(e) or "could not convert" in str(e):
             raise ValueError(f"bad predictor {spec!r}: {e}; choose from: {', '.join(NAMES)}") from e

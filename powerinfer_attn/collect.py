@@ -1,0 +1,161 @@
+"""Training data for a head predictor: per layer and token, the attention input and each
+head's importance, recorded from dense runs over a text.
+
+The text is split into WikiText articles (top-level `` = Title = `` headings). Only whole
+articles that end in the first ``TRAIN_FRACTION`` of the file are used, and ``collect``
+checks that they end before the token midpoint of the text, where ``score`` starts its
+windows: a predictor is never scored on the articles it was trained on.
+
+Recorded per chunk of ``batch`` tokens (each chunk a fresh dense prefill), as ``.npy`` files
+in the output directory so memory stays bounded by one chunk:
+
+- ``x-NNNNN.npy``: float16 ``[n_layer, n_tokens, n_embd]``, each layer's ``attn_norm`` output
+  (the input of wq/wk/wv, which is what the in-graph predictor reads);
+- ``imp-NNNNN.npy``: float32 ``[n_tokens, n_layer, n_head]``, the norm of each head's
+  contribution through ``wo`` (``importance.HeadContributions``);
+- ``resid-NNNNN.npy``: float32 ``[n_tokens, n_layer]``, the norm of the residual stream the
+  attention output is added to (``ffn_inp - attn_out``), the scale a head's contribution is
+  judged against.
+
+``meta.json`` says which model, text and articles, and the shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .engine import Engine, TensorHook
+from .importance import HeadContributions
+
+TRAIN_FRACTION = 0.45
+
+_HEADING = re.compile(r"^ = [^=].* = $")
+_NAMED = re.compile(r"^(attn_norm|attn_out|ffn_inp)-(\d+)$")
+
+
+def split_articles(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, title)`` character spans of the WikiText articles in ``text``."""
+    starts: list[tuple[int, str]] = []
+    pos = 0
+    for line in text.splitlines(keepends=True):
+        if _HEADING.match(line.rstrip("\n")):
+            starts.append((pos, line.strip(" =\n")))
+        pos += len(line)
+    if not starts:
+        return [(0, len(text), "")]
+    spans = []
+    for i, (s, title) in enumerate(starts):
+        e = starts[i + 1][0] if i + 1 < len(starts) else len(text)
+        spans.append((s, e, title))
+    return spans
+
+
+def training_articles(text: str, fraction: float = TRAIN_FRACTION) -> list[tuple[int, int, str]]:
+    """The whole articles that end in the first ``fraction`` of the text."""
+    return [a for a in split_articles(text) if a[1] <= fraction * len(text)]
+
+
+class _Recorder(TensorHook):
+    """Importance (through ``HeadContributions``) plus attn_norm, attn_out and ffn_inp per layer."""
+
+    def __init__(self, model_path: Path, n_layer: int, n_head: int):
+        self.heads = HeadContributions(model_path, n_layer, n_head)
+        self.n_layer = n_layer
+        self.x: list[np.ndarray | None] = [None] * n_layer
+        self.attn_out: list[np.ndarray | None] = [None] * n_layer
+        self.resid = None
+
+    def wants(self, name: str) -> bool:
+        return self.heads.wants(name) or _NAMED.match(name) is not None
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        m = _NAMED.match(name)
+        if m is None:
+            self.heads(name, data)
+            return
+        what, il = m.group(1), int(m.group(2))
+        rows = data.reshape(-1, data.shape[-1])
+        if what == "attn_norm":
+            self.x[il] = rows.astype(np.float16)
+        elif what == "attn_out":
+            self.attn_out[il] = rows.copy()
+        else:  # ffn_inp = residual + attn_out
+            if il == 0 or self.resid is None or self.resid.shape[0] != rows.shape[0]:
+                self.resid = np.zeros((rows.shape[0], self.n_layer), np.float32)
+            self.resid[:, il] = np.linalg.norm(rows - self.attn_out[il], axis=1)
+
+
+def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, batch: int = 512,
+            threads: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """Record training data from the training articles of ``text_file`` into ``out``; returns
+    the metadata written to ``out/meta.json``."""
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    arts = training_articles(text)
+    if not arts:
+        raise ValueError(f"{text_file}: no whole article ends in its first {TRAIN_FRACTION:.0%}")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*-*.npy"):
+        old.unlink()
+    with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch) as probe:
+        n_layer, n_head, n_embd = probe.n_layer, probe.n_head, probe.n_embd
+        whole = len(probe.tokenize(text, add_bos=False))
+        end_chars = arts[-1][1]
+        train_toks = probe.tokenize(text[:end_chars], add_bos=False)
+    # score's windows start at the token midpoint of the whole text
+    if len(train_toks) > whole // 2:
+        raise ValueError(f"training articles reach token {len(train_toks)}, past the scored half ({whole // 2})")
+    # chunks of consecutive tokens spread evenly over the training articles
+    n_want = max(1, min(tokens, len(train_toks)) // batch)
+    step = len(train_toks) // n_want
+    used = [t for c in range(n_want) for t in train_toks[c * step:c * step + batch]]
+    rec = _Recorder(model_path, n_layer, n_head)
+    n_chunks = 0
+    with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch, tensor_hook=rec) as eng:
+        for s0 in range(0, len(used), batch):
+            chunk = used[s0:s0 + batch]
+            if len(chunk) < 16:
+                break
+            eng.reset()
+            # all logits: otherwise the last layer keeps only the last token after attention
+            eng.prefill(chunk, all_logits=True)
+            x = np.stack([rec.x[il] for il in range(n_layer)])
+            np.save(out / f"x-{n_chunks:05d}.npy", x)
+            np.save(out / f"imp-{n_chunks:05d}.npy", rec.heads.per_token.astype(np.float32))
+            np.save(out / f"resid-{n_chunks:05d}.npy", rec.resid.astype(np.float32))
+            n_chunks += 1
+            if progress:
+                progress(len(chunk))
+    n_art = sum(1 for a in arts if a[1] <= end_chars)
+    meta = {
+        "model_name": Path(model_path).name,
+        "text_file": str(text_file),
+        "articles": f"the first {n_art} articles of the file ({arts[0][2]!r} .. {arts[-1][2]!r}), "
+                    f"characters 0..{end_chars} of {len(text)}",
+        "train_tokens_available": len(train_toks),
+        "tokens": min(len(used), n_chunks * batch),
+        "chunks": n_chunks,
+        "batch": batch,
+        "n_layer": n_layer,
+        "n_head": n_head,
+        "n_embd": n_embd,
+        "scored_from_token": whole // 2,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def load_layer(data_dir: Path, il: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x [N, n_embd] float32, importance [N, n_head], residual norm [N])`` of layer ``il``
+    over all chunks (one layer at a time keeps memory at N * n_embd floats)."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    xs, imps, res = [], [], []
+    for c in range(meta["chunks"]):
+        xs.append(np.load(data_dir / f"x-{c:05d}.npy", mmap_mode="r")[il].astype(np.float32))
+        imps.append(np.load(data_dir / f"imp-{c:05d}.npy")[:, il])
+        res.append(np.load(data_dir / f"resid-{c:05d}.npy")[:, il])
+    return np.concatenate(xs), np.concatenate(imps), np.concatenate(res)

@@ -1,0 +1,174 @@
+"""Train a per-layer linear head predictor from ``collect``'s data and write it as a GGUF sidecar.
+
+Per layer ``il``, logits = ``W x + b`` with ``x`` the layer's attn_norm output (what the
+in-graph predictor reads), fitted by ridge regression in numpy. Targets, by selection rule:
+
+- ``threshold`` (default) and ``topk``: ``log(importance / residual norm)``, how much a head's
+  contribution would move the residual stream it is added to. One threshold for all layers
+  on this scale gives each layer its own, per-token budget: a layer whose heads all write
+  little keeps few of them, a layer with one dominant head keeps that one.
+- ``mass``: each head's share of the layer's total importance, selected by the mass rule.
+
+The data's chunks are split in order (they follow the articles): the last ``holdout`` of them
+are never fitted, and choose the ridge strength per layer and the threshold that gives
+``density`` on average.
+
+The sidecar holds ``blk.N.head_pred.weight`` F32 ``[n_embd, n_head]`` (ggml order) and
+``blk.N.head_pred.bias`` F32 ``[n_head]`` per layer, and ``head_predictor.*`` metadata: kind,
+shapes, the model it belongs to, rule and value, and a JSON training summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .collect import load_layer
+from .importance import mass_mask, topk_mask
+
+RULES = ("threshold", "topk", "mass")
+RULE_IDS = {"file": 0, "threshold": 1, "topk": 2, "mass": 3}
+LAMBDAS = (0.1, 1.0, 10.0, 100.0)
+_EPS = 1e-6
+
+
+def targets(rule: str, importance: np.ndarray, resid: np.ndarray) -> np.ndarray:
+    if rule == "mass":
+        return importance / np.maximum(importance.sum(axis=1, keepdims=True), _EPS)
+    return np.log(importance / np.maximum(resid[:, None], _EPS) + _EPS)
+
+
+def ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(W [n_out, n_in], b [n_out])`` minimising ``|x W^T + b - y|^2 + lam |W|^2`` (b not penalised)."""
+    mx, my = x.mean(axis=0), y.mean(axis=0)
+    xc = (x - mx).astype(np.float64)
+    a = xc.T @ xc
+    a[np.diag_indices_from(a)] += lam
+    w = np.linalg.solve(a, xc.T @ (y - my).astype(np.float64)).T
+    return w.astype(np.float32), (my - w @ mx).astype(np.float32)
+
+
+def select(rule: str, logits: np.ndarray, value: float) -> np.ndarray:
+    """The masks the in-graph selection makes from ``logits [..., n_head]`` (llama-head-predictor.cpp):
+    every rule keeps at least the head with the largest logit."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if rule == "threshold":
+        mask = (flat > value).astype(np.int32) | topk_mask(flat, 1)
+    elif rule == "topk":
+        mask = topk_mask(flat, int(value))
+    elif rule == "mass":
+        clipped = np.maximum(flat, 0.0)
+        mask = np.where(clipped.sum(axis=1, keepdims=True) > 0, mass_mask(clipped + 0.0, value), topk_mask(flat, 1))
+    else:
+        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
+    return mask.reshape(logits.shape)
+
+
+def _threshold_for_density(logits: list[np.ndarray], density: float) -> float:
+    """The threshold whose held-out mean density (with the keep-the-top-head floor) is closest to ``density``."""
+    lo, hi = min(float(l.min()) for l in logits) - 1, max(float(l.max()) for l in logits) + 1
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        d = np.mean([select("threshold", l, mid).mean() for l in logits])
+        lo, hi = (mid, hi) if d > density else (lo, mid)
+    return (lo + hi) / 2
+
+
+def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0.7, value: float | None = None,
+          holdout: float = 0.2, progress: Callable[[str], None] | None = None) -> dict:
+    """Fit, choose the rule's value (threshold: for ``density``; topk/mass: ``value`` is required),
+    write ``out``; returns the training summary."""
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
+    if rule != "threshold" and value is None:
+        raise ValueError(f"rule {rule} needs a value (k for topk, a fraction for mass)")
+    if not 0.0 < density <= 1.0 or not 0.0 < holdout < 1.0:
+        raise ValueError("density must be in (0, 1] and holdout in (0, 1)")
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{data_dir} holds no collected data (no meta.json); run `powerinfer-attn collect`")
+    meta = json.loads(meta_path.read_text())
+    n_layer, n_head, n_embd = meta["n_layer"], meta["n_head"], meta["n_embd"]
+    ws, bs, held_logits, held_targets, layers = [], [], [], [], []
+    for il in range(n_layer):
+        x, imp, resid = load_layer(data_dir, il)
+        y = targets(rule, imp, resid)
+        cut = int(len(x) * (1 - holdout))
+        if cut < n_embd or len(x) - cut < 16:
+            raise ValueError(f"too little data: {len(x)} tokens; collect more (at least {2 * n_embd})")
+        best = None
+        for lam in LAMBDAS:
+            w, b = ridge(x[:cut], y[:cut], lam)
+            err = float(((x[cut:] @ w.T + b - y[cut:]) ** 2).mean())
+            if best is None or err < best[0]:
+                best = (err, lam, w, b)
+        err, lam, w, b = best
+        var = float(((y[cut:] - y[cut:].mean(axis=0)) ** 2).mean())
+        ws.append(w)
+        bs.append(b)
+        held_logits.append(x[cut:] @ w.T + b)
+        held_targets.append(y[cut:])
+        layers.append({"layer": il, "ridge_lambda": lam, "heldout_r2": round(1 - err / max(var, 1e-12), 4)})
+        if progress:
+            progress(f"layer {il}: ridge lambda {lam:g}, held-out R^2 {layers[-1]['heldout_r2']:.3f}")
+    if rule == "threshold" and value is None:
+        value = _threshold_for_density(held_logits, density)
+    held_density = [float(select(rule, l, value).mean()) for l in held_logits]
+    summary = {
+        "data": meta["articles"],
+        "tokens": meta["tokens"],
+        "heldout_fraction": holdout,
+        "target": "share of the layer's importance" if rule == "mass"
+                  else "log(norm of the head's contribution through wo / norm of the residual stream)",
+        "rule": rule,
+        "rule_value": float(value),
+        "heldout_density": round(float(np.mean(held_density)), 4),
+        "heldout_density_per_layer": [round(d, 4) for d in held_density],
+        "heldout_r2_mean": round(float(np.mean([l["heldout_r2"] for l in layers])), 4),
+        "layers": layers,
+    }
+    write_predictor(out, ws, bs, meta["model_name"], rule, float(value), summary)
+    return summary
+
+
+def write_predictor(path: Path, ws: list[np.ndarray], bs: list[np.ndarray], model_name: str, rule: str,
+                    value: float, summary: dict) -> None:
+    """The GGUF sidecar read by llama_head_predictor_load. ``ws[il]`` is ``[n_head, n_embd]``."""
+    import gguf
+
+    n_head, n_embd = ws[0].shape
+    w = gguf.GGUFWriter(str(path), arch="head_predictor")
+    w.add_string("head_predictor.kind", "linear")
+    w.add_string("head_predictor.model_name", model_name)
+    w.add_int32("head_predictor.n_layer", len(ws))
+    w.add_int32("head_predictor.n_head", int(n_head))
+    w.add_int32("head_predictor.n_embd", int(n_embd))
+    w.add_string("head_predictor.rule", rule)
+    w.add_float32("head_predictor.rule_value", float(value))
+    w.add_string("head_predictor.training", json.dumps(summary))
+    for il, (wl, bl) in enumerate(zip(ws, bs)):
+        # numpy [n_head, n_embd] is ggml [n_embd, n_head]: row h holds head h's weights
+        w.add_tensor(f"blk.{il}.head_pred.weight", np.ascontiguousarray(wl, np.float32))
+        w.add_tensor(f"blk.{il}.head_pred.bias", np.ascontiguousarray(bl, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def read_metadata(path: Path) -> dict:
+    """The sidecar's ``head_predictor.*`` metadata, as Python values."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    out = {}
+    for f in r.fields.values():
+        if f.name.startswith("head_predictor."):
+            v = f.contents()
+            out[f.name.removeprefix("head_predictor.")] = v
+    if "training" in out:
+        out["training"] = json.loads(out["training"])
+    return out

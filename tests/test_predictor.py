@@ -1,0 +1,224 @@
+"""The trained head predictor: data collection, training, the GGUF sidecar, and the in-graph
+selection against its numpy reference."""
+
+import json
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+from powerinfer_attn import collect, train
+from powerinfer_attn.engine import Engine, EngineError, TensorHook
+from powerinfer_attn.importance import mass_mask, topk_mask
+from powerinfer_attn.predictors import TrainedHeads, get_predictor
+
+# --- pure Python ---------------------------------------------------------------------
+
+
+def test_split_articles_and_training_half():
+    text = " = A = \n\n one two \n = = Sub = = \n three \n = B = \n four \n = C = \n" + "x" * 100 + "\n"
+    arts = collect.split_articles(text)
+    assert [a[2] for a in arts] == ["A", "B", "C"]  # sub-headings do not split
+    assert arts[0][0] == 0 and arts[-1][1] == len(text)
+    assert all(a[1] == b[0] for a, b in zip(arts, arts[1:]))
+    assert [a[2] for a in collect.training_articles(text, 0.45)] == ["A", "B"]
+
+
+def test_ridge_recovers_a_linear_map():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 12)).astype(np.float32)
+    w_true = rng.normal(size=(3, 12)).astype(np.float32)
+    y = x @ w_true.T + np.array([1.0, -2.0, 0.5], np.float32)
+    w, b = train.ridge(x, y, 1e-3)
+    np.testing.assert_allclose(w, w_true, atol=1e-3)
+    np.testing.assert_allclose(b, [1.0, -2.0, 0.5], atol=1e-3)
+
+
+def test_select_rules():
+    logits = np.array([[0.5, -1.0, 2.0, 0.1], [-5.0, -6.0, -7.0, -8.0]], np.float32)
+    np.testing.assert_array_equal(train.select("threshold", logits, 0.2), [[1, 0, 1, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(train.select("topk", logits, 2), topk_mask(logits, 2))
+    np.testing.assert_array_equal(train.select("mass", logits[:1], 0.8), mass_mask(np.maximum(logits[:1], 0), 0.8))
+    np.testing.assert_array_equal(train.select("mass", logits[1:], 0.8), [[1, 0, 0, 0]])  # all clipped: top head
+    with pytest.raises(ValueError, match="unknown rule"):
+        train.select("best", logits, 0)
+
+
+def _fake_data(dirpath, n_layer=2, n_head=3, n_embd=8, chunks=6, batch=64, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(n_layer, n_head, n_embd))
+    for c in range(chunks):
+        x = rng.normal(size=(n_layer, batch, n_embd)).astype(np.float16)
+        imp = np.exp(np.einsum("lhe,lte->tlh", w, x.astype(np.float64)) * 0.5).astype(np.float32)
+        np.save(dirpath / f"x-{c:05d}.npy", x)
+        np.save(dirpath / f"imp-{c:05d}.npy", imp)
+        np.save(dirpath / f"resid-{c:05d}.npy", np.full((batch, n_layer), 10.0, np.float32))
+    meta = {"model_name": "fake.gguf", "articles": "fake", "tokens": chunks * batch, "chunks": chunks,
+            "batch": batch, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
+    (dirpath / "meta.json").write_text(json.dumps(meta))
+
+
+def test_train_fits_held_out_data_and_writes_the_sidecar(tmp_path):
+    _fake_data(tmp_path)
+    out = tmp_path / "pred.gguf"
+    s = train.train(tmp_path, out, density=0.5)
+    # log(importance) is exactly linear in x here, so the held-out fit is nearly perfect
+    assert s["heldout_r2_mean"] > 0.99
+    assert abs(s["heldout_density"] - 0.5) < 0.05
+    meta = train.read_metadata(out)
+    assert meta["kind"] == "linear" and meta["n_layer"] == 2 and meta["n_head"] == 3 and meta["n_embd"] == 8
+    assert meta["rule"] == "threshold" and meta["rule_value"] == pytest.approx(s["rule_value"], rel=1e-6)
+    assert meta["training"]["heldout_density"] == s["heldout_density"]
+    from gguf import GGUFReader
+
+    shapes = {t.name: tuple(int(v) for v in t.shape) for t in GGUFReader(str(out)).tensors}
+    assert shapes["blk.1.head_pred.weight"] == (8, 3)  # ggml order: ne0 = n_embd
+    assert shapes["blk.1.head_pred.bias"] == (3,)
+
+
+def test_train_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="collect"):
+        train.train(tmp_path, tmp_path / "p.gguf")
+    _fake_data(tmp_path, chunks=1, batch=8)
+    with pytest.raises(ValueError, match="too little data"):
+        train.train(tmp_path, tmp_path / "p.gguf")
+    with pytest.raises(ValueError, match="needs a value"):
+        train.train(tmp_path, tmp_path / "p.gguf", rule="topk")
+
+
+def test_trained_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        get_predictor(f"trained:{tmp_path / 'none.gguf'}", "m.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(ValueError, match="not a GGUF head predictor"):
+        get_predictor(f"trained:{bad}", "m.gguf")
+    _fake_data(tmp_path)
+    train.train(tmp_path, tmp_path / "p.gguf", density=0.5)
+    with pytest.raises(ValueError, match="threshold=V"):
+        get_predictor(f"trained:{tmp_path / 'p.gguf'}:best=3", "m.gguf")
+    p = get_predictor(f"trained:{tmp_path / 'p.gguf'}:topk=2", "m.gguf")
+    assert isinstance(p, TrainedHeads) and p.rule == "topk" and p.value == 2
+
+
+# --- against the built engine ----------------------------------------------------------
+
+
+def _random_predictor(path, model_path, eng, value=0.0, rule="threshold", scale=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    ws = [(rng.normal(size=(eng.n_head, eng.n_embd)) * scale).astype(np.float32) for _ in range(eng.n_layer)]
+    bs = [rng.normal(size=eng.n_head).astype(np.float32) for _ in range(eng.n_layer)]
+    train.write_predictor(path, ws, bs, model_path.name, rule, value, {"note": "random, for tests"})
+    return ws, bs
+
+
+class _Graph(TensorHook):
+    def __init__(self):
+        self.t = {}
+
+    def wants(self, name):
+        return re.match(r"^(attn_norm|head_logits|head_mask)-\d+$", name) is not None
+
+    def __call__(self, name, data):
+        self.t[name] = data.copy()
+
+
+@pytest.mark.parametrize("rule,value", [("threshold", 0.3), ("topk", 4), ("mass", 0.7)])
+def test_in_graph_predictor_matches_numpy(tmp_path, model_path, rule, value):
+    g = _Graph()
+    with Engine(model_path, n_ctx=128, n_threads=2, tensor_hook=g) as eng:
+        ws, bs = _random_predictor(tmp_path / "p.gguf", model_path, eng)
+        toks = eng.tokenize("The river runs to the sea, and the sea")
+        eng.prefill(toks[:-1])
+        eng.load_head_predictor(tmp_path / "p.gguf")
+        eng.set_head_rule(rule, value)
+        eng.set_sparse(True)
+        eng.use_head_predictor(True)
+        g.t.clear()
+        eng.step(toks[-1])
+        for il in range(eng.n_layer):
+            x = g.t[f"attn_norm-{il}"].reshape(-1)
+            logits = g.t[f"head_logits-{il}"].reshape(-1)
+            np.testing.assert_allclose(logits, ws[il] @ x + bs[il], rtol=1e-4, atol=1e-4)
+            mask = g.t[f"head_mask-{il}"].reshape(-1)
+            np.testing.assert_array_equal(mask, train.select(rule, logits[None], value)[0])
+
+
+def test_in_graph_predictor_with_every_head_gives_dense_tokens(tmp_path, model_path, engine):
+    dense = engine.generate("Once upon a time", 16, stop_at_eog=False).tokens
+    _random_predictor(tmp_path / "p.gguf", model_path, engine, value=-1e9)  # every head above threshold
+    pred = get_predictor(f"trained:{tmp_path / 'p.gguf'}", model_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from powerinfer_attn.engine import open_engine
+
+        with open_engine(model_path, pred, n_ctx=engine.n_ctx, n_threads=2) as eng:
+            gen = eng.generate("Once upon a time", 16, predictor=pred, stop_at_eog=False)
+    assert gen.tokens == dense
+    assert np.array(gen.masks).all()
+
+
+def test_in_graph_masks_match_python_masks(tmp_path, model_path):
+    """The same masks set from Python give the same logits: the in-graph mask is really used."""
+    from powerinfer_attn.engine import open_engine
+
+    with Engine(model_path, n_ctx=32, n_threads=1) as probe:
+        _random_predictor(tmp_path / "p.gguf", model_path, probe, value=0.5)
+    pred = get_predictor(f"trained:{tmp_path / 'p.gguf'}", model_path)
+    with open_engine(model_path, pred, n_ctx=128, n_threads=2) as eng:
+        toks = eng.tokenize("It was the best of times, it was the worst of times")
+        eng.prefill(toks[:-3])
+        eng.set_sparse(True)
+        got = [eng.predicted_step(pred, i, t) for i, t in enumerate(toks[-3:])]
+        masks = [m for _, m in got]
+        assert 0.2 < np.mean(masks) < 0.9  # a real mix of heads
+        # the Python path with the same masks, from the same state
+        eng.rollback(len(toks) - 3)
+        replay = get_predictor("all", model_path)
+        replay.bind(eng)
+        replay.predict = lambda state: masks[state.step]
+        again = [eng.predicted_step(replay, i, t)[0] for i, t in enumerate(toks[-3:])]
+    for (lg, _), lg2 in zip(got, again):
+        np.testing.assert_array_equal(lg, lg2)
+
+
+def test_predictor_load_errors(tmp_path, model_path, engine):
+    with pytest.raises(FileNotFoundError):
+        engine.load_head_predictor(tmp_path / "none.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF junk")
+    with pytest.raises(EngineError, match="returned -1"):
+        engine.load_head_predictor(tmp_path / "junk.gguf")
+    rng = np.random.default_rng(0)
+    ws = [rng.normal(size=(engine.n_head, 64)).astype(np.float32)] * engine.n_layer
+    bs = [np.zeros(engine.n_head, np.float32)] * engine.n_layer
+    train.write_predictor(tmp_path / "small.gguf", ws, bs, model_path.name, "threshold", 0.0, {})
+    with pytest.raises(EngineError, match="another shape"):
+        engine.load_head_predictor(tmp_path / "small.gguf")
+    with pytest.raises(EngineError, match="no head predictor loaded"):
+        engine.use_head_predictor(True)
+    _random_predictor(tmp_path / "p.gguf", model_path, engine)
+    engine.load_head_predictor(tmp_path / "p.gguf")
+    with pytest.raises(ValueError, match="bad value"):
+        engine.set_head_rule("topk", 0)
+    with pytest.raises(ValueError, match="bad value"):
+        engine.set_head_rule("mass", 1.5)
+    engine.set_head_rule("file")
+    train.write_predictor(tmp_path / "other.gguf", *_random_predictor(tmp_path / "x.gguf", model_path, engine),
+                          "another-model.gguf", "threshold", 0.0, {})
+    with pytest.raises(ValueError, match="trained for another-model.gguf"):
+        get_predictor(f"trained:{tmp_path / 'other.gguf'}", model_path).bind(engine)
+
+
+def test_collect_records_shapes_and_keeps_to_training_articles(tmp_path, model_path):
+    text = "".join(f" = Article {i} = \n\n" + "The cat sat on the mat and looked at the moon . " * 30 + "\n" for i in range(12))
+    (tmp_path / "t.raw").write_text(text)
+    meta = collect.collect(model_path, tmp_path / "t.raw", tmp_path / "d", tokens=1024, batch=128, threads=2)
+    assert meta["chunks"] >= 2 and meta["tokens"] == meta["chunks"] * 128
+    assert meta["train_tokens_available"] <= meta["scored_from_token"]
+    x, imp, resid = collect.load_layer(tmp_path / "d", 3)
+    with Engine(model_path, n_ctx=32, n_threads=1) as eng:
+        assert x.shape == (meta["tokens"], eng.n_embd) and imp.shape == (meta["tokens"], eng.n_head)
+    assert resid.shape == (meta["tokens"],) and (resid > 0).all() and (imp > 0).all()
+    # attn_norm output is RMS-normalised times the norm weights: not all zeros, finite
+    assert np.isfinite(x).all() and np.abs(x).mean() > 0.01
