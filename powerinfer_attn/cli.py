@@ -159,10 +159,11 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @click.option("--mask-file", type=click.Path(dir_okay=False), default=None, help="Masks [steps, n_layer, n_head] (.npy), used in every window.")
 @click.option("--dump-logits", type=click.Path(dir_okay=False), default=None,
               help="Write the (first) sparse logits ([steps, n_vocab], or [windows, steps, n_vocab]) as float32 .npy.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a density vs perplexity plot (PNG).")
 @model_option
 @threads_option
 @json_option
-def score(text_file, prefix, steps, windows, predictors, mask_file, dump_logits, model, threads, as_json) -> None:
+def score(text_file, prefix, steps, windows, predictors, mask_file, dump_logits, plot_path, model, threads, as_json) -> None:
     """Teacher-forced quality of sparse decode against dense: perplexity, KL, top-1 agreement."""
     from pathlib import Path
 
@@ -179,7 +180,9 @@ def score(text_file, prefix, steps, windows, predictors, mask_file, dump_logits,
         with click.progressbar(length=(1 + len(preds)) * steps * windows, label="scoring", file=sys.stderr) as bar:
             results = cmp.score(path, text, preds, prefix, steps, windows, threads,
                                 Path(dump_logits) if dump_logits else None, bar.update)
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        if plot_path:
+            cmp.plot_pareto([r.to_json() for r in results], plot_path)
+    except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
         click.echo(json.dumps([r.to_json() for r in results], indent=1))
@@ -257,17 +260,19 @@ def collect(text_file, out, tokens, model, threads, as_json) -> None:
 @click.option("--rule", type=click.Choice(["threshold", "topk", "mass"]), default="threshold", show_default=True,
               help="Selection rule stored in the file (score/bench can override it).")
 @click.option("--density", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.7, show_default=True,
-              help="threshold: pick the threshold giving this mean density on the held-out data.")
+              help="Pick the rule's value that gives this mean density on the held-out data.")
 @click.option("--value", type=float, default=None, help="The rule's value (k for topk, fraction for mass; a fixed threshold).")
+@click.option("--label", type=click.Choice(["residual", "share"]), default="share", show_default=True,
+              help="threshold/topk target: log(importance / residual norm) or log(share of the layer's importance).")
 @json_option
-def train_predictor(data_dir, out, rule, density, value, as_json) -> None:
+def train_predictor(data_dir, out, rule, density, value, label, as_json) -> None:
     """Fit a per-layer linear head predictor (numpy ridge) and write it as a GGUF sidecar."""
     from pathlib import Path
 
     from . import train as tr
 
     try:
-        summary = tr.train(Path(data_dir), Path(out), rule, density, value,
+        summary = tr.train(Path(data_dir), Path(out), rule, density, value, label=label,
                            progress=None if as_json else (lambda m: click.echo(m, err=True)))
     except (FileNotFoundError, ValueError) as e:
         _fail(e)

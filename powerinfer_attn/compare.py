@@ -161,6 +161,37 @@ def format_scores(results: list[ScoreResult]) -> str:
     return "\n".join(lines)
 
 
+def family(name: str) -> str:
+    """The predictor family of a result name: ``trained:p.gguf:density=0.6`` -> ``trained``."""
+    return name.split(":")[0]
+
+
+def plot_pareto(results: list[dict], path) -> None:
+    """Density against perplexity change, one line per predictor family (a Pareto chart)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install 'powerinfer-attn[plot]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fams: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        fams.setdefault(family(r["predictor"]), []).append((r["density"], 100 * (r["ppl_sparse"] / r["ppl_dense"] - 1)))
+    for fam, pts in fams.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=fam)
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("mean head density")
+    ax.set_ylabel("perplexity change vs dense (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def calibrate(model_path: Path, text_file: Path, out: Path, tokens: int = 8192, batch: int = 512,
               threads: int | None = None, progress: Progress | None = None) -> dict:
     """Mean per-head importance over the first half of a text, for the static predictor."""

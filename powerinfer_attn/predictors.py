@@ -20,8 +20,9 @@ Built-in, by name (``get_predictor``), with what each costs per decode step:
   ``masks[i]``. An array lookup.
 - ``trained:PRED.gguf[:RULE=VALUE]``: the predictor from ``train-predictor``, computed inside
   the decode graph (``in_graph``): one small matrix-vector product and a selection per layer,
-  no Python per step. RULE (threshold, topk, mass) overrides the file's rule. Its ``hook``
-  reads back the masks the graph chose (``observed``).
+  no Python per step. RULE (threshold, topk, mass) overrides the file's rule; ``density=D``
+  keeps the file's rule at the value that gave density D on the held-out data (0.30, 0.35,
+  ..., 1.00). Its ``hook`` reads back the masks the graph chose (``observed``).
 """
 
 from __future__ import annotations
@@ -199,6 +200,12 @@ class TrainedHeads(_Shaped):
         if self.meta.get("kind") != "linear":
             raise ValueError(f"{self.path} is not a head predictor (no head_predictor.kind)")
         self.name = f"trained:{self.path.name}" + (f":{rule}={value:g}" if rule else "")
+        if rule == "density":
+            # the file's rule, at the value that gave this density on the held-out data
+            table = self.meta["training"].get("value_for_density", {})
+            if f"{value:.2f}" not in table:
+                raise ValueError(f"{self.path}: no held-out value for density {value:g}; it has {', '.join(table)}")
+            self.rule, self.value = self.meta["rule"], float(table[f"{value:.2f}"])
         self.hook = _MaskReader()
 
     def bind(self, engine) -> None:
@@ -251,8 +258,8 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
             path, _, rule = arg.partition(":")
             if rule:
                 name, eq, value = rule.partition("=")
-                if not eq or name not in ("threshold", "topk", "mass"):
-                    raise ValueError(f"bad predictor {spec!r}: the rule is threshold=V, topk=K or mass=P")
+                if not eq or name not in ("threshold", "topk", "mass", "density"):
+                    raise ValueError(f"bad predictor {spec!r}: the rule is threshold=V, topk=K, mass=P or density=D")
                 return TrainedHeads(path, name, float(value))
             return TrainedHeads(path)
     except ValueError as e:

@@ -3,10 +3,13 @@
 Per layer ``il``, logits = ``W x + b`` with ``x`` the layer's attn_norm output (what the
 in-graph predictor reads), fitted by ridge regression in numpy. Targets, by selection rule:
 
-- ``threshold`` (default) and ``topk``: ``log(importance / residual norm)``, how much a head's
-  contribution would move the residual stream it is added to. One threshold for all layers
-  on this scale gives each layer its own, per-token budget: a layer whose heads all write
-  little keeps few of them, a layer with one dominant head keeps that one.
+- ``threshold`` (default) and ``topk``, with ``label``:
+  ``share`` (default): ``log(importance / the layer's total importance)``; one threshold then
+  keeps a per-token number of heads per layer, on the same scale in every layer.
+  ``residual``: ``log(importance / residual norm)``, how much a head's contribution would move
+  the residual stream it is added to; one threshold then also sets a budget per layer. It
+  scored worse on WikiText-2 (README): the residual norm is dominated by a few very large
+  dimensions in the later layers, which makes their heads look unimportant.
 - ``mass``: each head's share of the layer's total importance, selected by the mass rule.
 
 The data's chunks are split in order (they follow the articles): the last ``holdout`` of them
@@ -30,15 +33,22 @@ from .collect import load_layer
 from .importance import mass_mask, topk_mask
 
 RULES = ("threshold", "topk", "mass")
+LABELS = ("residual", "share")
 RULE_IDS = {"file": 0, "threshold": 1, "topk": 2, "mass": 3}
 LAMBDAS = (0.1, 1.0, 10.0, 100.0)
+DENSITY_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(15))  # 0.30 .. 1.00
 _EPS = 1e-6
 
 
-def targets(rule: str, importance: np.ndarray, resid: np.ndarray) -> np.ndarray:
+def targets(rule: str, importance: np.ndarray, resid: np.ndarray, label: str = "residual") -> np.ndarray:
+    share = importance / np.maximum(importance.sum(axis=1, keepdims=True), _EPS)
     if rule == "mass":
-        return importance / np.maximum(importance.sum(axis=1, keepdims=True), _EPS)
-    return np.log(importance / np.maximum(resid[:, None], _EPS) + _EPS)
+        return share
+    if label == "share":
+        return np.log(share + _EPS)
+    if label == "residual":
+        return np.log(importance / np.maximum(resid[:, None], _EPS) + _EPS)
+    raise ValueError(f"unknown label {label!r}; choose from {', '.join(LABELS)}")
 
 
 def ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -67,24 +77,31 @@ def select(rule: str, logits: np.ndarray, value: float) -> np.ndarray:
     return mask.reshape(logits.shape)
 
 
-def _threshold_for_density(logits: list[np.ndarray], density: float) -> float:
-    """The threshold whose held-out mean density (with the keep-the-top-head floor) is closest to ``density``."""
-    lo, hi = min(float(l.min()) for l in logits) - 1, max(float(l.max()) for l in logits) + 1
+def value_for_density(rule: str, logits: list[np.ndarray], density: float) -> float:
+    """The rule's value whose held-out mean density (with the keep-the-top-head floor) is closest
+    to ``density``: a threshold or a mass fraction by bisection, k by rounding."""
+    n_head = logits[0].shape[-1]
+    if rule == "topk":
+        return float(min(n_head, max(1, round(density * n_head))))
+    # density falls as the threshold rises, and rises with the mass fraction
+    lo, hi = ((min(float(l.min()) for l in logits) - 1, max(float(l.max()) for l in logits) + 1)
+              if rule == "threshold" else (0.0, 1.0))
     for _ in range(50):
         mid = (lo + hi) / 2
-        d = np.mean([select("threshold", l, mid).mean() for l in logits])
-        lo, hi = (mid, hi) if d > density else (lo, mid)
+        d = np.mean([select(rule, l, mid).mean() for l in logits])
+        if (d > density) == (rule == "threshold"):
+            lo = mid
+        else:
+            hi = mid
     return (lo + hi) / 2
 
 
 def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0.7, value: float | None = None,
-          holdout: float = 0.2, progress: Callable[[str], None] | None = None) -> dict:
-    """Fit, choose the rule's value (threshold: for ``density``; topk/mass: ``value`` is required),
+          holdout: float = 0.2, label: str = "share", progress: Callable[[str], None] | None = None) -> dict:
+    """Fit, choose the rule's value (``value``, or what gives ``density`` on the held-out data),
     write ``out``; returns the training summary."""
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
-    if rule != "threshold" and value is None:
-        raise ValueError(f"rule {rule} needs a value (k for topk, a fraction for mass)")
     if not 0.0 < density <= 1.0 or not 0.0 < holdout < 1.0:
         raise ValueError("density must be in (0, 1] and holdout in (0, 1)")
     meta_path = data_dir / "meta.json"
@@ -95,7 +112,7 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
     ws, bs, held_logits, held_targets, layers = [], [], [], [], []
     for il in range(n_layer):
         x, imp, resid = load_layer(data_dir, il)
-        y = targets(rule, imp, resid)
+        y = targets(rule, imp, resid, label)
         cut = int(len(x) * (1 - holdout))
         if cut < n_embd or len(x) - cut < 16:
             raise ValueError(f"too little data: {len(x)} tokens; collect more (at least {2 * n_embd})")
@@ -114,19 +131,23 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
         layers.append({"layer": il, "ridge_lambda": lam, "heldout_r2": round(1 - err / max(var, 1e-12), 4)})
         if progress:
             progress(f"layer {il}: ridge lambda {lam:g}, held-out R^2 {layers[-1]['heldout_r2']:.3f}")
-    if rule == "threshold" and value is None:
-        value = _threshold_for_density(held_logits, density)
+    if value is None:
+        value = value_for_density(rule, held_logits, density)
     held_density = [float(select(rule, l, value).mean()) for l in held_logits]
+    # the rule's value for other densities, so that one file serves a whole density sweep
+    by_density = {f"{d:.2f}": round(value_for_density(rule, held_logits, d), 5) for d in DENSITY_GRID}
     summary = {
         "data": meta["articles"],
         "tokens": meta["tokens"],
         "heldout_fraction": holdout,
-        "target": "share of the layer's importance" if rule == "mass"
-                  else "log(norm of the head's contribution through wo / norm of the residual stream)",
+        "target": "share of the layer's importance" if rule == "mass" else
+                  "log(share of the layer's importance)" if label == "share" else
+                  "log(norm of the head's contribution through wo / norm of the residual stream)",
         "rule": rule,
         "rule_value": float(value),
         "heldout_density": round(float(np.mean(held_density)), 4),
         "heldout_density_per_layer": [round(d, 4) for d in held_density],
+        "value_for_density": by_density,
         "heldout_r2_mean": round(float(np.mean([l["heldout_r2"] for l in layers])), 4),
         "layers": layers,
     }

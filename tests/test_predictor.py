@@ -62,8 +62,8 @@ def _fake_data(dirpath, n_layer=2, n_head=3, n_embd=8, chunks=6, batch=64, seed=
 def test_train_fits_held_out_data_and_writes_the_sidecar(tmp_path):
     _fake_data(tmp_path)
     out = tmp_path / "pred.gguf"
-    s = train.train(tmp_path, out, density=0.5)
-    # log(importance) is exactly linear in x here, so the held-out fit is nearly perfect
+    s = train.train(tmp_path, out, density=0.5, label="residual")
+    # log(importance / residual) is exactly linear in x here, so the held-out fit is nearly perfect
     assert s["heldout_r2_mean"] > 0.99
     assert abs(s["heldout_density"] - 0.5) < 0.05
     meta = train.read_metadata(out)
@@ -77,14 +77,45 @@ def test_train_fits_held_out_data_and_writes_the_sidecar(tmp_path):
     assert shapes["blk.1.head_pred.bias"] == (3,)
 
 
+@pytest.mark.parametrize("rule,label", [("threshold", "share"), ("mass", "residual"), ("topk", "residual")])
+def test_train_other_rules_reach_the_density(tmp_path, rule, label):
+    _fake_data(tmp_path)
+    s = train.train(tmp_path, tmp_path / "p.gguf", rule=rule, density=2 / 3, label=label)
+    assert s["rule"] == rule and abs(s["heldout_density"] - 2 / 3) < 0.1
+
+
+def test_density_spec_uses_the_held_out_table(tmp_path):
+    _fake_data(tmp_path)
+    s = train.train(tmp_path, tmp_path / "p.gguf", density=0.5, label="residual")
+    p = get_predictor(f"trained:{tmp_path / 'p.gguf'}:density=0.6", "m.gguf")
+    assert p.rule == "threshold" and p.value == pytest.approx(s["value_for_density"]["0.60"])
+    assert s["value_for_density"]["0.60"] < s["rule_value"]  # more heads: a lower threshold
+    with pytest.raises(ValueError, match="no held-out value for density 0.62"):
+        get_predictor(f"trained:{tmp_path / 'p.gguf'}:density=0.62", "m.gguf")
+
+
+def test_bench_times_the_trained_predictor(tmp_path, model_path, engine):
+    from powerinfer_attn import bench
+
+    _random_predictor(tmp_path / "p.gguf", model_path, engine, value=0.5)
+    res = bench.run(model_path, [64], [1.0], threads=2, reps=3, flash_attn="off", profile=False,
+                    trained=f"trained:{tmp_path / 'p.gguf'}", progress=lambda m: None)
+    row = next(r for r in res["rows"] if r["mode"] == "trained")
+    assert 0.0 < row["kept"] < 1.0 and row["ratio"] > 0 and row["tok_s"] > 0
+    assert "trained" in bench.format_table(res)
+    with pytest.raises(ValueError, match="takes a trained"):
+        bench.run(model_path, [64], [1.0], threads=2, reps=3, flash_attn="off", profile=False,
+                  trained="all", progress=lambda m: None)
+
+
 def test_train_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="collect"):
         train.train(tmp_path, tmp_path / "p.gguf")
     _fake_data(tmp_path, chunks=1, batch=8)
     with pytest.raises(ValueError, match="too little data"):
         train.train(tmp_path, tmp_path / "p.gguf")
-    with pytest.raises(ValueError, match="needs a value"):
-        train.train(tmp_path, tmp_path / "p.gguf", rule="topk")
+    with pytest.raises(ValueError, match="unknown label"):
+        train.train(tmp_path, tmp_path / "p.gguf", label="best")
 
 
 def test_trained_spec_errors(tmp_path):
@@ -222,3 +253,14 @@ def test_collect_records_shapes_and_keeps_to_training_articles(tmp_path, model_p
     assert resid.shape == (meta["tokens"],) and (resid > 0).all() and (imp > 0).all()
     # attn_norm output is RMS-normalised times the norm weights: not all zeros, finite
     assert np.isfinite(x).all() and np.abs(x).mean() > 0.01
+
+
+def test_pareto_plot(tmp_path):
+    from powerinfer_attn import compare
+
+    res = [{"predictor": p, "density": d, "ppl_dense": 10.0, "ppl_sparse": q}
+           for p, d, q in [("trained:p.gguf:density=0.6", 0.6, 12.0), ("trained:p.gguf", 0.7, 11.0),
+                           ("oracle:0.8", 0.69, 10.8), ("random:7", 0.78, 30.0)]]
+    compare.plot_pareto(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert compare.family("trained:p.gguf:density=0.6") == "trained"
