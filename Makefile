@@ -28,18 +28,28 @@ test: setup
 	POWERINFER_ATTN_REQUIRE_ENGINE=1 $(PY) -m pytest -v tests
 	$(MAKE) sanitize
 
-# The README's figures: quality on WikiText-2 and decode speed at 2 threads (about 20 min on
-# 2 cores). `powerinfer-attn show figures/FILE.json` prints a result's tables again.
+# The README's figures: quality on WikiText-2, the trained predictor's Pareto table, and decode
+# speed at 2 threads (about 50 min on 2 cores). `powerinfer-attn show figures/FILE.json` prints
+# a result's tables again. The predictor data and file go to vendor/predictor (git-ignored).
 TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
+PRED  = vendor/predictor/pred.gguf
 figures: setup
-	mkdir -p figures
+	mkdir -p figures vendor/predictor
 	$(BIN)/powerinfer-attn calibrate --text-file $(TEXT) -t 2
-	$(BIN)/powerinfer-attn score --text-file $(TEXT) --windows 8 -t 2 --json \
-		--predictor all --predictor oracle:0.85 --predictor static:7 --predictor random:7 > figures/score.json
+	$(BIN)/powerinfer-attn collect --text-file $(TEXT) --out vendor/predictor/data -t 2
+	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --out $(PRED)
+	$(BIN)/powerinfer-attn score --text-file $(TEXT) --windows 8 -t 2 --json --plot figures/pareto.png \
+		--predictor all --predictor oracle:0.8 --predictor oracle:0.85 --predictor oracle:0.9 \
+		--predictor static:5 --predictor static:7 --predictor random:7 \
+		--predictor trained:$(PRED):density=0.6 --predictor trained:$(PRED):density=0.7 \
+		--predictor trained:$(PRED):density=0.8 --predictor trained:$(PRED):density=0.9 > figures/score.json
 	$(BIN)/powerinfer-attn bench --ctx 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \
 		--json --plot figures/bench-2threads.png > figures/bench-2threads.json
+	$(BIN)/powerinfer-attn bench --ctx 8192 --density 0.7 --predictor trained:$(PRED) --reps 10 -t 2 \
+		--no-profile --json > figures/bench-trained-8192.json
 	$(BIN)/powerinfer-attn show figures/score.json
 	$(BIN)/powerinfer-attn show figures/bench-2threads.json
+	$(BIN)/powerinfer-attn show figures/bench-trained-8192.json
 
 # the pure-Python tests, no build needed
 test-fast: $(BIN)/powerinfer-attn

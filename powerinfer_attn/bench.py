@@ -282,10 +282,12 @@ def format_table(result: dict) -> str:
         by_ctx.setdefault(r["ctx"], []).append(r)
     for ctx, rs in by_ctx.items():
         dense = next(r for r in rs if r["mode"] == "dense")
+        prof = result.get("profiles", {}).get(str(ctx))
+        faithful = prof is None or trustworthy(prof["dense"])
         cells = []
         for r in rs:
             if r["mode"] == "sparse":
-                limit = f" of {r['limit']:.2f}x" if r["limit"] else ""
+                limit = f" of {r['limit']:.2f}x" if r["limit"] and faithful else ""
                 cells.append(f"{r['tok_s']:.1f} ({r['ratio']:.2f}x{limit})")
             elif r["mode"] == "trained":
                 cells.append(f"{r['tok_s']:.1f} ({r['ratio']:.2f}x, density {r['kept']:.2f})")
@@ -306,7 +308,8 @@ def format_profile(result: dict) -> str:
             rest = sum(v for k, v in ms.items() if k not in parts)
             share = sum(ms.get(k, 0.0) for k in parts) / max(sum(ms.values()), 1e-9)
             if not trustworthy(p):
-                lines.append(f"| {ctx} | {label} | {p['step_ms']:.2f} | (parts add up to {p['accounted']:.2f}x the step: "
+                accounted = sum(ms.values()) / max(p["step_ms"], 1e-9)
+                lines.append(f"| {ctx} | {label} | {p['step_ms']:.2f} | (parts add up to {accounted:.2f}x the step: "
                              "not faithful) |" + " |" * (len(parts) + 1))
                 continue
             lines.append(f"| {ctx} | {label} | {p['step_ms']:.2f} | {share:.3f} | "

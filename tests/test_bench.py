@@ -39,10 +39,15 @@ def test_profile_accounts_for_the_step(model_path):
         def step():
             bench._timed_step(eng, toks[256], 256)
 
-        dense = profile.profile_steps(eng, timer, step, 3)
-        eng.set_sparse(True)
-        eng.set_mask(bench.heads_for_density(1 / 3, eng.n_layer, eng.n_head, eng.n_head_kv))
-        sparse = profile.profile_steps(eng, timer, step, 3)
+        # a timing measurement: another process on the 2 cores can upset one attempt, not three
+        for attempt in range(3):
+            eng.set_sparse(False)
+            dense = profile.profile_steps(eng, timer, step, 3)
+            eng.set_sparse(True)
+            eng.set_mask(bench.heads_for_density(1 / 3, eng.n_layer, eng.n_head, eng.n_head_kv))
+            sparse = profile.profile_steps(eng, timer, step, 3)
+            if profile.trustworthy(dense, 0.35) and profile.trustworthy(sparse, 0.35):
+                break
         assert eng.n_past == 256  # every profiled step was rolled back
     for p in (dense, sparse):
         # every node was seen; the corrected parts add up to about the plain step
