@@ -230,10 +230,12 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory (its old data is replaced).")
 @click.option("--tokens", type=click.IntRange(512), default=32768, show_default=True,
               help="Tokens to record, in 512-token chunks spread over the training articles.")
+@click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
+              help="Also measure each layer's sensitivity to pruning (per-layer budgets; ~2 min on 2 cores).")
 @model_option
 @threads_option
 @json_option
-def collect(text_file, out, tokens, model, threads, as_json) -> None:
+def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> None:
     """Record each layer's attention input and each head's importance, for train-predictor."""
     from pathlib import Path
 
@@ -244,8 +246,10 @@ def collect(text_file, out, tokens, model, threads, as_json) -> None:
     try:
         path = resolve_model(model)
         text = cmp.resolve_text_file(text_file)
-        with click.progressbar(length=tokens, label="collecting", file=sys.stderr) as bar:
-            meta = col.collect(path, text, Path(out), tokens, threads=threads, progress=bar.update)
+        length = tokens + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
+        with click.progressbar(length=length, label="collecting", file=sys.stderr) as bar:
+            meta = col.collect(path, text, Path(out), tokens, threads=threads, sensitivity=sensitivity,
+                               progress=bar.update)
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
@@ -264,15 +268,17 @@ def collect(text_file, out, tokens, model, threads, as_json) -> None:
 @click.option("--value", type=float, default=None, help="The rule's value (k for topk, fraction for mass; a fixed threshold).")
 @click.option("--label", type=click.Choice(["residual", "share"]), default="share", show_default=True,
               help="threshold/topk target: log(importance / residual norm) or log(share of the layer's importance).")
+@click.option("--layer-budget/--no-layer-budget", default=True, show_default=True,
+              help="threshold with the share label: offset each layer by its measured sensitivity.")
 @json_option
-def train_predictor(data_dir, out, rule, density, value, label, as_json) -> None:
+def train_predictor(data_dir, out, rule, density, value, label, layer_budget, as_json) -> None:
     """Fit a per-layer linear head predictor (numpy ridge) and write it as a GGUF sidecar."""
     from pathlib import Path
 
     from . import train as tr
 
     try:
-        summary = tr.train(Path(data_dir), Path(out), rule, density, value, label=label,
+        summary = tr.train(Path(data_dir), Path(out), rule, density, value, label=label, layer_budget=layer_budget,
                            progress=None if as_json else (lambda m: click.echo(m, err=True)))
     except (FileNotFoundError, ValueError) as e:
         _fail(e)
@@ -281,6 +287,14 @@ def train_predictor(data_dir, out, rule, density, value, label, as_json) -> None
     else:
         click.echo(f"wrote {out}: rule {summary['rule']} {summary['rule_value']:.4f}, held-out density "
                    f"{summary['heldout_density']:.3f}, held-out R^2 {summary['heldout_r2_mean']:.3f} (mean over layers)")
+
+
+def resolve_n_layer(model_path) -> int:
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(model_path))
+    arch = r.fields["general.architecture"].contents()
+    return int(r.fields[f"{arch}.block_count"].contents())
 
 
 def _floats(text: str) -> list[float]:

@@ -17,7 +17,8 @@ in the output directory so memory stays bounded by one chunk:
   attention output is added to (``ffn_inp - attn_out``), the scale a head's contribution is
   judged against.
 
-``meta.json`` says which model, text and articles, and the shapes.
+``meta.json`` says which model, text and articles, and the shapes, and holds each layer's
+sensitivity (``layer_sensitivity``), which ``train`` turns into per-layer budgets.
 """
 
 from __future__ import annotations
@@ -90,8 +91,12 @@ class _Recorder(TensorHook):
             self.resid[:, il] = np.linalg.norm(rows - self.attn_out[il], axis=1)
 
 
+SENSITIVITY_STEPS = 4 * 32  # windows x steps per layer in layer_sensitivity's defaults
+
+
 def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, batch: int = 512,
-            threads: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
+            threads: int | None = None, sensitivity: bool = True,
+            progress: Callable[[int], None] | None = None) -> dict:
     """Record training data from the training articles of ``text_file`` into ``out``; returns
     the metadata written to ``out/meta.json``."""
     text = text_file.read_text(encoding="utf-8", errors="replace")
@@ -144,9 +149,65 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
         "n_head": n_head,
         "n_embd": n_embd,
         "scored_from_token": whole // 2,
+        "layer_sensitivity": layer_sensitivity(model_path, train_toks, threads=threads, progress=progress)
+        if sensitivity else None,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, prefix: int = 64, steps: int = 32,
+                      fraction: float = 0.7, threads: int | None = None,
+                      progress: Callable[[int], None] | None = None) -> list[float]:
+    """Per layer, how much the output moves per unit of importance share dropped there.
+
+    In each window of ``tokens``: a dense teacher-forced pass records every step's logits and
+    head importance; then, for one layer at a time, the same steps run sparse with only that
+    layer pruned (the fewest heads covering ``fraction`` of its importance, from the dense
+    pass). Sensitivity = mean KL(dense || sparse) / mean share of importance dropped. Layers
+    where the same dropped share costs more deserve more heads.
+    """
+    from .compare import _log_softmax
+    from .importance import mass_mask
+
+    length = prefix + steps
+    span = len(tokens) - length
+    if span < 0:
+        raise ValueError(f"sensitivity needs {length} tokens, the training text has {len(tokens)}")
+    starts = [round(i * span / max(windows - 1, 1)) for i in range(windows)]
+    with Engine(model_path, n_ctx=length + 8, n_threads=threads) as probe:
+        n_layer, n_head = probe.n_layer, probe.n_head
+    hook = HeadContributions(model_path, n_layer, n_head)
+    kl = np.zeros(n_layer)
+    dropped = np.zeros(n_layer)
+    with Engine(model_path, n_ctx=length + 8, n_threads=threads, tensor_hook=hook) as dense, \
+            Engine(model_path, n_ctx=length + 8, n_threads=threads) as sparse:
+        for s0 in starts:
+            win = tokens[s0:s0 + length]
+            dense.reset()
+            dense.prefill(win[:prefix])
+            d_logits, imps = [], []
+            for t in win[prefix:]:
+                d_logits.append(dense.step(t))
+                imps.append(hook.last.copy())
+            ld = _log_softmax(np.array(d_logits))
+            for il in range(n_layer):
+                sparse.reset()
+                sparse.prefill(win[:prefix])
+                sparse.set_sparse(True)
+                s_logits = []
+                for i, t in enumerate(win[prefix:]):
+                    mask = np.ones((n_layer, n_head), np.int32)
+                    mask[il] = mass_mask(imps[i][il:il + 1], fraction)[0]
+                    dropped[il] += float((imps[i][il] * (1 - mask[il])).sum() / imps[i][il].sum())
+                    sparse.set_mask(mask)
+                    s_logits.append(sparse.step(t))
+                sparse.set_sparse(False)
+                ls = _log_softmax(np.array(s_logits))
+                kl[il] += float((np.exp(ld) * (ld - ls)).sum(axis=1).sum())
+                if progress:
+                    progress(steps)
+    return [float(k / max(d, 1e-9)) for k, d in zip(kl, dropped)]
 
 
 def load_layer(data_dir: Path, il: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -65,9 +65,14 @@ def test_run_reports_ratios_limits_and_plot(model_path, tmp_path):
     assert [r["mode"] for r in rows] == ["dense", "sparse", "sparse"]
     dense, all_heads, half = rows
     assert dense["ratio"] is None and dense["flash_attn"] is False
-    assert all_heads["kept"] == 1.0 and all_heads["limit"] == pytest.approx(1.0)
     assert half["kept"] == pytest.approx(np.round(0.5 * 9) / 9)
-    assert 1.0 < half["limit"] < 1 / half["kept"]
+    # a limit is given exactly when the profile adds up to the step (timing: a loaded machine
+    # can spoil it, which test_profile_accounts_for_the_step checks with retries)
+    faithful = profile.trustworthy(res["profiles"]["64"]["dense"])
+    assert (half["limit"] is not None) == faithful
+    if faithful:
+        assert all_heads["kept"] == 1.0 and all_heads["limit"] == pytest.approx(1.0)
+        assert 1.0 < half["limit"] < 1 / half["kept"]
     for r in rows[1:]:
         assert r["ratio"] > 0.3 and r["tok_s"] > 0
     assert set(res["profiles"]["64"]["sparse"]) == {"1.0", "0.5"}

@@ -244,7 +244,9 @@ def test_predictor_load_errors(tmp_path, model_path, engine):
 def test_collect_records_shapes_and_keeps_to_training_articles(tmp_path, model_path):
     text = "".join(f" = Article {i} = \n\n" + "The cat sat on the mat and looked at the moon . " * 30 + "\n" for i in range(12))
     (tmp_path / "t.raw").write_text(text)
-    meta = collect.collect(model_path, tmp_path / "t.raw", tmp_path / "d", tokens=1024, batch=128, threads=2)
+    meta = collect.collect(model_path, tmp_path / "t.raw", tmp_path / "d", tokens=1024, batch=128, threads=2,
+                           sensitivity=False)
+    assert meta["layer_sensitivity"] is None
     assert meta["chunks"] >= 2 and meta["tokens"] == meta["chunks"] * 128
     assert meta["train_tokens_available"] <= meta["scored_from_token"]
     x, imp, resid = collect.load_layer(tmp_path / "d", 3)
@@ -253,6 +255,38 @@ def test_collect_records_shapes_and_keeps_to_training_articles(tmp_path, model_p
     assert resid.shape == (meta["tokens"],) and (resid > 0).all() and (imp > 0).all()
     # attn_norm output is RMS-normalised times the norm weights: not all zeros, finite
     assert np.isfinite(x).all() and np.abs(x).mean() > 0.01
+
+
+def test_layer_sensitivity(model_path):
+    with Engine(model_path, n_ctx=64, n_threads=1) as eng:
+        toks = eng.tokenize("The cat sat on the mat and looked at the moon while the dog slept by the door . " * 4,
+                            add_bos=False)
+        n_layer = eng.n_layer
+    sens = collect.layer_sensitivity(model_path, toks, windows=1, prefix=16, steps=4, fraction=0.5, threads=2)
+    assert len(sens) == n_layer and all(np.isfinite(sens)) and min(sens) >= 0.0
+    assert sum(x > 0 for x in sens) > n_layer // 2  # dropping half the mass moves the output
+    nothing = collect.layer_sensitivity(model_path, toks, windows=1, prefix=16, steps=2, fraction=1.0, threads=2)
+    assert max(nothing) == 0.0  # nothing dropped, nothing moved
+
+
+def test_layer_budgets_offset_the_bias(tmp_path):
+    _fake_data(tmp_path)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["layer_sensitivity"] = [1.0, 4.0]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with_b = train.train(tmp_path, tmp_path / "a.gguf", density=0.5)
+    without = train.train(tmp_path, tmp_path / "b.gguf", density=0.5, layer_budget=False)
+    assert with_b["layer_offsets"] == pytest.approx([-np.log(2), np.log(2)], abs=1e-4)
+    assert without["layer_offsets"] is None
+    # the more sensitive layer keeps more heads at the same mean density
+    d = with_b["heldout_density_per_layer"]
+    assert d[1] > d[0]
+    from gguf import GGUFReader
+
+    ta = {t.name: np.array(t.data) for t in GGUFReader(str(tmp_path / "a.gguf")).tensors}
+    tb = {t.name: np.array(t.data) for t in GGUFReader(str(tmp_path / "b.gguf")).tensors}
+    np.testing.assert_allclose(ta["blk.1.head_pred.bias"] - tb["blk.1.head_pred.bias"], np.log(2), atol=1e-4)
+    np.testing.assert_array_equal(ta["blk.1.head_pred.weight"], tb["blk.1.head_pred.weight"])
 
 
 def test_pareto_plot(tmp_path):
