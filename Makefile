@@ -42,7 +42,8 @@ figures: setup
 		--predictor all --predictor oracle:0.8 --predictor oracle:0.85 --predictor oracle:0.9 \
 		--predictor static:5 --predictor static:7 --predictor random:7 \
 		--predictor trained:$(PRED):density=0.6 --predictor trained:$(PRED):density=0.7 \
-		--predictor trained:$(PRED):density=0.8 --predictor trained:$(PRED):density=0.9 > figures/score.json
+		--predictor trained:$(PRED):density=0.75 --predictor trained:$(PRED):density=0.8 \
+		--predictor trained:$(PRED):density=0.9 > figures/score.json
 	$(BIN)/powerinfer-attn bench --ctx 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \
 		--json --plot figures/bench-2threads.png > figures/bench-2threads.json
 	$(BIN)/powerinfer-attn bench --ctx 8192 --density 0.7 --predictor trained:$(PRED) --reps 10 -t 2 \
