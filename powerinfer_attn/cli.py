@@ -268,17 +268,19 @@ def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> Non
 @click.option("--value", type=float, default=None, help="The rule's value (k for topk, fraction for mass; a fixed threshold).")
 @click.option("--label", type=click.Choice(["residual", "share"]), default="share", show_default=True,
               help="threshold/topk target: log(importance / residual norm) or log(share of the layer's importance).")
-@click.option("--layer-budget/--no-layer-budget", default=True, show_default=True,
-              help="threshold with the share label: offset each layer by its measured sensitivity.")
+@click.option("--layer-budget", type=click.FloatRange(0.0), default=1.0, show_default=True,
+              help="threshold with the share label: offset each layer's logits by this times log(its measured "
+                   "sensitivity), centred; 0 for one budget for all layers.")
+@click.option("--no-layer-budget", "no_budget", is_flag=True, help="The same as --layer-budget 0.")
 @json_option
-def train_predictor(data_dir, out, rule, density, value, label, layer_budget, as_json) -> None:
+def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no_budget, as_json) -> None:
     """Fit a per-layer linear head predictor (numpy ridge) and write it as a GGUF sidecar."""
     from pathlib import Path
 
     from . import train as tr
 
     try:
-        summary = tr.train(Path(data_dir), Path(out), rule, density, value, label=label, layer_budget=layer_budget,
+        summary = tr.train(Path(data_dir), Path(out), rule, density, value, label=label, layer_budget=0.0 if no_budget else layer_budget,
                            progress=None if as_json else (lambda m: click.echo(m, err=True)))
     except (FileNotFoundError, ValueError) as e:
         _fail(e)

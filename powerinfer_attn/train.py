@@ -96,15 +96,18 @@ def value_for_density(rule: str, logits: list[np.ndarray], density: float) -> fl
     return (lo + hi) / 2
 
 
-def layer_offsets(sensitivity: list[float]) -> np.ndarray:
-    """Per-layer logit offsets from layer sensitivities: ``log(s_l)`` centred, so that under one
-    threshold a layer where dropping costs more keeps more heads."""
+def layer_offsets(sensitivity: list[float], strength: float = 1.0) -> np.ndarray:
+    """Per-layer logit offsets from layer sensitivities: ``strength * log(s_l)`` centred, so that
+    under one threshold a layer where dropping costs more keeps more heads. Strength 1 keeps a
+    head when sensitivity x predicted share clears the threshold: the cheapest heads to drop go
+    first if the output's change grows linearly with the dropped share; more than 1 leans
+    harder on the sensitive layers."""
     logs = np.log(np.maximum(np.asarray(sensitivity, np.float64), 1e-9))
-    return (logs - logs.mean()).astype(np.float32)
+    return (strength * (logs - logs.mean())).astype(np.float32)
 
 
 def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0.7, value: float | None = None,
-          holdout: float = 0.2, label: str = "share", layer_budget: bool = True,
+          holdout: float = 0.2, label: str = "share", layer_budget: float = 1.0,
           progress: Callable[[str], None] | None = None) -> dict:
     """Fit, choose the rule's value (``value``, or what gives ``density`` on the held-out data),
     write ``out``; returns the training summary."""
@@ -118,10 +121,12 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
     meta = json.loads(meta_path.read_text())
     n_layer, n_head, n_embd = meta["n_layer"], meta["n_head"], meta["n_embd"]
     sens = meta.get("layer_sensitivity")
-    use_budget = layer_budget and sens is not None and rule == "threshold" and label == "share"
-    if layer_budget and sens is None and progress:
+    if layer_budget < 0:
+        raise ValueError("layer_budget (the strength of the per-layer offsets) must be >= 0")
+    use_budget = layer_budget > 0 and sens is not None and rule == "threshold" and label == "share"
+    if layer_budget > 0 and sens is None and progress:
         progress("no layer sensitivities in the data (collect --no-sensitivity): one budget for all layers")
-    offsets = layer_offsets(sens) if use_budget else np.zeros(n_layer, np.float32)
+    offsets = layer_offsets(sens, layer_budget) if use_budget else np.zeros(n_layer, np.float32)
     ws, bs, held_logits, held_targets, layers = [], [], [], [], []
     for il in range(n_layer):
         x, imp, resid = load_layer(data_dir, il)
@@ -162,6 +167,7 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
         "heldout_density": round(float(np.mean(held_density)), 4),
         "heldout_density_per_layer": [round(d, 4) for d in held_density],
         "value_for_density": by_density,
+        "layer_budget_strength": float(layer_budget) if use_budget else 0.0,
         "layer_offsets": [round(float(o), 4) for o in offsets] if use_budget else None,
         "heldout_r2_mean": round(float(np.mean([l["heldout_r2"] for l in layers])), 4),
         "layers": layers,

@@ -275,9 +275,13 @@ def test_layer_budgets_offset_the_bias(tmp_path):
     meta["layer_sensitivity"] = [1.0, 4.0]
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with_b = train.train(tmp_path, tmp_path / "a.gguf", density=0.5)
-    without = train.train(tmp_path, tmp_path / "b.gguf", density=0.5, layer_budget=False)
+    without = train.train(tmp_path, tmp_path / "b.gguf", density=0.5, layer_budget=0.0)
+    twice = train.train(tmp_path, tmp_path / "c.gguf", density=0.5, layer_budget=2.0)
     assert with_b["layer_offsets"] == pytest.approx([-np.log(2), np.log(2)], abs=1e-4)
-    assert without["layer_offsets"] is None
+    assert twice["layer_offsets"] == pytest.approx([-2 * np.log(2), 2 * np.log(2)], abs=1e-4)
+    assert without["layer_offsets"] is None and without["layer_budget_strength"] == 0.0
+    with pytest.raises(ValueError, match="strength"):
+        train.train(tmp_path, tmp_path / "d.gguf", layer_budget=-1.0)
     # the more sensitive layer keeps more heads at the same mean density
     d = with_b["heldout_density_per_layer"]
     assert d[1] > d[0]
