@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PY      = $(BIN)/python
 
-.PHONY: setup demo test test-fast sanitize figures clean
+.PHONY: setup demo test test-fast sanitize figures budget-sweep clean
 
 $(BIN)/powerinfer-attn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,18 @@ figures: setup
 	$(BIN)/powerinfer-attn show figures/score.json
 	$(BIN)/powerinfer-attn show figures/bench-2threads.json
 	$(BIN)/powerinfer-attn show figures/bench-trained-8192.json
+
+# How strongly per-layer sensitivity should shape the budgets: predictors trained with offsets
+# A*log(sensitivity) for several A, scored at density 0.7 on windows of the *training* articles
+# (the held-out half is not looked at to choose A). Needs `make figures`'s collected data.
+BUDGETS = 0 0.5 1 2
+budget-sweep: setup
+	for a in $(BUDGETS); do $(BIN)/powerinfer-attn train-predictor vendor/predictor/data \
+		--layer-budget $$a --out vendor/predictor/pred-budget-$$a.gguf || exit 1; done
+	$(BIN)/powerinfer-attn score --text-file $(TEXT) --training-articles --windows 8 -t 2 --json \
+		$(foreach a,$(BUDGETS),--predictor trained:vendor/predictor/pred-budget-$(a).gguf:density=0.7) \
+		--predictor oracle:0.8 > figures/budget-sweep.json
+	$(BIN)/powerinfer-attn show figures/budget-sweep.json
 
 # the pure-Python tests, no build needed
 test-fast: $(BIN)/powerinfer-attn

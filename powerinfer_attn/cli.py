@@ -154,6 +154,9 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @click.option("--prefix", type=click.IntRange(1), default=128, show_default=True, help="Dense prefill tokens per window.")
 @click.option("--steps", type=click.IntRange(1), default=128, show_default=True, help="Sparse decode steps per window.")
 @click.option("--windows", type=click.IntRange(1), default=8, show_default=True, help="Windows, spread over the text's second half.")
+@click.option("--training-articles", "training", is_flag=True,
+              help="Spread the windows over the articles `collect` trains on instead: for tuning a predictor's "
+                   "settings without looking at the held-out half.")
 @click.option("--predictor", "predictors", multiple=True,
               help="Head predictor (see `generate --help`); repeat it to score several on the same windows.")
 @click.option("--mask-file", type=click.Path(dir_okay=False), default=None, help="Masks [steps, n_layer, n_head] (.npy), used in every window.")
@@ -163,7 +166,7 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @model_option
 @threads_option
 @json_option
-def score(text_file, prefix, steps, windows, predictors, mask_file, dump_logits, plot_path, model, threads, as_json) -> None:
+def score(text_file, prefix, steps, windows, training, predictors, mask_file, dump_logits, plot_path, model, threads, as_json) -> None:
     """Teacher-forced quality of sparse decode against dense: perplexity, KL, top-1 agreement."""
     from pathlib import Path
 
@@ -179,7 +182,7 @@ def score(text_file, prefix, steps, windows, predictors, mask_file, dump_logits,
         preds = [_open_predictor(sp, path) for sp in specs]
         with click.progressbar(length=(1 + len(preds)) * steps * windows, label="scoring", file=sys.stderr) as bar:
             results = cmp.score(path, text, preds, prefix, steps, windows, threads,
-                                Path(dump_logits) if dump_logits else None, bar.update)
+                                Path(dump_logits) if dump_logits else None, bar.update, training)
         if plot_path:
             cmp.plot_pareto([r.to_json() for r in results], plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
@@ -188,7 +191,8 @@ def score(text_file, prefix, steps, windows, predictors, mask_file, dump_logits,
         click.echo(json.dumps([r.to_json() for r in results], indent=1))
         return
     r0 = results[0]
-    click.echo(f"{path.name} on {text.name}: {r0.windows} windows x {r0.steps} steps after {r0.prefix} dense tokens")
+    where = " (training articles)" if training else ""
+    click.echo(f"{path.name} on {text.name}{where}: {r0.windows} windows x {r0.steps} steps after {r0.prefix} dense tokens")
     click.echo(cmp.format_scores(results))
     for r in results:
         click.echo(f"density per layer, {r.predictor}: " + " ".join(f"{x:.2f}" for x in r.density_per_layer))

@@ -44,16 +44,27 @@ def resolve_text_file(path: str | os.PathLike | None) -> Path:
     return p
 
 
-def text_tokens(eng: Engine, path: Path) -> list[int]:
-    return eng.tokenize(path.read_text(encoding="utf-8", errors="replace"), add_bos=False)
+def text_tokens(eng: Engine, path: Path, training: bool = False) -> list[int]:
+    """The tokens of ``path``, or with ``training`` of the articles `collect` trains on."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if training:
+        from .collect import training_articles
+
+        arts = training_articles(text)
+        if not arts:
+            raise ValueError(f"{path}: no whole article ends in the part `collect` trains on")
+        text = text[:arts[-1][1]]
+    return eng.tokenize(text, add_bos=False)
 
 
-def window_starts(n_tokens: int, length: int, windows: int, first_half: bool = False) -> list[int]:
-    """``windows`` start offsets of windows of ``length`` tokens, evenly spaced over one half."""
-    lo, hi = (0, n_tokens // 2) if first_half else (n_tokens // 2, n_tokens)
+def window_starts(n_tokens: int, length: int, windows: int, first_half: bool = False,
+                  whole: bool = False) -> list[int]:
+    """``windows`` start offsets of windows of ``length`` tokens, evenly spaced over one half
+    (the second unless ``first_half``), or over all of it with ``whole``."""
+    lo, hi = (0, n_tokens) if whole else (0, n_tokens // 2) if first_half else (n_tokens // 2, n_tokens)
     span = hi - lo - length
     if span < 0 or windows < 1:
-        raise ValueError(f"text too short: {hi - lo} tokens in that half, windows need {length}")
+        raise ValueError(f"text too short: {hi - lo} tokens in that part, windows need {length}")
     if windows == 1:
         return [lo]
     return [lo + round(i * span / (windows - 1)) for i in range(windows)]
@@ -77,6 +88,7 @@ class ScoreResult:
     top1_agreement: float
     density: float
     density_per_layer: list[float]
+    text: str = "held-out half"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,17 +96,20 @@ class ScoreResult:
 
 def score(model_path: Path, text_file: Path, predictors: list[Predictor], prefix: int = 128, steps: int = 128,
           windows: int = 8, threads: int | None = None, dump_logits: Path | None = None,
-          progress: Progress | None = None) -> list[ScoreResult]:
+          progress: Progress | None = None, training: bool = False) -> list[ScoreResult]:
     """Score each predictor on the same windows against one dense pass.
-    ``dump_logits`` writes the first predictor's sparse logits."""
+    ``dump_logits`` writes the first predictor's sparse logits. The windows lie in the text's
+    second half, which no predictor is trained or calibrated on; with ``training`` they are
+    spread over the articles that ``collect`` trains on instead (to tune a predictor's
+    settings without looking at the held-out text)."""
     length = prefix + steps + 1
     n_ctx = length + 8
     with contextlib.ExitStack() as stack:
         dense = stack.enter_context(Engine(model_path, n_ctx=n_ctx, n_threads=threads))
         sparse_engines = [stack.enter_context(open_engine(model_path, p, n_ctx=n_ctx, n_threads=threads))
                           for p in predictors]
-        toks = text_tokens(dense, text_file)
-        starts = window_starts(len(toks), length, windows)
+        toks = text_tokens(dense, text_file, training)
+        starts = window_starts(len(toks), length, windows, whole=training)
         acc = [dict(nll_d=[], nll_s=[], kl=[], agree=[], masks=[]) for _ in predictors]
         dumped = []
         for s0 in starts:
@@ -133,6 +148,7 @@ def score(model_path: Path, text_file: Path, predictors: list[Predictor], prefix
             top1_agreement=float(np.concatenate(a["agree"]).mean()),
             density=float(masks.mean()),
             density_per_layer=[round(float(x), 4) for x in masks.mean(axis=(0, 2))],
+            text="training articles" if training else "held-out half",
         ))
     return results
 

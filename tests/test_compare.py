@@ -50,6 +50,22 @@ def test_score_orders_oracle_static_random(model_path, text_file, tmp_path):
     assert static.kl_mean < rand.kl_mean
 
 
+def test_score_on_training_articles(model_path, text_file, tmp_path):
+    from powerinfer_attn.engine import Engine
+
+    train_part = " = Tiber = \n" + TEXT + "\n"
+    text = train_part + " = Other = \n" + "Completely different words about a cat and a dog. " * 60
+    assert len(train_part) < 0.45 * len(text)
+    path = tmp_path / "two.txt"
+    path.write_text(text)
+    with Engine(model_path, n_ctx=64, n_threads=2) as eng:
+        assert cmp.text_tokens(eng, path, training=True) == eng.tokenize(train_part, add_bos=False)
+        with pytest.raises(ValueError, match="no whole article"):
+            cmp.text_tokens(eng, text_file, training=True)  # one article, the whole file
+    r = run_score(model_path, path, "all", training=True)
+    assert r.text == "training articles" and r.kl_mean < 1e-6
+
+
 def test_oracle_full_mass_keeps_every_head(model_path, text_file):
     r = run_score(model_path, text_file, "oracle:1.0")
     assert r.density == 1.0 and r.kl_mean < 1e-6
