@@ -223,9 +223,13 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps({"out": str(dest), "tokens": res["tokens"]}, indent=1))
+        click.echo(json.dumps({"out": str(dest), **res}, indent=1))
     else:
-        click.echo(f"wrote {dest} ({res['tokens']} tokens)")
+        expl = res["mean_explained"]
+        near = sum(x > 0.5 for row in expl for x in row)
+        click.echo(f"wrote {dest} ({res['tokens']} tokens)\n"
+                   f"each head's mean contribution holds {res['mean_explained_overall']:.1%} of the attention "
+                   f"outputs' energy; in {near} of {len(expl) * len(expl[0])} heads more than half")
 
 
 @main.command()

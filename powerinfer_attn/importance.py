@@ -40,13 +40,29 @@ class HeadContributions(TensorHook):
     """Records, for every token of each decode, ``importance[token, il, h]``.
 
     ``last`` is the last token's ``[n_layer, n_head]``. ``active`` switches recording on and off.
+    With ``moments``, it also sums over every token seen each head's contribution vector and
+    its squared norm (``mean_explained``).
     """
 
-    def __init__(self, model_path: str | Path, n_layer: int, n_head: int):
+    def __init__(self, model_path: str | Path, n_layer: int, n_head: int, moments: bool = False):
         self.wo = load_wo(model_path, n_layer)
         self.n_layer, self.n_head = n_layer, n_head
         self.per_token = np.zeros((0, n_layer, n_head), np.float32)
         self.active = True
+        n_embd = self.wo[0].shape[0]
+        self.tokens_seen = 0
+        self.contrib_sum = np.zeros((n_layer, n_head, n_embd)) if moments else None
+        self.energy_sum = np.zeros((n_layer, n_head)) if moments else None
+
+    def mean_explained(self) -> np.ndarray:
+        """``[n_layer, n_head]``: the share of each head's mean squared contribution that its
+        mean contribution accounts for, ``|E c|^2 / E |c|^2``. Near 1, the head adds about the
+        same vector at every token (dropping it then mostly removes a constant offset)."""
+        if self.contrib_sum is None or self.tokens_seen == 0:
+            raise ValueError("no moments recorded: make the hook with moments=True and run tokens through it")
+        mean = self.contrib_sum / self.tokens_seen
+        energy = self.energy_sum / self.tokens_seen
+        return (mean ** 2).sum(axis=-1) / np.maximum(energy, 1e-30)
 
     @property
     def last(self) -> np.ndarray:
@@ -66,6 +82,11 @@ class HeadContributions(TensorHook):
         for h in range(self.n_head):
             contrib = o[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T  # (n_tokens, n_embd)
             self.per_token[:, il, h] = np.linalg.norm(contrib, axis=1)
+            if self.contrib_sum is not None:
+                self.contrib_sum[il, h] += contrib.sum(axis=0)
+                self.energy_sum[il, h] += float((contrib.astype(np.float64) ** 2).sum())
+        if il == 0 and self.contrib_sum is not None:
+            self.tokens_seen += n_tokens
 
 
 def mass_mask(importance: np.ndarray, fraction: float) -> np.ndarray:

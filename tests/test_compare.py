@@ -43,6 +43,9 @@ def test_score_orders_oracle_static_random(model_path, text_file, tmp_path):
     cmp.calibrate(model_path, text_file, calib, tokens=256, batch=128, threads=2)
     data = json.loads(calib.read_text())
     assert np.array(data["importance"]).shape == (30, 9) and data["tokens"] > 0
+    expl = np.array(data["mean_explained"])
+    assert expl.shape == (30, 9) and (expl >= 0).all() and (expl <= 1 + 1e-6).all()
+    assert 0 < data["mean_explained_overall"] < 1
     oracle, static, rand = run_score(model_path, text_file, "oracle-topk:7", f"static:7:{calib}", "random:7:1")
     for r in (oracle, static, rand):
         assert r.density == pytest.approx(7 / 9)
@@ -64,6 +67,28 @@ def test_score_on_training_articles(model_path, text_file, tmp_path):
             cmp.text_tokens(eng, text_file, training=True)  # one article, the whole file
     r = run_score(model_path, path, "all", training=True)
     assert r.text == "training articles" and r.kl_mean < 1e-6
+
+
+def test_contribution_moments(model_path):
+    from powerinfer_attn.engine import Engine
+    from powerinfer_attn.importance import HeadContributions
+
+    plain = HeadContributions(model_path, 30, 9)
+    with pytest.raises(ValueError, match="moments"):
+        plain.mean_explained()
+    hook = HeadContributions(model_path, 30, 9, moments=True)
+    with Engine(model_path, n_ctx=64, n_threads=2, tensor_hook=hook) as eng:
+        toks = eng.tokenize(TEXT, add_bos=False)
+        eng.prefill(toks[:1])
+        # one token: every head's mean is its only contribution
+        np.testing.assert_allclose(hook.mean_explained(), 1.0, rtol=1e-4)
+        np.testing.assert_allclose(np.sqrt(hook.energy_sum), hook.per_token[0], rtol=1e-4)
+        eng.reset()
+        eng.prefill(toks[:16])
+    assert hook.tokens_seen == 17
+    expl = hook.mean_explained()
+    assert (expl <= 1 + 1e-6).all() and expl.min() < 0.9  # Jensen, and some heads do vary
+    assert 0 < cmp.explained_overall(hook) < 1
 
 
 def test_oracle_full_mass_keeps_every_head(model_path, text_file):
