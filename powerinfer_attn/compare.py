@@ -208,12 +208,6 @@ def plot_pareto(results: list[dict], path) -> None:
     plt.close(fig)
 
 
-def explained_overall(hook: HeadContributions) -> float:
-    """Over all heads together: the share of the attention outputs' energy in their means."""
-    mean = hook.contrib_sum / hook.tokens_seen
-    return float((mean ** 2).sum() / (hook.energy_sum.sum() / hook.tokens_seen))
-
-
 def calibrate(model_path: Path, text_file: Path, out: Path, tokens: int = 8192, batch: int = 512,
               threads: int | None = None, progress: Progress | None = None) -> dict:
     """Mean per-head importance over the first half of a text, for the static predictor."""
@@ -244,7 +238,7 @@ def calibrate(model_path: Path, text_file: Path, out: Path, tokens: int = 8192, 
         # how constant each head's contribution is: a head near 1 could be replaced by its
         # mean instead of zero when it is skipped (not done yet; see the README)
         "mean_explained": hook.mean_explained().round(4).tolist(),
-        "mean_explained_overall": round(float(explained_overall(hook)), 4),
+        "mean_explained_overall": round(hook.mean_explained_overall(), 4),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -58,11 +58,19 @@ class HeadContributions(TensorHook):
         """``[n_layer, n_head]``: the share of each head's mean squared contribution that its
         mean contribution accounts for, ``|E c|^2 / E |c|^2``. Near 1, the head adds about the
         same vector at every token (dropping it then mostly removes a constant offset)."""
+        mean, energy = self._moments()
+        return (mean ** 2).sum(axis=-1) / np.maximum(energy, 1e-30)
+
+    def mean_explained_overall(self) -> float:
+        """The same over all heads together: the share of the attention outputs' energy in their means."""
+        mean, energy = self._moments()
+        return float((mean ** 2).sum() / energy.sum())
+
+    def _moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each head's mean contribution ``[n_layer, n_head, n_embd]`` and mean squared norm."""
         if self.contrib_sum is None or self.tokens_seen == 0:
             raise ValueError("no moments recorded: make the hook with moments=True and run tokens through it")
-        mean = self.contrib_sum / self.tokens_seen
-        energy = self.energy_sum / self.tokens_seen
-        return (mean ** 2).sum(axis=-1) / np.maximum(energy, 1e-30)
+        return self.contrib_sum / self.tokens_seen, self.energy_sum / self.tokens_seen
 
     @property
     def last(self) -> np.ndarray:
