@@ -61,6 +61,14 @@ def training_articles(text: str, fraction: float = TRAIN_FRACTION) -> list[tuple
     return [a for a in split_articles(text) if a[1] <= fraction * len(text)]
 
 
+def require_training_articles(text: str, source: Path) -> list[tuple[int, int, str]]:
+    """``training_articles``, or a ValueError naming ``source`` when there are none."""
+    arts = training_articles(text)
+    if not arts:
+        raise ValueError(f"{source}: no whole article ends in its first {TRAIN_FRACTION:.0%}")
+    return arts
+
+
 class _Recorder(TensorHook):
     """Importance (through ``HeadContributions``) plus attn_norm, attn_out and ffn_inp per layer."""
 
@@ -100,9 +108,7 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     """Record training data from the training articles of ``text_file`` into ``out``; returns
     the metadata written to ``out/meta.json``."""
     text = text_file.read_text(encoding="utf-8", errors="replace")
-    arts = training_articles(text)
-    if not arts:
-        raise ValueError(f"{text_file}: no whole article ends in its first {TRAIN_FRACTION:.0%}")
+    arts = require_training_articles(text, text_file)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*-*.npy"):
         old.unlink()

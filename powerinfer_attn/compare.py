@@ -48,12 +48,9 @@ def text_tokens(eng: Engine, path: Path, training: bool = False) -> list[int]:
     """The tokens of ``path``, or with ``training`` of the articles `collect` trains on."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if training:
-        from .collect import training_articles
+        from .collect import require_training_articles
 
-        arts = training_articles(text)
-        if not arts:
-            raise ValueError(f"{path}: no whole article ends in the part `collect` trains on")
-        text = text[:arts[-1][1]]
+        text = text[:require_training_articles(text, path)[-1][1]]
     return eng.tokenize(text, add_bos=False)
 
 
