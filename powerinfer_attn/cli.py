@@ -254,7 +254,8 @@ def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> Non
     try:
         path = resolve_model(model)
         text = cmp.resolve_text_file(text_file)
-        length = tokens + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
+        # the head means read every MEAN_EVERY-th chunk first
+        length = tokens + tokens // col.MEAN_EVERY + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
         with click.progressbar(length=length, label="collecting", file=sys.stderr) as bar:
             meta = col.collect(path, text, Path(out), tokens, threads=threads, sensitivity=sensitivity,
                                progress=bar.update)
@@ -280,22 +281,25 @@ def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> Non
               help="threshold with the share label: offset each layer's logits by this times log(its measured "
                    "sensitivity), centred; 0 for one budget for all layers.")
 @click.option("--no-layer-budget", "no_budget", is_flag=True, help="The same as --layer-budget 0.")
+@click.option("--fill", type=click.Choice(["mean", "zero"]), default=None,
+              help="What a skipped head contributes: its mean (stored in the file; labels are deviations "
+                   "from it) or nothing. Default: mean when the data has head means.")
 @json_option
-def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no_budget, as_json) -> None:
+def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no_budget, fill, as_json) -> None:
     """Fit a per-layer linear head predictor (numpy ridge) and write it as a GGUF sidecar."""
     from pathlib import Path
 
     from . import train as tr
 
     try:
-        summary = tr.train(Path(data_dir), Path(out), rule, density, value, label=label, layer_budget=0.0 if no_budget else layer_budget,
+        summary = tr.train(Path(data_dir), Path(out), rule, density, value, label=label, layer_budget=0.0 if no_budget else layer_budget, fill=fill,
                            progress=None if as_json else (lambda m: click.echo(m, err=True)))
     except (FileNotFoundError, ValueError) as e:
         _fail(e)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
-        click.echo(f"wrote {out}: rule {summary['rule']} {summary['rule_value']:.4f}, held-out density "
+        click.echo(f"wrote {out}: {summary['fill']} fill, rule {summary['rule']} {summary['rule_value']:.4f}, held-out density "
                    f"{summary['heldout_density']:.3f}, held-out R^2 {summary['heldout_r2_mean']:.3f} (mean over layers)")
 
 

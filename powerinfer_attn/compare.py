@@ -175,8 +175,9 @@ def format_scores(results: list[ScoreResult]) -> str:
 
 
 def family(name: str) -> str:
-    """The predictor family of a result name: ``trained:p.gguf:density=0.6`` -> ``trained``."""
-    return name.split(":")[0]
+    """The predictor family of a result name: ``trained:p.gguf:density=0.6`` -> ``trained``,
+    ``oracle:0.8+mean`` -> ``oracle+mean``."""
+    return name.split(":")[0] + ("+mean" if name.endswith("+mean") else "")
 
 
 def plot_pareto(results: list[dict], path) -> None:

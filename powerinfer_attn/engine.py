@@ -477,6 +477,23 @@ class Engine:
         if hasattr(self.C, "llama_set_head_predictor"):
             self.C.llama_set_head_predictor(self.ctx, bool(enabled))
 
+    def set_head_fill(self, mean: bool) -> None:
+        """What a head that sparse decode skips contributes: nothing (False, the default) or its
+        mean contribution through ``wo`` from the loaded predictor's file (True), whichever
+        source the mask comes from."""
+        self._check_open()
+        if mean and self._head_predictor is None:
+            raise EngineError("mean fill needs a head predictor file with means loaded (load_head_predictor)")
+        if not hasattr(self.C, "llama_set_head_fill"):
+            if mean:
+                raise EngineError("this library has no mean fill (rebuild: powerinfer-attn build)")
+            return
+        rc = self.C.llama_set_head_fill(self.ctx, bool(mean))
+        if rc == -3:
+            raise EngineError(f"{self._head_predictor} holds no head means (train-predictor --fill mean writes them)")
+        if rc != 0:
+            raise EngineError(f"llama_set_head_fill returned {rc}")
+
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo; -1 for every
         layer of a model the sparse ops do not support (another architecture than llama)."""

@@ -41,13 +41,21 @@ class HeadContributions(TensorHook):
 
     ``last`` is the last token's ``[n_layer, n_head]``. ``active`` switches recording on and off.
     With ``moments``, it also sums over every token seen each head's contribution vector and
-    its squared norm (``mean_explained``).
+    its squared norm (``mean_explained``, ``mean_contribution``). With ``center``
+    (``[n_layer, n_head, n_embd]``, each head's mean contribution), ``per_token_dev`` holds the
+    norm of each contribution's deviation from its head's mean: what a head that mean fill
+    replaces by its mean would change.
     """
 
-    def __init__(self, model_path: str | Path, n_layer: int, n_head: int, moments: bool = False):
+    def __init__(self, model_path: str | Path, n_layer: int, n_head: int, moments: bool = False,
+                 center: np.ndarray | None = None):
         self.wo = load_wo(model_path, n_layer)
         self.n_layer, self.n_head = n_layer, n_head
         self.per_token = np.zeros((0, n_layer, n_head), np.float32)
+        if center is not None and center.shape != (n_layer, n_head, self.wo[0].shape[0]):
+            raise ValueError(f"center must be [n_layer, n_head, n_embd], got {center.shape}")
+        self.center = center
+        self.per_token_dev = np.zeros((0, n_layer, n_head), np.float32) if center is not None else None
         self.active = True
         n_embd = self.wo[0].shape[0]
         self.tokens_seen = 0
@@ -60,6 +68,10 @@ class HeadContributions(TensorHook):
         same vector at every token (dropping it then mostly removes a constant offset)."""
         mean, energy = self._moments()
         return (mean ** 2).sum(axis=-1) / np.maximum(energy, 1e-30)
+
+    def mean_contribution(self) -> np.ndarray:
+        """``[n_layer, n_head, n_embd]``: each head's mean contribution through ``wo``."""
+        return self._moments()[0]
 
     def mean_explained_overall(self) -> float:
         """The same over all heads together: the share of the attention outputs' energy in their means."""
@@ -85,11 +97,15 @@ class HeadContributions(TensorHook):
         n_tokens, width = o.shape
         if il == 0 or self.per_token.shape[0] != n_tokens:
             self.per_token = np.zeros((n_tokens, self.n_layer, self.n_head), np.float32)
+            if self.center is not None:
+                self.per_token_dev = np.zeros_like(self.per_token)
         d = width // self.n_head
         w = self.wo[il]
         for h in range(self.n_head):
             contrib = o[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T  # (n_tokens, n_embd)
             self.per_token[:, il, h] = np.linalg.norm(contrib, axis=1)
+            if self.center is not None:
+                self.per_token_dev[:, il, h] = np.linalg.norm(contrib - self.center[il, h], axis=1)
             if self.contrib_sum is not None:
                 self.contrib_sum[il, h] += contrib.sum(axis=0)
                 self.energy_sum[il, h] += float((contrib.astype(np.float64) ** 2).sum())

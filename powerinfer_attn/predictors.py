@@ -16,13 +16,16 @@ Built-in, by name (``get_predictor``), with what each costs per decode step:
   contribution through ``wo``) covers fraction P of the layer's total, or the top K,
   measured on a dense step of the same state that is then rolled back. It costs a whole
   dense step plus the graph switch: an upper bound on quality, never a speed mode.
+  ``:means=PRED.gguf`` adds mean fill with that file's head means: skipped heads contribute
+  their mean, and importance is the deviation from it (named ``oracle:P+mean``).
 - ``mask-file:PATH``: masks from a ``.npy`` array ``[steps, n_layer, n_head]``; step i uses
   ``masks[i]``. An array lookup.
-- ``trained:PRED.gguf[:RULE=VALUE]``: the predictor from ``train-predictor``, computed inside
-  the decode graph (``in_graph``): one small matrix-vector product and a selection per layer,
-  no Python per step. RULE (threshold, topk, mass) overrides the file's rule; ``density=D``
-  keeps the file's rule at the value that gave density D on the held-out data (0.30, 0.35,
-  ..., 1.00). Its ``hook`` reads back the masks the graph chose (``observed``).
+- ``trained:PRED.gguf[:RULE=VALUE][:fill=FILL]``: the predictor from ``train-predictor``,
+  computed inside the decode graph (``in_graph``): one small matrix-vector product and a
+  selection per layer, no Python per step. RULE (threshold, topk, mass) overrides the file's
+  rule; ``density=D`` keeps the file's rule at the value that gave density D on the held-out
+  data (0.30, 0.35, ..., 1.00). A file trained for mean fill runs with it (named ``...+mean``);
+  ``fill=zero`` turns it off. Its ``hook`` reads back the masks the graph chose (``observed``).
 """
 
 from __future__ import annotations
@@ -101,19 +104,38 @@ class StaticHeads(_Shaped):
 
 
 class Oracle(_Shaped):
-    """Measures importance on a dense step of the current state, rolls it back, then selects."""
+    """Measures importance on a dense step of the current state, rolls it back, then selects.
+    With ``means`` (a predictor file holding head means) skipped heads get their mean and the
+    importance is each contribution's deviation from it."""
 
-    def __init__(self, model_path: str | Path, fraction: float | None = None, k: int | None = None):
+    def __init__(self, model_path: str | Path, fraction: float | None = None, k: int | None = None,
+                 means: str | Path | None = None):
         self.fraction, self.k = fraction, k
-        self.name = f"oracle:{fraction:g}" if fraction is not None else f"oracle-topk:{k}"
+        self.name = (f"oracle:{fraction:g}" if fraction is not None else f"oracle-topk:{k}") + ("+mean" if means else "")
         self.model_path = model_path
+        self.means_path = Path(means) if means else None
+        self.center = None
+        if self.means_path is not None:
+            from .train import read_means
+
+            if not self.means_path.is_file():
+                raise ValueError(f"{self.name}: predictor file {self.means_path} not found")
+            self.center = read_means(self.means_path)
+            if self.center is None:
+                raise ValueError(f"{self.means_path} holds no head means (train-predictor --fill mean writes them)")
         self.hook = _DeferredHook()
 
     def bind(self, engine) -> None:
         super().bind(engine)
         if self.k is not None and not 1 <= self.k <= self.n_head:
             raise ValueError(f"oracle-topk:{self.k}: K must be in [1, {self.n_head}]")
-        self.hook.inner = HeadContributions(engine.model_path, engine.n_layer, engine.n_head)
+        if self.center is not None:
+            if self.center.shape != (engine.n_layer, engine.n_head, engine.n_embd):
+                raise ValueError(f"{self.means_path} holds means for {self.center.shape}, the model has "
+                                 f"({engine.n_layer}, {engine.n_head}, {engine.n_embd})")
+            engine.load_head_predictor(self.means_path)
+            engine.set_head_fill(True)
+        self.hook.inner = HeadContributions(engine.model_path, engine.n_layer, engine.n_head, center=self.center)
         self.hook.inner.active = False
 
     def predict(self, state) -> np.ndarray:
@@ -127,7 +149,7 @@ class Oracle(_Shaped):
             hook.active = False
             eng.rollback(state.position)
             eng.set_sparse(was_sparse)
-        imp = hook.last
+        imp = hook.last if self.center is None else hook.per_token_dev[-1]
         return mass_mask(imp, self.fraction) if self.fraction is not None else topk_mask(imp, self.k)
 
 
@@ -187,8 +209,9 @@ class _MaskReader:
 class TrainedHeads(_Shaped):
     in_graph = True
 
-    def __init__(self, path: str | Path, rule: str | None = None, value: float | None = None):
-        from .train import read_metadata
+    def __init__(self, path: str | Path, rule: str | None = None, value: float | None = None,
+                 fill: str | None = None):
+        from .train import FILLS, read_metadata
 
         self.path, self.rule, self.value = Path(path), rule, value
         if not self.path.is_file():
@@ -199,7 +222,14 @@ class TrainedHeads(_Shaped):
             raise ValueError(f"{self.path} is not a GGUF head predictor: {e}") from e
         if self.meta.get("kind") != "linear":
             raise ValueError(f"{self.path} is not a head predictor (no head_predictor.kind)")
-        self.name = f"trained:{self.path.name}" + (f":{rule}={value:g}" if rule else "")
+        if fill is not None and fill not in FILLS:
+            raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(FILLS)}")
+        has_means = self.meta.get("fill") == "mean"
+        if fill == "mean" and not has_means:
+            raise ValueError(f"{self.path} holds no head means: it cannot run with fill=mean")
+        self.fill = fill or ("mean" if has_means else "zero")
+        self.name = (f"trained:{self.path.name}" + (f":{rule}={value:g}" if rule else "")
+                     + ("+mean" if self.fill == "mean" else ""))
         if rule == "density":
             # the file's rule, at the value that gave this density on the held-out data
             table = self.meta["training"].get("value_for_density", {})
@@ -216,6 +246,7 @@ class TrainedHeads(_Shaped):
         if self.rule:
             engine.set_head_rule(self.rule, self.value)
         engine.use_head_predictor(True)
+        engine.set_head_fill(self.fill == "mean")
         self.hook.mask = np.zeros((self.n_layer, self.n_head), np.int32)
 
     def predict(self, state) -> None:
@@ -226,8 +257,8 @@ class TrainedHeads(_Shaped):
         return self.hook.mask.copy()
 
 
-NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P", "oracle-topk:K", "mask-file:PATH",
-         "trained:PRED.gguf[:RULE=VALUE]")
+NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:means=PRED.gguf]", "oracle-topk:K[:means=PRED.gguf]",
+         "mask-file:PATH", "trained:PRED.gguf[:RULE=VALUE][:fill=mean|zero]")
 
 
 def default_calibration_path(model_path: str | Path) -> Path:
@@ -248,20 +279,31 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
         if kind == "static" and arg:
             k, _, path = arg.partition(":")
             return StaticHeads(int(k), path or default_calibration_path(model_path))
-        if kind == "oracle" and arg:
-            return Oracle(model_path, fraction=float(arg))
-        if kind == "oracle-topk" and arg:
-            return Oracle(model_path, k=int(arg))
+        if kind in ("oracle", "oracle-topk") and arg:
+            value, _, opt = arg.partition(":")
+            means = None
+            if opt:
+                if not opt.startswith("means="):
+                    raise ValueError(f"bad predictor {spec!r}: the option is means=PRED.gguf")
+                means = opt.removeprefix("means=")
+            if kind == "oracle":
+                return Oracle(model_path, fraction=float(value), means=means)
+            return Oracle(model_path, k=int(value), means=means)
         if kind == "mask-file" and arg:
             return MaskFile(arg)
         if kind == "trained" and arg:
-            path, _, rule = arg.partition(":")
-            if rule:
-                name, eq, value = rule.partition("=")
-                if not eq or name not in ("threshold", "topk", "mass", "density"):
-                    raise ValueError(f"bad predictor {spec!r}: the rule is threshold=V, topk=K, mass=P or density=D")
-                return TrainedHeads(path, name, float(value))
-            return TrainedHeads(path)
+            path, *opts = arg.split(":")
+            rule = value = fill = None
+            for opt in opts:
+                name, eq, val = opt.partition("=")
+                if eq and name == "fill" and fill is None:
+                    fill = val
+                elif eq and name in ("threshold", "topk", "mass", "density") and rule is None:
+                    rule, value = name, float(val)
+                else:
+                    raise ValueError(f"bad predictor {spec!r}: after the file come at most one rule "
+                                     f"(threshold=V, topk=K, mass=P or density=D) and fill=mean|zero")
+            return TrainedHeads(path, rule, value, fill)
     except ValueError as e:
         if "invalid literal" in str(e) or "could not convert" in str(e):
             raise ValueError(f"bad predictor {spec!r}: {e}; choose from: {', '.join(NAMES)}") from e

@@ -6,6 +6,9 @@ layer's attention output before ``wo``, ``kqv_out-<il>`` (ggml ``[d*n_head, n_to
 heads side by side; the same tensor with or without flash attention), it zeroes the slices
 of the heads the mask marks inactive. Everything else is the unpatched dense graph, so a
 sparse decode with the same mask must give the same logits up to float rounding.
+
+``FilledHeads`` is the oracle for mean fill (``Engine.set_head_fill``): the inactive heads'
+slices get given vectors (their mean outputs) instead of zeros.
 """
 
 from __future__ import annotations
@@ -36,5 +39,21 @@ class ZeroedHeads(TensorHook):
         if width % self.n_head:
             raise ValueError(f"{name}: width {width} is not a multiple of {self.n_head} heads")
         heads = data.reshape(data.shape[:-1] + (self.n_head, width // self.n_head))
-        heads[..., self.mask[il] == 0, :] = 0.0
+        heads[..., self.mask[il] == 0, :] = self.fill_for(il)
         self.seen += 1
+
+    def fill_for(self, il: int):
+        return 0.0
+
+
+class FilledHeads(ZeroedHeads):
+    """Inactive heads' outputs replaced by ``fill[il, h]`` (``[n_layer, n_head, d]``, before ``wo``)."""
+
+    def __init__(self, n_layer: int, n_head: int, fill: np.ndarray):
+        super().__init__(n_layer, n_head)
+        if fill.ndim != 3 or fill.shape[:2] != (n_layer, n_head):
+            raise ValueError(f"fill must be [n_layer, n_head, d], got {fill.shape}")
+        self.fill = fill.astype(np.float32)
+
+    def fill_for(self, il: int):
+        return self.fill[il, self.mask[il] == 0]

@@ -12,13 +12,18 @@ in-graph predictor reads), fitted by ridge regression in numpy. Targets, by sele
   dimensions in the later layers, which makes their heads look unimportant.
 - ``mass``: each head's share of the layer's total importance, selected by the mass rule.
 
+With ``fill="mean"`` (the default when the data has head means) skipped heads add their mean
+contribution instead of nothing (``Engine.set_head_fill``), so the importance the targets are
+made of is each contribution's deviation from its head's mean, and the file carries the means.
+
 The data's chunks are split in order (they follow the articles): the last ``holdout`` of them
 are never fitted, and choose the ridge strength per layer and the threshold that gives
 ``density`` on average.
 
 The sidecar holds ``blk.N.head_pred.weight`` F32 ``[n_embd, n_head]`` (ggml order) and
-``blk.N.head_pred.bias`` F32 ``[n_head]`` per layer, and ``head_predictor.*`` metadata: kind,
-shapes, the model it belongs to, rule and value, and a JSON training summary.
+``blk.N.head_pred.bias`` F32 ``[n_head]`` per layer, with mean fill ``blk.N.head_mean`` F32
+``[n_head, n_embd]`` (each head's mean contribution through ``wo``), and ``head_predictor.*``
+metadata: kind, shapes, the model it belongs to, rule and value, fill, and a JSON training summary.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from typing import Callable
 
 import numpy as np
 
-from .collect import load_layer
+from .collect import has_means, load_layer
 from .importance import mass_mask, topk_mask
 
 RULES = ("threshold", "topk", "mass")
+FILLS = ("mean", "zero")
 LABELS = ("residual", "share")
 RULE_IDS = {"file": 0, "threshold": 1, "topk": 2, "mass": 3}
 LAMBDAS = (0.1, 1.0, 10.0, 100.0)
@@ -107,7 +113,7 @@ def layer_offsets(sensitivity: list[float], strength: float = 1.0) -> np.ndarray
 
 
 def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0.7, value: float | None = None,
-          holdout: float = 0.2, label: str = "share", layer_budget: float = 1.0,
+          holdout: float = 0.2, label: str = "share", layer_budget: float = 1.0, fill: str | None = None,
           progress: Callable[[str], None] | None = None) -> dict:
     """Fit, choose the rule's value (``value``, or what gives ``density`` on the held-out data),
     write ``out``; returns the training summary."""
@@ -120,6 +126,13 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
         raise FileNotFoundError(f"{data_dir} holds no collected data (no meta.json); run `powerinfer-attn collect`")
     meta = json.loads(meta_path.read_text())
     n_layer, n_head, n_embd = meta["n_layer"], meta["n_head"], meta["n_embd"]
+    if fill is None:
+        fill = "mean" if has_means(data_dir) else "zero"
+    if fill not in FILLS:
+        raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(FILLS)}")
+    means = np.load(data_dir / "head_mean.npy") if fill == "mean" and has_means(data_dir) else None
+    if fill == "mean" and means is None:
+        raise FileNotFoundError(f"{data_dir} holds no head means (collected by an older version): collect again")
     sens = meta.get("layer_sensitivity")
     if layer_budget < 0:
         raise ValueError("layer_budget (the strength of the per-layer offsets) must be >= 0")
@@ -129,7 +142,7 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
     offsets = layer_offsets(sens, layer_budget) if use_budget else np.zeros(n_layer, np.float32)
     ws, bs, held_logits, held_targets, layers = [], [], [], [], []
     for il in range(n_layer):
-        x, imp, resid = load_layer(data_dir, il)
+        x, imp, resid = load_layer(data_dir, il, deviation=fill == "mean")
         y = targets(rule, imp, resid, label)
         cut = int(len(x) * (1 - holdout))
         if cut < n_embd or len(x) - cut < 16:
@@ -164,6 +177,7 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
                   "log(norm of the head's contribution through wo / norm of the residual stream)",
         "rule": rule,
         "rule_value": float(value),
+        "fill": fill,
         "heldout_density": round(float(np.mean(held_density)), 4),
         "heldout_density_per_layer": [round(d, 4) for d in held_density],
         "value_for_density": by_density,
@@ -172,13 +186,15 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
         "heldout_r2_mean": round(float(np.mean([l["heldout_r2"] for l in layers])), 4),
         "layers": layers,
     }
-    write_predictor(out, ws, bs, meta["model_name"], rule, float(value), summary)
+    write_predictor(out, ws, bs, meta["model_name"], rule, float(value), summary,
+                    means=[m.T for m in means] if means is not None else None)
     return summary
 
 
 def write_predictor(path: Path, ws: list[np.ndarray], bs: list[np.ndarray], model_name: str, rule: str,
-                    value: float, summary: dict) -> None:
-    """The GGUF sidecar read by llama_head_predictor_load. ``ws[il]`` is ``[n_head, n_embd]``."""
+                    value: float, summary: dict, means: list[np.ndarray] | None = None) -> None:
+    """The GGUF sidecar read by llama_head_predictor_load. ``ws[il]`` is ``[n_head, n_embd]``;
+    ``means[il]``, if given, ``[n_embd, n_head]`` (column h: head h's mean contribution)."""
     import gguf
 
     n_head, n_embd = ws[0].shape
@@ -190,11 +206,15 @@ def write_predictor(path: Path, ws: list[np.ndarray], bs: list[np.ndarray], mode
     w.add_int32("head_predictor.n_embd", int(n_embd))
     w.add_string("head_predictor.rule", rule)
     w.add_float32("head_predictor.rule_value", float(value))
+    w.add_string("head_predictor.fill", "mean" if means is not None else "zero")
     w.add_string("head_predictor.training", json.dumps(summary))
     for il, (wl, bl) in enumerate(zip(ws, bs)):
         # numpy [n_head, n_embd] is ggml [n_embd, n_head]: row h holds head h's weights
         w.add_tensor(f"blk.{il}.head_pred.weight", np.ascontiguousarray(wl, np.float32))
         w.add_tensor(f"blk.{il}.head_pred.bias", np.ascontiguousarray(bl, np.float32))
+        if means is not None:
+            # numpy [n_embd, n_head] is ggml [n_head, n_embd], the layout the fill's product reads
+            w.add_tensor(f"blk.{il}.head_mean", np.ascontiguousarray(means[il], np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -214,3 +234,16 @@ def read_metadata(path: Path) -> dict:
     if "training" in out:
         out["training"] = json.loads(out["training"])
     return out
+
+
+def read_means(path: Path) -> np.ndarray | None:
+    """The sidecar's head means as ``[n_layer, n_head, n_embd]``, or None without them."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    ts = {t.name: t for t in r.tensors}
+    if "blk.0.head_mean" not in ts:
+        return None
+    n_layer = sum(1 for n in ts if n.endswith(".head_mean"))
+    # stored [n_head, n_embd] (ggml order): numpy rows are n_embd, columns heads
+    return np.stack([np.asarray(ts[f"blk.{il}.head_mean"].data, np.float32).T for il in range(n_layer)])

@@ -83,17 +83,53 @@ def test_contribution_moments(model_path):
         # one token: every head's mean is its only contribution
         np.testing.assert_allclose(hook.mean_explained(), 1.0, rtol=1e-4)
         np.testing.assert_allclose(np.sqrt(hook.energy_sum), hook.per_token[0], rtol=1e-4)
+        one_token_mean = hook.mean_contribution()
         eng.reset()
         eng.prefill(toks[:16])
     assert hook.tokens_seen == 17
     expl = hook.mean_explained()
     assert (expl <= 1 + 1e-6).all() and expl.min() < 0.9  # Jensen, and some heads do vary
     assert 0 < hook.mean_explained_overall() < 1
+    # deviation from a head's mean: none for the token the mean was taken from, the plain norm around zero
+    centered = HeadContributions(model_path, 30, 9, center=one_token_mean)
+    around_zero = HeadContributions(model_path, 30, 9, center=np.zeros_like(one_token_mean))
+    for h in (centered, around_zero):
+        with Engine(model_path, n_ctx=64, n_threads=2, tensor_hook=h) as eng:
+            eng.prefill(toks[:2], all_logits=True)
+    assert centered.per_token_dev[0].max() < 1e-3 * centered.per_token[0].max()
+    assert centered.per_token_dev[1].min() > 0
+    np.testing.assert_allclose(around_zero.per_token_dev, around_zero.per_token, rtol=1e-5)
 
 
 def test_oracle_full_mass_keeps_every_head(model_path, text_file):
     r = run_score(model_path, text_file, "oracle:1.0")
     assert r.density == 1.0 and r.kl_mean < 1e-6
+
+
+def test_oracle_with_mean_fill(model_path, text_file, tmp_path):
+    """oracle:P:means=F runs with mean fill on and ranks heads by their deviation from the mean."""
+    from powerinfer_attn import collect, train
+    from powerinfer_attn.engine import Engine
+
+    with Engine(model_path, n_ctx=64, n_threads=1) as eng:
+        toks = cmp.text_tokens(eng, text_file)
+        L, H, E = eng.n_layer, eng.n_head, eng.n_embd
+    center = collect.head_means(model_path, [toks[:128]], L, H, 128, 2)
+    assert center.shape == (L, H, E)
+    means = [center[il].T for il in range(L)]
+    zeros = [np.zeros((H, E), np.float32)] * L
+    train.write_predictor(tmp_path / "m.gguf", zeros, [np.zeros(H, np.float32)] * L, model_path.name,
+                          "threshold", 0.0, {}, means=means)
+    filled, plain = run_score(model_path, text_file, f"oracle:0.8:means={tmp_path / 'm.gguf'}", "oracle:0.8")
+    assert filled.predictor == "oracle:0.8+mean" and plain.predictor == "oracle:0.8"
+    assert 0 < filled.density < 1 and filled.density != plain.density
+    assert np.isfinite(filled.kl_mean) and filled.kl_mean != plain.kl_mean
+    with pytest.raises(ValueError, match="means=PRED.gguf"):
+        get_predictor("oracle:0.8:fill=mean", model_path)
+    train.write_predictor(tmp_path / "plain.gguf", zeros, [np.zeros(H, np.float32)] * L, model_path.name,
+                          "threshold", 0.0, {})
+    with pytest.raises(ValueError, match="holds no head means"):
+        get_predictor(f"oracle:0.8:means={tmp_path / 'plain.gguf'}", model_path)
 
 
 def test_static_refuses_other_model(model_path, f32_model_path, text_file, tmp_path):

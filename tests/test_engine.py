@@ -6,7 +6,7 @@ import pytest
 
 from powerinfer_attn.engine import Engine, EngineError
 from powerinfer_attn.predictors import AllHeads, MaskFile, get_predictor
-from powerinfer_attn.reference import ZeroedHeads
+from powerinfer_attn.reference import FilledHeads, ZeroedHeads
 
 PROMPT = "The history of the Roman Empire begins with"
 N_STEPS = 24
@@ -64,9 +64,10 @@ def test_sparse_off_is_bit_identical_to_before(engine):
     assert np.array_equal(a, b)
 
 
-def zeroed_dense_logits(model_path, tokens, prompt_len, masks, flash_attn=False, n_ctx=512):
-    """The oracle: stock dense decode with inactive heads' outputs zeroed by a tensor hook."""
-    hook = ZeroedHeads(masks.shape[1], masks.shape[2])
+def zeroed_dense_logits(model_path, tokens, prompt_len, masks, flash_attn=False, n_ctx=512, fill=None):
+    """The oracle: stock dense decode with inactive heads' outputs zeroed by a tensor hook
+    (or, with ``fill`` [n_layer, n_head, d], replaced by those vectors)."""
+    hook = ZeroedHeads(*masks.shape[1:]) if fill is None else FilledHeads(*masks.shape[1:], fill)
     with Engine(model_path, n_ctx=n_ctx, n_threads=2, tensor_hook=hook, flash_attn=flash_attn) as ref_eng:
         ref_eng.prefill(tokens[:prompt_len])  # hook.mask is all ones: dense prefill
         out = []
@@ -105,6 +106,61 @@ def test_masked_sparse_matches_zeroed_dense_f32(f32_model_path, seed, density):
     assert np.array_equal(sparse.argmax(1), ref.argmax(1))
     # the mask matters: without it the logits are far away
     assert rel_diff(dense, ref).min() > 20 * rel_diff(sparse, ref).max()
+
+
+@pytest.mark.parametrize("seed,density", [(0, 0.5), (1, 0.25)])
+def test_mean_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, density):
+    """Mean fill adds, after wo, mean [n_head, n_embd] x (1 - mask): the same as dense decode
+    whose inactive heads output the vector m_h whose image through wo is that mean."""
+    from powerinfer_attn import train
+    from powerinfer_attn.importance import load_wo
+
+    rng = np.random.default_rng(seed)
+    with Engine(f32_model_path, n_ctx=512, n_threads=2) as eng:
+        L, H, E = eng.n_layer, eng.n_head, eng.n_embd
+        d = E // H
+        fill = (rng.normal(size=(L, H, d)) * 0.3).astype(np.float32)
+        wo = load_wo(f32_model_path, L)
+        means = [np.stack([wo[il][:, h * d:(h + 1) * d] @ fill[il, h] for h in range(H)], axis=1) for il in range(L)]
+        zeros = [np.zeros((H, E), np.float32)] * L
+        train.write_predictor(tmp_path / "m.gguf", zeros, [np.zeros(H, np.float32)] * L, f32_model_path.name,
+                              "threshold", 0.0, {}, means=means)
+        toks = eng.tokenize(ORACLE_TEXT)
+        masks = random_masks(rng, len(toks) - 5, L, H, density)
+        eng.load_head_predictor(tmp_path / "m.gguf")
+        eng.set_head_fill(True)  # the masks still come from Python: the predictor is not switched on
+        sparse = teacher_forced_logits(eng, toks, 5, masks)
+        eng.set_head_fill(False)
+        zero_filled = teacher_forced_logits(eng, toks, 5, masks)
+    ref = zeroed_dense_logits(f32_model_path, toks, 5, masks, fill=fill)
+    assert rel_diff(sparse, ref).max() < 5e-3
+    # the same top token wherever the oracle's top two are further apart than the rounding
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * np.abs(sparse - ref).max(axis=1)
+    assert clear.mean() > 0.5 and np.array_equal(sparse.argmax(1)[clear], ref.argmax(1)[clear])
+    # the fill matters, and switching it off gives back zero fill
+    assert rel_diff(zero_filled, ref).min() > 20 * rel_diff(sparse, ref).max()
+    assert rel_diff(zero_filled, zeroed_dense_logits(f32_model_path, toks, 5, masks)).max() < 5e-3
+
+
+def test_mean_fill_errors(tmp_path, model_path, engine):
+    from powerinfer_attn import train
+    from powerinfer_attn.engine import EngineError
+
+    with Engine(model_path, n_ctx=64, n_threads=1) as eng:
+        with pytest.raises(EngineError, match="needs a head predictor"):
+            eng.set_head_fill(True)
+        L, H, E = eng.n_layer, eng.n_head, eng.n_embd
+        ws, bs = [np.zeros((H, E), np.float32)] * L, [np.zeros(H, np.float32)] * L
+        train.write_predictor(tmp_path / "plain.gguf", ws, bs, model_path.name, "threshold", 0.0, {})
+        eng.load_head_predictor(tmp_path / "plain.gguf")
+        with pytest.raises(EngineError, match="holds no head means"):
+            eng.set_head_fill(True)
+        eng.set_head_fill(False)
+        bad = [np.zeros((E, H + 1), np.float32)] * L
+        train.write_predictor(tmp_path / "bad.gguf", ws, bs, model_path.name, "threshold", 0.0, {}, means=bad)
+        with pytest.raises(EngineError, match="returned -1"):
+            eng.load_head_predictor(tmp_path / "bad.gguf")
 
 
 @pytest.mark.parametrize("seed,density", [(0, 0.5), (2, 0.9)])

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from powerinfer_attn import collect, train
+from powerinfer_attn import collect, compare, train
 from powerinfer_attn.engine import Engine, EngineError, TensorHook
 from powerinfer_attn.importance import mass_mask, topk_mask
 from powerinfer_attn.predictors import TrainedHeads, get_predictor
@@ -45,15 +45,21 @@ def test_select_rules():
         train.select("best", logits, 0)
 
 
-def _fake_data(dirpath, n_layer=2, n_head=3, n_embd=8, chunks=6, batch=64, seed=0):
+def _fake_data(dirpath, n_layer=2, n_head=3, n_embd=8, chunks=6, batch=64, seed=0, means=False):
+    """Importance exp(0.5 w.x) per head; with ``means`` the deviation importance is exp(-0.5 w.x),
+    so a predictor trained on the wrong one ranks heads backwards."""
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(n_layer, n_head, n_embd))
     for c in range(chunks):
         x = rng.normal(size=(n_layer, batch, n_embd)).astype(np.float16)
-        imp = np.exp(np.einsum("lhe,lte->tlh", w, x.astype(np.float64)) * 0.5).astype(np.float32)
+        wx = np.einsum("lhe,lte->tlh", w, x.astype(np.float64))
         np.save(dirpath / f"x-{c:05d}.npy", x)
-        np.save(dirpath / f"imp-{c:05d}.npy", imp)
+        np.save(dirpath / f"imp-{c:05d}.npy", np.exp(wx * 0.5).astype(np.float32))
         np.save(dirpath / f"resid-{c:05d}.npy", np.full((batch, n_layer), 10.0, np.float32))
+        if means:
+            np.save(dirpath / f"dev-{c:05d}.npy", np.exp(-wx * 0.5).astype(np.float32))
+    if means:
+        np.save(dirpath / "head_mean.npy", rng.normal(size=(n_layer, n_head, n_embd)).astype(np.float32))
     meta = {"model_name": "fake.gguf", "articles": "fake", "tokens": chunks * batch, "chunks": chunks,
             "batch": batch, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
     (dirpath / "meta.json").write_text(json.dumps(meta))
@@ -108,6 +114,39 @@ def test_bench_times_the_trained_predictor(tmp_path, model_path, engine):
                   trained="all", progress=lambda m: None)
 
 
+def test_mean_fill_training_uses_deviations_and_stores_the_means(tmp_path):
+    _fake_data(tmp_path, means=True)
+    out = tmp_path / "p.gguf"
+    s = train.train(tmp_path, out, density=0.5)
+    assert s["fill"] == "mean" and train.read_metadata(out)["fill"] == "mean"
+    np.testing.assert_array_equal(train.read_means(out), np.load(tmp_path / "head_mean.npy"))
+    x, dev, _ = collect.load_layer(tmp_path, 0, deviation=True)
+    w, b = _read_layer(out, 0)
+    # the logits follow log(deviation share): their ranking agrees with the deviation's, not the raw importance's
+    logits = x @ w.T + b
+    assert np.corrcoef(logits[:, 0] - logits[:, 1], np.log(dev[:, 0] / dev[:, 1]))[0, 1] > 0.9
+    z = train.train(tmp_path, tmp_path / "z.gguf", density=0.5, fill="zero")
+    assert z["fill"] == "zero" and train.read_means(tmp_path / "z.gguf") is None
+    p = get_predictor(f"trained:{out}:density=0.6", "m.gguf")
+    assert p.fill == "mean" and p.name.endswith("+mean")
+    p = get_predictor(f"trained:{out}:fill=zero:topk=2", "m.gguf")
+    assert p.fill == "zero" and p.rule == "topk" and not p.name.endswith("+mean")
+    with pytest.raises(ValueError, match="holds no head means"):
+        get_predictor(f"trained:{tmp_path / 'z.gguf'}:fill=mean", "m.gguf")
+    with pytest.raises(ValueError, match="unknown fill"):
+        get_predictor(f"trained:{out}:fill=half", "m.gguf")
+    with pytest.raises(ValueError, match="at most one rule"):
+        get_predictor(f"trained:{out}:topk=2:mass=0.5", "m.gguf")
+    assert compare.family("oracle:0.8+mean") == "oracle+mean" and compare.family(p.name) == "trained"
+
+
+def _read_layer(path, il):
+    from gguf import GGUFReader
+
+    ts = {t.name: np.asarray(t.data, np.float32) for t in GGUFReader(str(path)).tensors}
+    return ts[f"blk.{il}.head_pred.weight"], ts[f"blk.{il}.head_pred.bias"]
+
+
 def test_train_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="collect"):
         train.train(tmp_path, tmp_path / "p.gguf")
@@ -116,6 +155,11 @@ def test_train_errors(tmp_path):
         train.train(tmp_path, tmp_path / "p.gguf")
     with pytest.raises(ValueError, match="unknown label"):
         train.train(tmp_path, tmp_path / "p.gguf", label="best")
+    _fake_data(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no head means"):
+        train.train(tmp_path, tmp_path / "p.gguf", fill="mean")
+    with pytest.raises(ValueError, match="unknown fill"):
+        train.train(tmp_path, tmp_path / "p.gguf", fill="half")
 
 
 def test_trained_spec_errors(tmp_path):
@@ -253,6 +297,11 @@ def test_collect_records_shapes_and_keeps_to_training_articles(tmp_path, model_p
     with Engine(model_path, n_ctx=32, n_threads=1) as eng:
         assert x.shape == (meta["tokens"], eng.n_embd) and imp.shape == (meta["tokens"], eng.n_head)
     assert resid.shape == (meta["tokens"],) and (resid > 0).all() and (imp > 0).all()
+    # mean fill's data: the means, and deviations from them that differ from the raw importance
+    _, dev, _ = collect.load_layer(tmp_path / "d", 3, deviation=True)
+    assert dev.shape == imp.shape and (dev > 0).all() and not np.allclose(dev, imp)
+    assert np.load(tmp_path / "d" / "head_mean.npy").shape == (eng.n_layer, eng.n_head, eng.n_embd)
+    assert meta["head_mean_tokens"] >= 128
     # attn_norm output is RMS-normalised times the norm weights: not all zeros, finite
     assert np.isfinite(x).all() and np.abs(x).mean() > 0.01
 
