@@ -33,22 +33,24 @@ test: setup
 # a result's tables again. The predictor data and file go to vendor/predictor (git-ignored).
 TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 PRED  = vendor/predictor/pred.gguf
+PRED_MEAN = vendor/predictor/pred-mean.gguf
 PRED_ZERO = vendor/predictor/pred-zero.gguf
 figures: setup
 	mkdir -p figures vendor/predictor
 	$(BIN)/powerinfer-attn calibrate --text-file $(TEXT) -t 2
 	$(BIN)/powerinfer-attn collect --text-file $(TEXT) --out vendor/predictor/data -t 2
 	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --out $(PRED)
+	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --fill mean --out $(PRED_MEAN)
 	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --fill zero --out $(PRED_ZERO)
 	$(BIN)/powerinfer-attn score --text-file $(TEXT) --windows 8 -t 2 --json --plot figures/pareto.png \
 		--predictor all --predictor oracle:0.8 --predictor oracle:0.85 --predictor oracle:0.9 \
-		--predictor oracle:0.8:means=$(PRED) --predictor oracle:0.85:means=$(PRED) \
-		--predictor oracle:0.9:means=$(PRED) \
-		--predictor static:5 --predictor static:7 --predictor random:7 \
-		--predictor trained:$(PRED):density=0.6 --predictor trained:$(PRED):density=0.7 \
-		--predictor trained:$(PRED):density=0.75 --predictor trained:$(PRED):density=0.8 \
-		--predictor trained:$(PRED):density=0.9 \
-		--predictor trained:$(PRED_ZERO):density=0.7 --predictor trained:$(PRED_ZERO):density=0.8 \
+		--predictor oracle:0.8:fill=$(PRED) --predictor oracle:0.85:fill=$(PRED) \
+		--predictor oracle:0.9:fill=$(PRED) --predictor oracle:0.85:fill=$(PRED_MEAN) \
+		--predictor static:7 --predictor random:7 \
+		--predictor trained:$(PRED):density=0.6 --predictor trained:$(PRED):density=0.65 \
+		--predictor trained:$(PRED):density=0.7 --predictor trained:$(PRED):density=0.75 \
+		--predictor trained:$(PRED):density=0.8 \
+		--predictor trained:$(PRED_MEAN):density=0.7 --predictor trained:$(PRED_ZERO):density=0.7 \
 		> figures/score.json
 	$(BIN)/powerinfer-attn bench --ctx 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \
 		--json --plot figures/bench-2threads.png > figures/bench-2threads.json

@@ -254,8 +254,8 @@ def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> Non
     try:
         path = resolve_model(model)
         text = cmp.resolve_text_file(text_file)
-        # the head means read every MEAN_EVERY-th chunk first
-        length = tokens + tokens // col.MEAN_EVERY + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
+        # the fills are fitted on every FILL_EVERY-th chunk first
+        length = tokens + tokens // col.FILL_EVERY + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
         with click.progressbar(length=length, label="collecting", file=sys.stderr) as bar:
             meta = col.collect(path, text, Path(out), tokens, threads=threads, sensitivity=sensitivity,
                                progress=bar.update)
@@ -281,9 +281,10 @@ def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> Non
               help="threshold with the share label: offset each layer's logits by this times log(its measured "
                    "sensitivity), centred; 0 for one budget for all layers.")
 @click.option("--no-layer-budget", "no_budget", is_flag=True, help="The same as --layer-budget 0.")
-@click.option("--fill", type=click.Choice(["mean", "zero"]), default=None,
-              help="What a skipped head contributes: its mean (stored in the file; labels are deviations "
-                   "from it) or nothing. Default: mean when the data has head means.")
+@click.option("--fill", type=click.Choice(["linear", "mean", "zero"]), default=None,
+              help="What a skipped head contributes: a linear prediction of its output from the layer's input, "
+                   "its mean (either stored in the file; labels are deviations from it) or nothing. "
+                   "Default: linear when the data has it.")
 @json_option
 def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no_budget, fill, as_json) -> None:
     """Fit a per-layer linear head predictor (numpy ridge) and write it as a GGUF sidecar."""

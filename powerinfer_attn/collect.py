@@ -16,10 +16,10 @@ in the output directory so memory stays bounded by one chunk:
 - ``resid-NNNNN.npy``: float32 ``[n_tokens, n_layer]``, the norm of the residual stream the
   attention output is added to (``ffn_inp - attn_out``), the scale a head's contribution is
   judged against;
-- ``dev-NNNNN.npy``: float32 ``[n_tokens, n_layer, n_head]``, the norm of each contribution's
-  deviation from its head's mean (the importance of a head under mean fill), with the means in
-  ``head_mean.npy`` float32 ``[n_layer, n_head, n_embd]``, measured first on every
-  ``MEAN_EVERY``-th chunk.
+- ``dev-mean-NNNNN.npy`` and ``dev-linear-NNNNN.npy``: float32 ``[n_tokens, n_layer, n_head]``,
+  the norm of each contribution's deviation from what mean fill and linear fill would put in
+  its place (a head's importance under that fill; ``fill.py``), with both fills in
+  ``fill.npz``, fitted first on every ``FILL_EVERY``-th chunk.
 
 ``meta.json`` says which model, text and articles, and the shapes, and holds each layer's
 sensitivity (``layer_sensitivity``), which ``train`` turns into per-layer budgets.
@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from .engine import Engine, TensorHook
+from .fill import FillFitter, HeadFill
 from .importance import HeadContributions
 
 TRAIN_FRACTION = 0.45
@@ -76,8 +77,8 @@ def require_training_articles(text: str, source: Path) -> list[tuple[int, int, s
 class _Recorder(TensorHook):
     """Importance (through ``HeadContributions``) plus attn_norm, attn_out and ffn_inp per layer."""
 
-    def __init__(self, model_path: Path, n_layer: int, n_head: int, center: np.ndarray | None = None):
-        self.heads = HeadContributions(model_path, n_layer, n_head, center=center)
+    def __init__(self, model_path: Path, n_layer: int, n_head: int, fill: HeadFill | None = None):
+        self.heads = HeadContributions(model_path, n_layer, n_head, fill=fill)
         self.n_layer = n_layer
         self.x: list[np.ndarray | None] = [None] * n_layer
         self.attn_out: list[np.ndarray | None] = [None] * n_layer
@@ -87,9 +88,10 @@ class _Recorder(TensorHook):
         return self.heads.wants(name) or _NAMED.match(name) is not None
 
     def __call__(self, name: str, data: np.ndarray) -> None:
+        if self.heads.wants(name):
+            self.heads(name, data)
         m = _NAMED.match(name)
         if m is None:
-            self.heads(name, data)
             return
         what, il = m.group(1), int(m.group(2))
         rows = data.reshape(-1, data.shape[-1])
@@ -104,7 +106,7 @@ class _Recorder(TensorHook):
 
 
 SENSITIVITY_STEPS = 4 * 32  # windows x steps per layer in layer_sensitivity's defaults
-MEAN_EVERY = 4  # the head means are measured on every 4th chunk (a quarter of the cost of the data)
+FILL_EVERY = 4  # the fills are fitted on every 4th chunk (a quarter of the cost of the data)
 
 
 def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, batch: int = 512,
@@ -131,9 +133,9 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     used = [t for c in range(n_want) for t in train_toks[c * step:c * step + batch]]
     chunks = [used[s0:s0 + batch] for s0 in range(0, len(used), batch)]
     chunks = [c for c in chunks if len(c) >= 16]
-    center = head_means(model_path, chunks[::MEAN_EVERY], n_layer, n_head, batch, threads, progress)
-    np.save(out / "head_mean.npy", center.astype(np.float32))
-    rec = _Recorder(model_path, n_layer, n_head, center=center)
+    fill = fit_fill(model_path, chunks[::FILL_EVERY], n_layer, n_head, batch, threads, progress)
+    fill.save(out / "fill.npz")
+    rec = _Recorder(model_path, n_layer, n_head, fill=fill)
     n_chunks = 0
     with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch, tensor_hook=rec) as eng:
         for chunk in chunks:
@@ -144,7 +146,8 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
             np.save(out / f"x-{n_chunks:05d}.npy", x)
             np.save(out / f"imp-{n_chunks:05d}.npy", rec.heads.per_token.astype(np.float32))
             np.save(out / f"resid-{n_chunks:05d}.npy", rec.resid.astype(np.float32))
-            np.save(out / f"dev-{n_chunks:05d}.npy", rec.heads.per_token_dev.astype(np.float32))
+            for kind, dev in rec.heads.per_token_dev.items():
+                np.save(out / f"dev-{kind}-{n_chunks:05d}.npy", dev.astype(np.float32))
             n_chunks += 1
             if progress:
                 progress(len(chunk))
@@ -162,7 +165,7 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
         "n_head": n_head,
         "n_embd": n_embd,
         "scored_from_token": whole // 2,
-        "head_mean_tokens": sum(len(c) for c in chunks[::MEAN_EVERY]),
+        "fill_tokens": sum(len(c) for c in chunks[::FILL_EVERY]),
         "layer_sensitivity": layer_sensitivity(model_path, train_toks, threads=threads, progress=progress)
         if sensitivity else None,
     }
@@ -170,17 +173,17 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     return meta
 
 
-def head_means(model_path: Path, chunks: list[list[int]], n_layer: int, n_head: int, batch: int,
-               threads: int | None, progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """``[n_layer, n_head, n_embd]``: each head's mean contribution through ``wo`` over the chunks."""
-    hook = HeadContributions(model_path, n_layer, n_head, moments=True)
+def fit_fill(model_path: Path, chunks: list[list[int]], n_layer: int, n_head: int, batch: int,
+             threads: int | None, progress: Callable[[int], None] | None = None) -> HeadFill:
+    """Mean and linear fill (``fill.py``), fitted on dense runs over the chunks."""
+    hook = FillFitter(n_layer)
     with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch, tensor_hook=hook) as eng:
         for chunk in chunks:
             eng.reset()
             eng.prefill(chunk, all_logits=True)
             if progress:
                 progress(len(chunk))
-    return hook.mean_contribution()
+    return hook.fit(model_path, n_head)
 
 
 def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, prefix: int = 64, steps: int = 32,
@@ -237,20 +240,24 @@ def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, pre
     return [float(k / max(d, 1e-9)) for k, d in zip(kl, dropped)]
 
 
-def load_layer(data_dir: Path, il: int, deviation: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_layer(data_dir: Path, il: int, fill: str = "zero") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(x [N, n_embd] float32, importance [N, n_head], residual norm [N])`` of layer ``il``
-    over all chunks (one layer at a time keeps memory at N * n_embd floats). With ``deviation``
-    the importance is the deviation from each head's mean (``dev-*.npy``)."""
+    over all chunks (one layer at a time keeps memory at N * n_embd floats). With ``fill``
+    ``mean`` or ``linear`` the importance is the deviation from that fill (``dev-FILL-*.npy``)."""
     meta = json.loads((data_dir / "meta.json").read_text())
-    if deviation and not has_means(data_dir):
-        raise FileNotFoundError(f"{data_dir} holds no head means (collected by an older version): collect again")
+    if not has_fill(data_dir, fill):
+        raise FileNotFoundError(f"{data_dir} holds no data for {fill} fill (collected by an older version): collect again")
+    prefix = "imp" if fill == "zero" else f"dev-{fill}"
     xs, imps, res = [], [], []
     for c in range(meta["chunks"]):
         xs.append(np.load(data_dir / f"x-{c:05d}.npy", mmap_mode="r")[il].astype(np.float32))
-        imps.append(np.load(data_dir / f"{'dev' if deviation else 'imp'}-{c:05d}.npy")[:, il])
+        imps.append(np.load(data_dir / f"{prefix}-{c:05d}.npy")[:, il])
         res.append(np.load(data_dir / f"resid-{c:05d}.npy")[:, il])
     return np.concatenate(xs), np.concatenate(imps), np.concatenate(res)
 
 
-def has_means(data_dir: Path) -> bool:
-    return (data_dir / "head_mean.npy").is_file() and (data_dir / "dev-00000.npy").is_file()
+def has_fill(data_dir: Path, fill: str) -> bool:
+    """Does the collected data hold importance under this fill (and the fill itself)?"""
+    if fill == "zero":
+        return (data_dir / "imp-00000.npy").is_file()
+    return (data_dir / "fill.npz").is_file() and (data_dir / f"dev-{fill}-00000.npy").is_file()

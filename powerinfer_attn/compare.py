@@ -177,7 +177,8 @@ def format_scores(results: list[ScoreResult]) -> str:
 def family(name: str) -> str:
     """The predictor family of a result name: ``trained:p.gguf:density=0.6`` -> ``trained``,
     ``oracle:0.8+mean`` -> ``oracle+mean``."""
-    return name.split(":")[0] + ("+mean" if name.endswith("+mean") else "")
+    base, plus, fill = name.rpartition("+")
+    return name.split(":")[0] + (f"+{fill}" if plus and fill in ("mean", "linear") else "")
 
 
 def plot_pareto(results: list[dict], path) -> None:

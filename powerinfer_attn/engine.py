@@ -477,20 +477,24 @@ class Engine:
         if hasattr(self.C, "llama_set_head_predictor"):
             self.C.llama_set_head_predictor(self.ctx, bool(enabled))
 
-    def set_head_fill(self, mean: bool) -> None:
-        """What a head that sparse decode skips contributes: nothing (False, the default) or its
-        mean contribution through ``wo`` from the loaded predictor's file (True), whichever
-        source the mask comes from."""
+    def set_head_fill(self, fill: str) -> None:
+        """What a head that sparse decode skips contributes, whichever source the mask comes
+        from: ``zero`` (nothing, the default), ``mean`` or ``linear`` (``fill.py``), read from
+        the loaded predictor's file."""
+        from .fill import FILL_IDS
+
         self._check_open()
-        if mean and self._head_predictor is None:
-            raise EngineError("mean fill needs a head predictor file with means loaded (load_head_predictor)")
+        if fill not in FILL_IDS:
+            raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(FILL_IDS)}")
+        if fill != "zero" and self._head_predictor is None:
+            raise EngineError(f"{fill} fill needs a head predictor file that holds it (load_head_predictor)")
         if not hasattr(self.C, "llama_set_head_fill"):
-            if mean:
-                raise EngineError("this library has no mean fill (rebuild: powerinfer-attn build)")
+            if fill != "zero":
+                raise EngineError("this library has no head fills (rebuild: powerinfer-attn build)")
             return
-        rc = self.C.llama_set_head_fill(self.ctx, bool(mean))
+        rc = self.C.llama_set_head_fill(self.ctx, FILL_IDS[fill])
         if rc == -3:
-            raise EngineError(f"{self._head_predictor} holds no head means (train-predictor --fill mean writes them)")
+            raise EngineError(f"{self._head_predictor} holds no {fill} fill (train-predictor --fill {fill} writes it)")
         if rc != 0:
             raise EngineError(f"llama_set_head_fill returned {rc}")
 

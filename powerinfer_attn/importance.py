@@ -17,6 +17,7 @@ import numpy as np
 from .engine import TensorHook
 
 _KQV_OUT = re.compile(r"^kqv_out-(\d+)$")
+_ATTN_NORM = re.compile(r"^attn_norm-(\d+)$")
 
 
 def load_wo(model_path: str | Path, n_layer: int) -> list[np.ndarray]:
@@ -41,21 +42,24 @@ class HeadContributions(TensorHook):
 
     ``last`` is the last token's ``[n_layer, n_head]``. ``active`` switches recording on and off.
     With ``moments``, it also sums over every token seen each head's contribution vector and
-    its squared norm (``mean_explained``, ``mean_contribution``). With ``center``
-    (``[n_layer, n_head, n_embd]``, each head's mean contribution), ``per_token_dev`` holds the
-    norm of each contribution's deviation from its head's mean: what a head that mean fill
-    replaces by its mean would change.
+    its squared norm (``mean_explained``, ``mean_contribution``). With ``fill`` (a
+    ``fill.HeadFill``), ``per_token_dev[kind]`` holds, for each fill the object has (``mean``,
+    ``linear``), the norm of each contribution's deviation from what that fill would put in
+    its place: what skipping the head then changes. Linear fill reads ``attn_norm-<il>`` too.
     """
 
     def __init__(self, model_path: str | Path, n_layer: int, n_head: int, moments: bool = False,
-                 center: np.ndarray | None = None):
+                 fill=None):
         self.wo = load_wo(model_path, n_layer)
         self.n_layer, self.n_head = n_layer, n_head
         self.per_token = np.zeros((0, n_layer, n_head), np.float32)
-        if center is not None and center.shape != (n_layer, n_head, self.wo[0].shape[0]):
-            raise ValueError(f"center must be [n_layer, n_head, n_embd], got {center.shape}")
-        self.center = center
-        self.per_token_dev = np.zeros((0, n_layer, n_head), np.float32) if center is not None else None
+        self.fill = fill
+        self.fill_kinds = [k for k in ("mean", "linear") if fill is not None and fill.has(k)]
+        if fill is not None and fill.mean_post is not None and \
+                fill.mean_post.shape != (n_layer, n_head, self.wo[0].shape[0]):
+            raise ValueError(f"the fill's means must be [n_layer, n_head, n_embd], got {fill.mean_post.shape}")
+        self.per_token_dev = {k: np.zeros((0, n_layer, n_head), np.float32) for k in self.fill_kinds}
+        self.x: list[np.ndarray | None] = [None] * n_layer
         self.active = True
         n_embd = self.wo[0].shape[0]
         self.tokens_seen = 0
@@ -89,23 +93,36 @@ class HeadContributions(TensorHook):
         return self.per_token[-1]
 
     def wants(self, name: str) -> bool:
-        return self.active and _KQV_OUT.match(name) is not None
+        if not self.active:
+            return False
+        return _KQV_OUT.match(name) is not None or ("linear" in self.fill_kinds and _ATTN_NORM.match(name) is not None)
 
     def __call__(self, name: str, data: np.ndarray) -> None:
+        m = _ATTN_NORM.match(name)
+        if m is not None:
+            self.x[int(m.group(1))] = data.reshape(-1, data.shape[-1]).copy()
+            return
         il = int(_KQV_OUT.match(name).group(1))
         o = data.reshape(-1, data.shape[-1])  # (n_tokens, n_head*d)
         n_tokens, width = o.shape
         if il == 0 or self.per_token.shape[0] != n_tokens:
             self.per_token = np.zeros((n_tokens, self.n_layer, self.n_head), np.float32)
-            if self.center is not None:
-                self.per_token_dev = np.zeros_like(self.per_token)
+            self.per_token_dev = {k: np.zeros_like(self.per_token) for k in self.fill_kinds}
         d = width // self.n_head
         w = self.wo[il]
+        predicted = None
+        if "linear" in self.fill_kinds:
+            if self.x[il] is None or self.x[il].shape[0] != n_tokens:
+                raise ValueError(f"{name}: no attn_norm-{il} of {n_tokens} tokens before it")
+            predicted = self.fill.outputs(il, self.x[il])
         for h in range(self.n_head):
-            contrib = o[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T  # (n_tokens, n_embd)
+            cols = slice(h * d, (h + 1) * d)
+            contrib = o[:, cols] @ w[:, cols].T  # (n_tokens, n_embd)
             self.per_token[:, il, h] = np.linalg.norm(contrib, axis=1)
-            if self.center is not None:
-                self.per_token_dev[:, il, h] = np.linalg.norm(contrib - self.center[il, h], axis=1)
+            if "mean" in self.fill_kinds:
+                self.per_token_dev["mean"][:, il, h] = np.linalg.norm(contrib - self.fill.mean_post[il, h], axis=1)
+            if predicted is not None:
+                self.per_token_dev["linear"][:, il, h] = np.linalg.norm((o[:, cols] - predicted[:, cols]) @ w[:, cols].T, axis=1)
             if self.contrib_sum is not None:
                 self.contrib_sum[il, h] += contrib.sum(axis=0)
                 self.energy_sum[il, h] += float((contrib.astype(np.float64) ** 2).sum())

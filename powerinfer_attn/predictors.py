@@ -16,16 +16,17 @@ Built-in, by name (``get_predictor``), with what each costs per decode step:
   contribution through ``wo``) covers fraction P of the layer's total, or the top K,
   measured on a dense step of the same state that is then rolled back. It costs a whole
   dense step plus the graph switch: an upper bound on quality, never a speed mode.
-  ``:means=PRED.gguf`` adds mean fill with that file's head means: skipped heads contribute
-  their mean, and importance is the deviation from it (named ``oracle:P+mean``).
+  ``:fill=PRED.gguf`` adds the fill that file holds (``fill.py``, mean or linear): skipped
+  heads contribute what it predicts, and importance is the deviation from that (named
+  ``oracle:P+mean`` or ``oracle:P+linear``).
 - ``mask-file:PATH``: masks from a ``.npy`` array ``[steps, n_layer, n_head]``; step i uses
   ``masks[i]``. An array lookup.
-- ``trained:PRED.gguf[:RULE=VALUE][:fill=FILL]``: the predictor from ``train-predictor``,
+- ``trained:PRED.gguf[:RULE=VALUE][:fill=zero]``: the predictor from ``train-predictor``,
   computed inside the decode graph (``in_graph``): one small matrix-vector product and a
   selection per layer, no Python per step. RULE (threshold, topk, mass) overrides the file's
   rule; ``density=D`` keeps the file's rule at the value that gave density D on the held-out
-  data (0.30, 0.35, ..., 1.00). A file trained for mean fill runs with it (named ``...+mean``);
-  ``fill=zero`` turns it off. Its ``hook`` reads back the masks the graph chose (``observed``).
+  data (0.30, 0.35, ..., 1.00). A file trained with a fill runs with it (named ``...+mean`` or
+  ``...+linear``); ``fill=zero`` turns it off. Its ``hook`` reads back the masks the graph chose (``observed``).
 """
 
 from __future__ import annotations
@@ -105,37 +106,35 @@ class StaticHeads(_Shaped):
 
 class Oracle(_Shaped):
     """Measures importance on a dense step of the current state, rolls it back, then selects.
-    With ``means`` (a predictor file holding head means) skipped heads get their mean and the
+    With ``fill_from`` (a predictor file holding a fill) skipped heads get that fill and the
     importance is each contribution's deviation from it."""
 
     def __init__(self, model_path: str | Path, fraction: float | None = None, k: int | None = None,
-                 means: str | Path | None = None):
+                 fill_from: str | Path | None = None):
         self.fraction, self.k = fraction, k
-        self.name = (f"oracle:{fraction:g}" if fraction is not None else f"oracle-topk:{k}") + ("+mean" if means else "")
         self.model_path = model_path
-        self.means_path = Path(means) if means else None
-        self.center = None
-        if self.means_path is not None:
-            from .train import read_means
+        self.fill_path = Path(fill_from) if fill_from else None
+        self.fill_kind, self.fill = "zero", None
+        if self.fill_path is not None:
+            from .train import read_fill
 
-            if not self.means_path.is_file():
-                raise ValueError(f"{self.name}: predictor file {self.means_path} not found")
-            self.center = read_means(self.means_path)
-            if self.center is None:
-                raise ValueError(f"{self.means_path} holds no head means (train-predictor --fill mean writes them)")
+            if not self.fill_path.is_file():
+                raise ValueError(f"predictor file {self.fill_path} not found")
+            self.fill_kind, self.fill = read_fill(self.fill_path)
+            if self.fill_kind == "zero":
+                raise ValueError(f"{self.fill_path} holds no fill (train-predictor --fill mean|linear writes one)")
+        self.name = (f"oracle:{fraction:g}" if fraction is not None else f"oracle-topk:{k}") + \
+            ("" if self.fill is None else f"+{self.fill_kind}")
         self.hook = _DeferredHook()
 
     def bind(self, engine) -> None:
         super().bind(engine)
         if self.k is not None and not 1 <= self.k <= self.n_head:
             raise ValueError(f"oracle-topk:{self.k}: K must be in [1, {self.n_head}]")
-        if self.center is not None:
-            if self.center.shape != (engine.n_layer, engine.n_head, engine.n_embd):
-                raise ValueError(f"{self.means_path} holds means for {self.center.shape}, the model has "
-                                 f"({engine.n_layer}, {engine.n_head}, {engine.n_embd})")
-            engine.load_head_predictor(self.means_path)
-            engine.set_head_fill(True)
-        self.hook.inner = HeadContributions(engine.model_path, engine.n_layer, engine.n_head, center=self.center)
+        if self.fill is not None:
+            engine.load_head_predictor(self.fill_path)  # checks that it fits the model
+            engine.set_head_fill(self.fill_kind)
+        self.hook.inner = HeadContributions(engine.model_path, engine.n_layer, engine.n_head, fill=self.fill)
         self.hook.inner.active = False
 
     def predict(self, state) -> np.ndarray:
@@ -149,7 +148,7 @@ class Oracle(_Shaped):
             hook.active = False
             eng.rollback(state.position)
             eng.set_sparse(was_sparse)
-        imp = hook.last if self.center is None else hook.per_token_dev[-1]
+        imp = hook.last if self.fill is None else hook.per_token_dev[self.fill_kind][-1]
         return mass_mask(imp, self.fraction) if self.fraction is not None else topk_mask(imp, self.k)
 
 
@@ -211,7 +210,8 @@ class TrainedHeads(_Shaped):
 
     def __init__(self, path: str | Path, rule: str | None = None, value: float | None = None,
                  fill: str | None = None):
-        from .train import FILLS, read_metadata
+        from .fill import FILLS
+        from .train import read_metadata
 
         self.path, self.rule, self.value = Path(path), rule, value
         if not self.path.is_file():
@@ -224,12 +224,12 @@ class TrainedHeads(_Shaped):
             raise ValueError(f"{self.path} is not a head predictor (no head_predictor.kind)")
         if fill is not None and fill not in FILLS:
             raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(FILLS)}")
-        has_means = self.meta.get("fill") == "mean"
-        if fill == "mean" and not has_means:
-            raise ValueError(f"{self.path} holds no head means: it cannot run with fill=mean")
-        self.fill = fill or ("mean" if has_means else "zero")
+        own = self.meta.get("fill", "zero")
+        if fill not in (None, "zero", own):
+            raise ValueError(f"{self.path} was trained with {own} fill: it runs with that or fill=zero, not {fill}")
+        self.fill = fill or own
         self.name = (f"trained:{self.path.name}" + (f":{rule}={value:g}" if rule else "")
-                     + ("+mean" if self.fill == "mean" else ""))
+                     + ("" if self.fill == "zero" else f"+{self.fill}"))
         if rule == "density":
             # the file's rule, at the value that gave this density on the held-out data
             table = self.meta["training"].get("value_for_density", {})
@@ -246,7 +246,7 @@ class TrainedHeads(_Shaped):
         if self.rule:
             engine.set_head_rule(self.rule, self.value)
         engine.use_head_predictor(True)
-        engine.set_head_fill(self.fill == "mean")
+        engine.set_head_fill(self.fill)
         self.hook.mask = np.zeros((self.n_layer, self.n_head), np.int32)
 
     def predict(self, state) -> None:
@@ -257,8 +257,8 @@ class TrainedHeads(_Shaped):
         return self.hook.mask.copy()
 
 
-NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:means=PRED.gguf]", "oracle-topk:K[:means=PRED.gguf]",
-         "mask-file:PATH", "trained:PRED.gguf[:RULE=VALUE][:fill=mean|zero]")
+NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill=PRED.gguf]", "oracle-topk:K[:fill=PRED.gguf]",
+         "mask-file:PATH", "trained:PRED.gguf[:RULE=VALUE][:fill=zero]")
 
 
 def default_calibration_path(model_path: str | Path) -> Path:
@@ -281,14 +281,14 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
             return StaticHeads(int(k), path or default_calibration_path(model_path))
         if kind in ("oracle", "oracle-topk") and arg:
             value, _, opt = arg.partition(":")
-            means = None
+            fill_from = None
             if opt:
-                if not opt.startswith("means="):
-                    raise ValueError(f"bad predictor {spec!r}: the option is means=PRED.gguf")
-                means = opt.removeprefix("means=")
+                if not opt.startswith("fill="):
+                    raise ValueError(f"bad predictor {spec!r}: the option is fill=PRED.gguf")
+                fill_from = opt.removeprefix("fill=")
             if kind == "oracle":
-                return Oracle(model_path, fraction=float(value), means=means)
-            return Oracle(model_path, k=int(value), means=means)
+                return Oracle(model_path, fraction=float(value), fill_from=fill_from)
+            return Oracle(model_path, k=int(value), fill_from=fill_from)
         if kind == "mask-file" and arg:
             return MaskFile(arg)
         if kind == "trained" and arg:
@@ -302,7 +302,7 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
                     rule, value = name, float(val)
                 else:
                     raise ValueError(f"bad predictor {spec!r}: after the file come at most one rule "
-                                     f"(threshold=V, topk=K, mass=P or density=D) and fill=mean|zero")
+                                     f"(threshold=V, topk=K, mass=P or density=D) and fill=FILL")
             return TrainedHeads(path, rule, value, fill)
     except ValueError as e:
         if "invalid literal" in str(e) or "could not convert" in str(e):

@@ -7,8 +7,9 @@ heads side by side; the same tensor with or without flash attention), it zeroes 
 of the heads the mask marks inactive. Everything else is the unpatched dense graph, so a
 sparse decode with the same mask must give the same logits up to float rounding.
 
-``FilledHeads`` is the oracle for mean fill (``Engine.set_head_fill``): the inactive heads'
-slices get given vectors (their mean outputs) instead of zeros.
+``FilledHeads`` and ``LinearFilledHeads`` are the oracles for mean and linear fill
+(``Engine.set_head_fill``): the inactive heads' slices get given vectors (their mean outputs),
+or linear fill's prediction from the layer's input, instead of zeros.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class ZeroedHeads(TensorHook):
         if width % self.n_head:
             raise ValueError(f"{name}: width {width} is not a multiple of {self.n_head} heads")
         heads = data.reshape(data.shape[:-1] + (self.n_head, width // self.n_head))
-        heads[..., self.mask[il] == 0, :] = self.fill_for(il)
+        if (self.mask[il] == 0).any():
+            heads[..., self.mask[il] == 0, :] = self.fill_for(il)
         self.seen += 1
 
     def fill_for(self, il: int):
@@ -57,3 +59,33 @@ class FilledHeads(ZeroedHeads):
 
     def fill_for(self, il: int):
         return self.fill[il, self.mask[il] == 0]
+
+
+_ATTN_NORM = re.compile(r"^attn_norm-(\d+)$")
+
+
+class LinearFilledHeads(ZeroedHeads):
+    """Inactive heads' outputs replaced by linear fill's ``w[il] @ x + b[il]`` (their slices),
+    ``x`` the layer's ``attn_norm`` output of the same token (``fill.HeadFill``)."""
+
+    def __init__(self, n_layer: int, n_head: int, fill):
+        super().__init__(n_layer, n_head)
+        self.head_fill = fill
+        self.x: list = [None] * n_layer
+
+    def wants(self, name: str) -> bool:
+        return super().wants(name) or _ATTN_NORM.match(name) is not None
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        m = _ATTN_NORM.match(name)
+        if m is not None:
+            self.x[int(m.group(1))] = data.reshape(-1, data.shape[-1]).copy()
+            return
+        super().__call__(name, data)
+
+    def fill_for(self, il: int):
+        x = self.x[il]
+        if x is None or x.shape[0] != 1:
+            raise ValueError("linear fill is for single-token decode steps")
+        out = self.head_fill.outputs(il, x)[0].reshape(self.n_head, -1)
+        return out[self.mask[il] == 0]

@@ -12,9 +12,10 @@ in-graph predictor reads), fitted by ridge regression in numpy. Targets, by sele
   dimensions in the later layers, which makes their heads look unimportant.
 - ``mass``: each head's share of the layer's total importance, selected by the mass rule.
 
-With ``fill="mean"`` (the default when the data has head means) skipped heads add their mean
-contribution instead of nothing (``Engine.set_head_fill``), so the importance the targets are
-made of is each contribution's deviation from its head's mean, and the file carries the means.
+With ``fill`` ``mean`` or ``linear`` (``fill.py``; linear is the default when the data has it)
+a skipped head contributes what that fill puts in its place instead of nothing
+(``Engine.set_head_fill``), so the importance the targets are made of is each contribution's
+deviation from it, and the file carries the fill.
 
 The data's chunks are split in order (they follow the articles): the last ``holdout`` of them
 are never fitted, and choose the ridge strength per layer and the threshold that gives
@@ -22,7 +23,9 @@ are never fitted, and choose the ridge strength per layer and the threshold that
 
 The sidecar holds ``blk.N.head_pred.weight`` F32 ``[n_embd, n_head]`` (ggml order) and
 ``blk.N.head_pred.bias`` F32 ``[n_head]`` per layer, with mean fill ``blk.N.head_mean`` F32
-``[n_head, n_embd]`` (each head's mean contribution through ``wo``), and ``head_predictor.*``
+``[n_head, n_embd]`` (each head's mean contribution through ``wo``), with linear fill
+``blk.N.head_fill.weight`` F16 ``[n_embd, n_head*d]`` and ``blk.N.head_fill.bias`` F32
+``[n_head*d]``, and ``head_predictor.*``
 metadata: kind, shapes, the model it belongs to, rule and value, fill, and a JSON training summary.
 """
 
@@ -34,11 +37,11 @@ from typing import Callable
 
 import numpy as np
 
-from .collect import has_means, load_layer
+from .collect import has_fill, load_layer
+from .fill import FILLS, HeadFill
 from .importance import mass_mask, topk_mask
 
 RULES = ("threshold", "topk", "mass")
-FILLS = ("mean", "zero")
 LABELS = ("residual", "share")
 RULE_IDS = {"file": 0, "threshold": 1, "topk": 2, "mass": 3}
 LAMBDAS = (0.1, 1.0, 10.0, 100.0)
@@ -127,12 +130,12 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
     meta = json.loads(meta_path.read_text())
     n_layer, n_head, n_embd = meta["n_layer"], meta["n_head"], meta["n_embd"]
     if fill is None:
-        fill = "mean" if has_means(data_dir) else "zero"
+        fill = next(k for k in ("linear", "mean", "zero") if has_fill(data_dir, k))
     if fill not in FILLS:
         raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(FILLS)}")
-    means = np.load(data_dir / "head_mean.npy") if fill == "mean" and has_means(data_dir) else None
-    if fill == "mean" and means is None:
-        raise FileNotFoundError(f"{data_dir} holds no head means (collected by an older version): collect again")
+    if not has_fill(data_dir, fill):
+        raise FileNotFoundError(f"{data_dir} holds no data for {fill} fill (collected by an older version): collect again")
+    head_fill = HeadFill.load(data_dir / "fill.npz") if fill != "zero" else None
     sens = meta.get("layer_sensitivity")
     if layer_budget < 0:
         raise ValueError("layer_budget (the strength of the per-layer offsets) must be >= 0")
@@ -142,7 +145,7 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
     offsets = layer_offsets(sens, layer_budget) if use_budget else np.zeros(n_layer, np.float32)
     ws, bs, held_logits, held_targets, layers = [], [], [], [], []
     for il in range(n_layer):
-        x, imp, resid = load_layer(data_dir, il, deviation=fill == "mean")
+        x, imp, resid = load_layer(data_dir, il, fill)
         y = targets(rule, imp, resid, label)
         cut = int(len(x) * (1 - holdout))
         if cut < n_embd or len(x) - cut < 16:
@@ -187,14 +190,19 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
         "layers": layers,
     }
     write_predictor(out, ws, bs, meta["model_name"], rule, float(value), summary,
-                    means=[m.T for m in means] if means is not None else None)
+                    means=[m.T for m in head_fill.mean_post] if fill == "mean" else None,
+                    linear=(head_fill.w, head_fill.b) if fill == "linear" else None)
     return summary
 
 
 def write_predictor(path: Path, ws: list[np.ndarray], bs: list[np.ndarray], model_name: str, rule: str,
-                    value: float, summary: dict, means: list[np.ndarray] | None = None) -> None:
+                    value: float, summary: dict, means: list[np.ndarray] | None = None,
+                    linear: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """The GGUF sidecar read by llama_head_predictor_load. ``ws[il]`` is ``[n_head, n_embd]``;
-    ``means[il]``, if given, ``[n_embd, n_head]`` (column h: head h's mean contribution)."""
+    with mean fill ``means[il]`` ``[n_embd, n_head]`` (column h: head h's mean contribution);
+    with linear fill ``linear = (w [n_layer, n_head*d, n_embd], b [n_layer, n_head*d])``."""
+    if means is not None and linear is not None:
+        raise ValueError("a predictor file holds one fill: means or linear, not both")
     import gguf
 
     n_head, n_embd = ws[0].shape
@@ -206,7 +214,7 @@ def write_predictor(path: Path, ws: list[np.ndarray], bs: list[np.ndarray], mode
     w.add_int32("head_predictor.n_embd", int(n_embd))
     w.add_string("head_predictor.rule", rule)
     w.add_float32("head_predictor.rule_value", float(value))
-    w.add_string("head_predictor.fill", "mean" if means is not None else "zero")
+    w.add_string("head_predictor.fill", "mean" if means is not None else "linear" if linear is not None else "zero")
     w.add_string("head_predictor.training", json.dumps(summary))
     for il, (wl, bl) in enumerate(zip(ws, bs)):
         # numpy [n_head, n_embd] is ggml [n_embd, n_head]: row h holds head h's weights
@@ -215,6 +223,10 @@ def write_predictor(path: Path, ws: list[np.ndarray], bs: list[np.ndarray], mode
         if means is not None:
             # numpy [n_embd, n_head] is ggml [n_head, n_embd], the layout the fill's product reads
             w.add_tensor(f"blk.{il}.head_mean", np.ascontiguousarray(means[il], np.float32))
+        if linear is not None:
+            # numpy [n_head*d, n_embd] is ggml [n_embd, n_head*d], wq's layout; F16 halves what a step reads
+            w.add_tensor(f"blk.{il}.head_fill.weight", np.ascontiguousarray(linear[0][il], np.float16))
+            w.add_tensor(f"blk.{il}.head_fill.bias", np.ascontiguousarray(linear[1][il], np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -236,14 +248,20 @@ def read_metadata(path: Path) -> dict:
     return out
 
 
-def read_means(path: Path) -> np.ndarray | None:
-    """The sidecar's head means as ``[n_layer, n_head, n_embd]``, or None without them."""
+def read_fill(path: Path) -> tuple[str, HeadFill]:
+    """The sidecar's fill: ``(kind, HeadFill)`` with its means or its linear map."""
     from gguf import GGUFReader
 
     r = GGUFReader(str(path))
     ts = {t.name: t for t in r.tensors}
-    if "blk.0.head_mean" not in ts:
-        return None
-    n_layer = sum(1 for n in ts if n.endswith(".head_mean"))
-    # stored [n_head, n_embd] (ggml order): numpy rows are n_embd, columns heads
-    return np.stack([np.asarray(ts[f"blk.{il}.head_mean"].data, np.float32).T for il in range(n_layer)])
+    n_layer = sum(1 for n in ts if n.endswith(".head_pred.weight"))
+    if "blk.0.head_mean" in ts:
+        # stored [n_head, n_embd] (ggml order): numpy rows are n_embd, columns heads
+        return "mean", HeadFill(mean_post=np.stack([np.asarray(ts[f"blk.{il}.head_mean"].data, np.float32).T
+                                                    for il in range(n_layer)]))
+    if "blk.0.head_fill.weight" in ts:
+        return "linear", HeadFill(w=np.stack([np.asarray(ts[f"blk.{il}.head_fill.weight"].data, np.float32)
+                                              for il in range(n_layer)]),
+                                  b=np.stack([np.asarray(ts[f"blk.{il}.head_fill.bias"].data, np.float32)
+                                              for il in range(n_layer)]))
+    return "zero", HeadFill()

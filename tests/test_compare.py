@@ -91,14 +91,16 @@ def test_contribution_moments(model_path):
     assert (expl <= 1 + 1e-6).all() and expl.min() < 0.9  # Jensen, and some heads do vary
     assert 0 < hook.mean_explained_overall() < 1
     # deviation from a head's mean: none for the token the mean was taken from, the plain norm around zero
-    centered = HeadContributions(model_path, 30, 9, center=one_token_mean)
-    around_zero = HeadContributions(model_path, 30, 9, center=np.zeros_like(one_token_mean))
+    from powerinfer_attn.fill import HeadFill
+
+    centered = HeadContributions(model_path, 30, 9, fill=HeadFill(mean_post=one_token_mean))
+    around_zero = HeadContributions(model_path, 30, 9, fill=HeadFill(mean_post=np.zeros_like(one_token_mean)))
     for h in (centered, around_zero):
         with Engine(model_path, n_ctx=64, n_threads=2, tensor_hook=h) as eng:
             eng.prefill(toks[:2], all_logits=True)
-    assert centered.per_token_dev[0].max() < 1e-3 * centered.per_token[0].max()
-    assert centered.per_token_dev[1].min() > 0
-    np.testing.assert_allclose(around_zero.per_token_dev, around_zero.per_token, rtol=1e-5)
+    assert centered.per_token_dev["mean"][0].max() < 1e-3 * centered.per_token[0].max()
+    assert centered.per_token_dev["mean"][1].min() > 0
+    np.testing.assert_allclose(around_zero.per_token_dev["mean"], around_zero.per_token, rtol=1e-5)
 
 
 def test_oracle_full_mass_keeps_every_head(model_path, text_file):
@@ -106,30 +108,31 @@ def test_oracle_full_mass_keeps_every_head(model_path, text_file):
     assert r.density == 1.0 and r.kl_mean < 1e-6
 
 
-def test_oracle_with_mean_fill(model_path, text_file, tmp_path):
-    """oracle:P:means=F runs with mean fill on and ranks heads by their deviation from the mean."""
+def test_oracle_with_fills(model_path, text_file, tmp_path):
+    """oracle:P:fill=F runs with F's fill on and ranks heads by their deviation from that fill."""
     from powerinfer_attn import collect, train
     from powerinfer_attn.engine import Engine
 
-    with Engine(model_path, n_ctx=64, n_threads=1) as eng:
+    with Engine(model_path, n_ctx=200, n_threads=1) as eng:
         toks = cmp.text_tokens(eng, text_file)
         L, H, E = eng.n_layer, eng.n_head, eng.n_embd
-    center = collect.head_means(model_path, [toks[:128]], L, H, 128, 2)
-    assert center.shape == (L, H, E)
-    means = [center[il].T for il in range(L)]
-    zeros = [np.zeros((H, E), np.float32)] * L
-    train.write_predictor(tmp_path / "m.gguf", zeros, [np.zeros(H, np.float32)] * L, model_path.name,
-                          "threshold", 0.0, {}, means=means)
-    filled, plain = run_score(model_path, text_file, f"oracle:0.8:means={tmp_path / 'm.gguf'}", "oracle:0.8")
-    assert filled.predictor == "oracle:0.8+mean" and plain.predictor == "oracle:0.8"
-    assert 0 < filled.density < 1 and filled.density != plain.density
-    assert np.isfinite(filled.kl_mean) and filled.kl_mean != plain.kl_mean
-    with pytest.raises(ValueError, match="means=PRED.gguf"):
-        get_predictor("oracle:0.8:fill=mean", model_path)
-    train.write_predictor(tmp_path / "plain.gguf", zeros, [np.zeros(H, np.float32)] * L, model_path.name,
-                          "threshold", 0.0, {})
-    with pytest.raises(ValueError, match="holds no head means"):
-        get_predictor(f"oracle:0.8:means={tmp_path / 'plain.gguf'}", model_path)
+    fill = collect.fit_fill(model_path, [toks[:128]], L, H, 128, 2)
+    assert fill.mean_post.shape == (L, H, E) and fill.w.shape == (L, E, E)
+    zeros, zb = [np.zeros((H, E), np.float32)] * L, [np.zeros(H, np.float32)] * L
+    train.write_predictor(tmp_path / "m.gguf", zeros, zb, model_path.name, "threshold", 0.0, {},
+                          means=[m.T for m in fill.mean_post])
+    train.write_predictor(tmp_path / "l.gguf", zeros, zb, model_path.name, "threshold", 0.0, {},
+                          linear=(fill.w, fill.b))
+    mean, linear, plain = run_score(model_path, text_file, f"oracle:0.8:fill={tmp_path / 'm.gguf'}",
+                                    f"oracle:0.8:fill={tmp_path / 'l.gguf'}", "oracle:0.8")
+    assert (mean.predictor, linear.predictor, plain.predictor) == ("oracle:0.8+mean", "oracle:0.8+linear", "oracle:0.8")
+    for r in (mean, linear):
+        assert 0 < r.density < 1 and np.isfinite(r.kl_mean) and r.kl_mean != plain.kl_mean
+    with pytest.raises(ValueError, match="fill=PRED.gguf"):
+        get_predictor("oracle:0.8:means=x.gguf", model_path)
+    train.write_predictor(tmp_path / "plain.gguf", zeros, zb, model_path.name, "threshold", 0.0, {})
+    with pytest.raises(ValueError, match="holds no fill"):
+        get_predictor(f"oracle:0.8:fill={tmp_path / 'plain.gguf'}", model_path)
 
 
 def test_static_refuses_other_model(model_path, f32_model_path, text_file, tmp_path):

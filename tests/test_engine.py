@@ -6,7 +6,7 @@ import pytest
 
 from powerinfer_attn.engine import Engine, EngineError
 from powerinfer_attn.predictors import AllHeads, MaskFile, get_predictor
-from powerinfer_attn.reference import FilledHeads, ZeroedHeads
+from powerinfer_attn.reference import FilledHeads, LinearFilledHeads, ZeroedHeads
 
 PROMPT = "The history of the Roman Empire begins with"
 N_STEPS = 24
@@ -64,10 +64,12 @@ def test_sparse_off_is_bit_identical_to_before(engine):
     assert np.array_equal(a, b)
 
 
-def zeroed_dense_logits(model_path, tokens, prompt_len, masks, flash_attn=False, n_ctx=512, fill=None):
+def zeroed_dense_logits(model_path, tokens, prompt_len, masks, flash_attn=False, n_ctx=512, fill=None, linear=None):
     """The oracle: stock dense decode with inactive heads' outputs zeroed by a tensor hook
-    (or, with ``fill`` [n_layer, n_head, d], replaced by those vectors)."""
-    hook = ZeroedHeads(*masks.shape[1:]) if fill is None else FilledHeads(*masks.shape[1:], fill)
+    (or, with ``fill`` [n_layer, n_head, d], replaced by those vectors, or with ``linear`` a
+    ``HeadFill``, by its prediction)."""
+    hook = ZeroedHeads(*masks.shape[1:]) if fill is None and linear is None else \
+        FilledHeads(*masks.shape[1:], fill) if linear is None else LinearFilledHeads(*masks.shape[1:], linear)
     with Engine(model_path, n_ctx=n_ctx, n_threads=2, tensor_hook=hook, flash_attn=flash_attn) as ref_eng:
         ref_eng.prefill(tokens[:prompt_len])  # hook.mask is all ones: dense prefill
         out = []
@@ -128,9 +130,9 @@ def test_mean_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, dens
         toks = eng.tokenize(ORACLE_TEXT)
         masks = random_masks(rng, len(toks) - 5, L, H, density)
         eng.load_head_predictor(tmp_path / "m.gguf")
-        eng.set_head_fill(True)  # the masks still come from Python: the predictor is not switched on
+        eng.set_head_fill("mean")  # the masks still come from Python: the predictor is not switched on
         sparse = teacher_forced_logits(eng, toks, 5, masks)
-        eng.set_head_fill(False)
+        eng.set_head_fill("zero")
         zero_filled = teacher_forced_logits(eng, toks, 5, masks)
     ref = zeroed_dense_logits(f32_model_path, toks, 5, masks, fill=fill)
     assert rel_diff(sparse, ref).max() < 5e-3
@@ -143,24 +145,64 @@ def test_mean_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, dens
     assert rel_diff(zero_filled, zeroed_dense_logits(f32_model_path, toks, 5, masks)).max() < 5e-3
 
 
+@pytest.mark.parametrize("seed,density", [(0, 0.5), (1, 0.25)])
+def test_linear_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, density):
+    """Linear fill puts w x + b (x: the layer's attn_norm output) in the skipped heads' outputs
+    before a dense wo: the same as dense decode whose inactive heads output that."""
+    from powerinfer_attn import train
+    from powerinfer_attn.fill import HeadFill
+
+    rng = np.random.default_rng(seed)
+    with Engine(f32_model_path, n_ctx=512, n_threads=2) as eng:
+        L, H, E = eng.n_layer, eng.n_head, eng.n_embd
+        # F16 in the file: draw values that F16 holds exactly, so the oracle uses the same map
+        fill = HeadFill(w=(rng.normal(size=(L, E, E)) * 0.01).astype(np.float16).astype(np.float32),
+                        b=(rng.normal(size=(L, E)) * 0.3).astype(np.float32))
+        train.write_predictor(tmp_path / "lin.gguf", [np.zeros((H, E), np.float32)] * L, [np.zeros(H, np.float32)] * L,
+                              f32_model_path.name, "threshold", 0.0, {}, linear=(fill.w, fill.b))
+        toks = eng.tokenize(ORACLE_TEXT)
+        masks = random_masks(rng, len(toks) - 5, L, H, density)
+        eng.load_head_predictor(tmp_path / "lin.gguf")
+        eng.set_head_fill("linear")
+        sparse = teacher_forced_logits(eng, toks, 5, masks)
+        all_heads = teacher_forced_logits(eng, toks, 5, np.ones_like(masks))
+        eng.set_head_fill("zero")
+        dense = teacher_forced_logits(eng, toks, 5)
+    # ggml multiplies an F16 matrix by x rounded to F16: so does the reference
+    fill.outputs = lambda il, x: x.astype(np.float16).astype(np.float32) @ fill.w[il].T + fill.b[il]
+    ref = zeroed_dense_logits(f32_model_path, toks, 5, masks, linear=fill)
+    assert rel_diff(sparse, ref).max() < 5e-3
+    zeroed = zeroed_dense_logits(f32_model_path, toks, 5, masks)
+    assert rel_diff(zeroed, ref).min() > 10 * rel_diff(sparse, ref).max()
+    # every head active: nothing to fill, dense logits
+    assert rel_diff(all_heads, dense).max() < 5e-3
+
+
 def test_mean_fill_errors(tmp_path, model_path, engine):
     from powerinfer_attn import train
     from powerinfer_attn.engine import EngineError
 
     with Engine(model_path, n_ctx=64, n_threads=1) as eng:
         with pytest.raises(EngineError, match="needs a head predictor"):
-            eng.set_head_fill(True)
+            eng.set_head_fill("mean")
+        with pytest.raises(ValueError, match="unknown fill"):
+            eng.set_head_fill("half")
         L, H, E = eng.n_layer, eng.n_head, eng.n_embd
         ws, bs = [np.zeros((H, E), np.float32)] * L, [np.zeros(H, np.float32)] * L
         train.write_predictor(tmp_path / "plain.gguf", ws, bs, model_path.name, "threshold", 0.0, {})
         eng.load_head_predictor(tmp_path / "plain.gguf")
-        with pytest.raises(EngineError, match="holds no head means"):
-            eng.set_head_fill(True)
-        eng.set_head_fill(False)
+        for kind in ("mean", "linear"):
+            with pytest.raises(EngineError, match=f"holds no {kind} fill"):
+                eng.set_head_fill(kind)
+        eng.set_head_fill("zero")
         bad = [np.zeros((E, H + 1), np.float32)] * L
         train.write_predictor(tmp_path / "bad.gguf", ws, bs, model_path.name, "threshold", 0.0, {}, means=bad)
         with pytest.raises(EngineError, match="returned -1"):
             eng.load_head_predictor(tmp_path / "bad.gguf")
+        badlin = (np.zeros((L, E + 1, E), np.float32), np.zeros((L, E + 1), np.float32))  # not whole heads
+        train.write_predictor(tmp_path / "badlin.gguf", ws, bs, model_path.name, "threshold", 0.0, {}, linear=badlin)
+        with pytest.raises(EngineError, match="returned -1"):
+            eng.load_head_predictor(tmp_path / "badlin.gguf")
 
 
 @pytest.mark.parametrize("seed,density", [(0, 0.5), (2, 0.9)])

@@ -46,8 +46,8 @@ def test_select_rules():
 
 
 def _fake_data(dirpath, n_layer=2, n_head=3, n_embd=8, chunks=6, batch=64, seed=0, means=False):
-    """Importance exp(0.5 w.x) per head; with ``means`` the deviation importance is exp(-0.5 w.x),
-    so a predictor trained on the wrong one ranks heads backwards."""
+    """Importance exp(0.5 w.x) per head; with ``means`` the fills' deviations are exp(-0.5 w.x)
+    (mean) and exp(0.25 w.x) (linear), so a predictor trained on another one ranks heads otherwise."""
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(n_layer, n_head, n_embd))
     for c in range(chunks):
@@ -57,9 +57,15 @@ def _fake_data(dirpath, n_layer=2, n_head=3, n_embd=8, chunks=6, batch=64, seed=
         np.save(dirpath / f"imp-{c:05d}.npy", np.exp(wx * 0.5).astype(np.float32))
         np.save(dirpath / f"resid-{c:05d}.npy", np.full((batch, n_layer), 10.0, np.float32))
         if means:
-            np.save(dirpath / f"dev-{c:05d}.npy", np.exp(-wx * 0.5).astype(np.float32))
+            np.save(dirpath / f"dev-mean-{c:05d}.npy", np.exp(-wx * 0.5).astype(np.float32))
+            np.save(dirpath / f"dev-linear-{c:05d}.npy", np.exp(wx * 0.25).astype(np.float32))
     if means:
-        np.save(dirpath / "head_mean.npy", rng.normal(size=(n_layer, n_head, n_embd)).astype(np.float32))
+        from powerinfer_attn.fill import HeadFill
+
+        d = 4
+        HeadFill(mean_post=rng.normal(size=(n_layer, n_head, n_embd)).astype(np.float32),
+                 w=rng.normal(size=(n_layer, n_head * d, n_embd)).astype(np.float16).astype(np.float32),
+                 b=rng.normal(size=(n_layer, n_head * d)).astype(np.float32)).save(dirpath / "fill.npz")
     meta = {"model_name": "fake.gguf", "articles": "fake", "tokens": chunks * batch, "chunks": chunks,
             "batch": batch, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd}
     (dirpath / "meta.json").write_text(json.dumps(meta))
@@ -114,30 +120,43 @@ def test_bench_times_the_trained_predictor(tmp_path, model_path, engine):
                   trained="all", progress=lambda m: None)
 
 
-def test_mean_fill_training_uses_deviations_and_stores_the_means(tmp_path):
+@pytest.mark.parametrize("fill", ["linear", "mean"])
+def test_fill_training_uses_deviations_and_stores_the_fill(tmp_path, fill):
+    from powerinfer_attn.fill import HeadFill
+
     _fake_data(tmp_path, means=True)
     out = tmp_path / "p.gguf"
-    s = train.train(tmp_path, out, density=0.5)
-    assert s["fill"] == "mean" and train.read_metadata(out)["fill"] == "mean"
-    np.testing.assert_array_equal(train.read_means(out), np.load(tmp_path / "head_mean.npy"))
-    x, dev, _ = collect.load_layer(tmp_path, 0, deviation=True)
+    s = train.train(tmp_path, out, density=0.5, fill=None if fill == "linear" else fill)  # linear: the default
+    assert s["fill"] == fill and train.read_metadata(out)["fill"] == fill
+    kind, stored = train.read_fill(out)
+    want = HeadFill.load(tmp_path / "fill.npz")
+    assert kind == fill
+    if fill == "mean":
+        np.testing.assert_array_equal(stored.mean_post, want.mean_post)
+    else:
+        np.testing.assert_array_equal(stored.w, want.w)  # F16 in the file; these values are exact in F16
+        np.testing.assert_array_equal(stored.b, want.b)
+    x, dev, _ = collect.load_layer(tmp_path, 0, fill)
     w, b = _read_layer(out, 0)
-    # the logits follow log(deviation share): their ranking agrees with the deviation's, not the raw importance's
+    # the logits follow log(deviation share) under this fill, not another fill's
     logits = x @ w.T + b
     assert np.corrcoef(logits[:, 0] - logits[:, 1], np.log(dev[:, 0] / dev[:, 1]))[0, 1] > 0.9
     z = train.train(tmp_path, tmp_path / "z.gguf", density=0.5, fill="zero")
-    assert z["fill"] == "zero" and train.read_means(tmp_path / "z.gguf") is None
+    assert z["fill"] == "zero" and train.read_fill(tmp_path / "z.gguf")[0] == "zero"
     p = get_predictor(f"trained:{out}:density=0.6", "m.gguf")
-    assert p.fill == "mean" and p.name.endswith("+mean")
+    assert p.fill == fill and p.name.endswith(f"+{fill}")
     p = get_predictor(f"trained:{out}:fill=zero:topk=2", "m.gguf")
-    assert p.fill == "zero" and p.rule == "topk" and not p.name.endswith("+mean")
-    with pytest.raises(ValueError, match="holds no head means"):
-        get_predictor(f"trained:{tmp_path / 'z.gguf'}:fill=mean", "m.gguf")
+    assert p.fill == "zero" and p.rule == "topk" and "+" not in p.name
+    with pytest.raises(ValueError, match="trained with zero fill"):
+        get_predictor(f"trained:{tmp_path / 'z.gguf'}:fill={fill}", "m.gguf")
     with pytest.raises(ValueError, match="unknown fill"):
         get_predictor(f"trained:{out}:fill=half", "m.gguf")
     with pytest.raises(ValueError, match="at most one rule"):
         get_predictor(f"trained:{out}:topk=2:mass=0.5", "m.gguf")
-    assert compare.family("oracle:0.8+mean") == "oracle+mean" and compare.family(p.name) == "trained"
+    assert compare.family(f"oracle:0.8+{fill}") == f"oracle+{fill}" and compare.family(p.name) == "trained"
+    with pytest.raises(ValueError, match="one fill"):
+        train.write_predictor(tmp_path / "two.gguf", [w], [b], "m.gguf", "threshold", 0.0, {},
+                              means=[np.zeros((8, 3), np.float32)], linear=(want.w, want.b))
 
 
 def _read_layer(path, il):
@@ -156,7 +175,7 @@ def test_train_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown label"):
         train.train(tmp_path, tmp_path / "p.gguf", label="best")
     _fake_data(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no head means"):
+    with pytest.raises(FileNotFoundError, match="no data for mean fill"):
         train.train(tmp_path, tmp_path / "p.gguf", fill="mean")
     with pytest.raises(ValueError, match="unknown fill"):
         train.train(tmp_path, tmp_path / "p.gguf", fill="half")
@@ -297,11 +316,16 @@ def test_collect_records_shapes_and_keeps_to_training_articles(tmp_path, model_p
     with Engine(model_path, n_ctx=32, n_threads=1) as eng:
         assert x.shape == (meta["tokens"], eng.n_embd) and imp.shape == (meta["tokens"], eng.n_head)
     assert resid.shape == (meta["tokens"],) and (resid > 0).all() and (imp > 0).all()
-    # mean fill's data: the means, and deviations from them that differ from the raw importance
-    _, dev, _ = collect.load_layer(tmp_path / "d", 3, deviation=True)
-    assert dev.shape == imp.shape and (dev > 0).all() and not np.allclose(dev, imp)
-    assert np.load(tmp_path / "d" / "head_mean.npy").shape == (eng.n_layer, eng.n_head, eng.n_embd)
-    assert meta["head_mean_tokens"] >= 128
+    # the fills' data: the fills, and deviations from them that differ from the raw importance
+    from powerinfer_attn.fill import HeadFill
+
+    for kind in ("mean", "linear"):
+        _, dev, _ = collect.load_layer(tmp_path / "d", 3, kind)
+        assert dev.shape == imp.shape and (dev > 0).all() and not np.allclose(dev, imp)
+    fill = HeadFill.load(tmp_path / "d" / "fill.npz")
+    assert fill.mean_post.shape == (eng.n_layer, eng.n_head, eng.n_embd)
+    assert fill.w.shape == (eng.n_layer, eng.n_embd, eng.n_embd) and fill.b.shape == (eng.n_layer, eng.n_embd)
+    assert meta["fill_tokens"] >= 128
     # attn_norm output is RMS-normalised times the norm weights: not all zeros, finite
     assert np.isfinite(x).all() and np.abs(x).mean() > 0.01
 
