@@ -62,11 +62,12 @@ figures: setup
 
 # How strongly per-layer sensitivity should shape the budgets: predictors trained with offsets
 # A*log(sensitivity) for several A, scored at density 0.7 on windows of the *training* articles
-# (the held-out half is not looked at to choose A). Needs `make figures`'s collected data.
+# (the held-out half is not looked at to choose A), with zero fill as when A was chosen. Needs
+# `make figures`'s collected data.
 BUDGETS = 0 0.5 1 2
 budget-sweep: setup
 	for a in $(BUDGETS); do $(BIN)/powerinfer-attn train-predictor vendor/predictor/data \
-		--layer-budget $$a --out vendor/predictor/pred-budget-$$a.gguf || exit 1; done
+		--fill zero --layer-budget $$a --out vendor/predictor/pred-budget-$$a.gguf || exit 1; done
 	$(BIN)/powerinfer-attn score --text-file $(TEXT) --training-articles --windows 8 -t 2 --json \
 		$(foreach a,$(BUDGETS),--predictor trained:vendor/predictor/pred-budget-$(a).gguf:density=0.7) \
 		--predictor oracle:0.8 > figures/budget-sweep.json

@@ -98,8 +98,8 @@ def _filler_tokens(eng: Engine, n: int) -> list[int]:
 
 
 def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp: bool) -> Engine:
-    """A context whose sparse decode takes its masks from the in-graph predictor ``spec``
-    (no tensor hook: nothing slows the timed steps)."""
+    """A context whose sparse decode takes its masks from the in-graph predictor ``spec``, with
+    its fill (no tensor hook: nothing slows the timed steps)."""
     from .predictors import TrainedHeads, get_predictor
 
     pred = get_predictor(spec, model_path)
@@ -111,6 +111,7 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
         if pred.rule:
             eng.set_head_rule(pred.rule, pred.value)
         eng.use_head_predictor(True)
+        eng.set_head_fill(pred.fill)  # the fill is part of what the predictor costs
     except BaseException:
         eng.close()
         raise

@@ -235,7 +235,7 @@ def calibrate(model_path: Path, text_file: Path, out: Path, tokens: int = 8192, 
         "n_head": n_head,
         "importance": (total / max(count, 1)).round(6).tolist(),
         # how constant each head's contribution is: a head near 1 could be replaced by its
-        # mean instead of zero when it is skipped (not done yet; see the README)
+        # mean instead of zero when it is skipped (mean fill, fill.py)
         "mean_explained": hook.mean_explained().round(4).tolist(),
         "mean_explained_overall": round(hook.mean_explained_overall(), 4),
     }

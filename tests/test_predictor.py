@@ -120,6 +120,29 @@ def test_bench_times_the_trained_predictor(tmp_path, model_path, engine):
                   trained="all", progress=lambda m: None)
 
 
+def test_bench_engine_runs_the_predictors_fill(tmp_path, model_path, engine):
+    """bench times the trained predictor with the fill its file holds, not without it."""
+    from powerinfer_attn import bench
+
+    L, H, E = engine.n_layer, engine.n_head, engine.n_embd
+    rng = np.random.default_rng(0)
+    ws, bs = _random_predictor(tmp_path / "r.gguf", model_path, engine, value=0.5)
+    lin = ((rng.normal(size=(L, E, E)) * 0.01).astype(np.float32), (rng.normal(size=(L, E)) * 0.3).astype(np.float32))
+    train.write_predictor(tmp_path / "p.gguf", ws, bs, model_path.name, "threshold", 0.5, {}, linear=lin)
+    toks = engine.tokenize("The river runs to the sea, and the sea")
+    eng = bench.stack_trained(model_path, f"trained:{tmp_path / 'p.gguf'}", 64, 2, False, True)
+    try:
+        eng.prefill(toks[:-1])
+        eng.set_sparse(True)
+        filled = eng.step(toks[-1])
+        eng.rollback(len(toks) - 1)
+        eng.set_head_fill("zero")
+        plain = eng.step(toks[-1])
+    finally:
+        eng.close()
+    assert np.abs(filled - plain).max() > 1e-2
+
+
 @pytest.mark.parametrize("fill", ["linear", "mean"])
 def test_fill_training_uses_deviations_and_stores_the_fill(tmp_path, fill):
     from powerinfer_attn.fill import HeadFill
