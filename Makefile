@@ -35,6 +35,7 @@ TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 PRED  = vendor/predictor/pred.gguf
 PRED_MEAN = vendor/predictor/pred-mean.gguf
 PRED_ZERO = vendor/predictor/pred-zero.gguf
+PRED_SHARE = vendor/predictor/pred-share.gguf
 figures: setup
 	mkdir -p figures vendor/predictor
 	$(BIN)/powerinfer-attn calibrate --text-file $(TEXT) -t 2
@@ -42,6 +43,7 @@ figures: setup
 	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --out $(PRED)
 	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --fill mean --out $(PRED_MEAN)
 	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --fill zero --out $(PRED_ZERO)
+	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --label share --out $(PRED_SHARE)
 	$(BIN)/powerinfer-attn score --text-file $(TEXT) --windows 8 -t 2 --json --plot figures/pareto.png \
 		--predictor all --predictor oracle:0.8 --predictor oracle:0.85 --predictor oracle:0.9 \
 		--predictor oracle:0.8:fill=$(PRED) --predictor oracle:0.85:fill=$(PRED) \
@@ -51,7 +53,7 @@ figures: setup
 		--predictor trained:$(PRED):density=0.7 --predictor trained:$(PRED):density=0.75 \
 		--predictor trained:$(PRED):density=0.8 \
 		--predictor trained:$(PRED_MEAN):density=0.7 --predictor trained:$(PRED_ZERO):density=0.7 \
-		> figures/score.json
+		--predictor trained:$(PRED_SHARE):density=0.7 > figures/score.json
 	$(BIN)/powerinfer-attn bench --ctx 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \
 		--json --plot figures/bench-2threads.png > figures/bench-2threads.json
 	$(BIN)/powerinfer-attn bench --ctx 8192 --density 0.7 --predictor trained:$(PRED) --reps 10 -t 2 \
@@ -61,16 +63,16 @@ figures: setup
 	$(BIN)/powerinfer-attn show figures/bench-trained-8192.json
 
 # How strongly per-layer sensitivity should shape the budgets: predictors trained with offsets
-# A*log(sensitivity) for several A, scored at density 0.7 on windows of the *training* articles
-# (the held-out half is not looked at to choose A), with zero fill as when A was chosen. Needs
-# `make figures`'s collected data.
+# A*log(sensitivity) for several A (defaults otherwise: linear fill, level label), scored at
+# density 0.7 on windows of the *training* articles (the held-out half is not looked at to
+# choose A). Needs `make figures`'s collected data.
 BUDGETS = 0 0.5 1 2
 budget-sweep: setup
 	for a in $(BUDGETS); do $(BIN)/powerinfer-attn train-predictor vendor/predictor/data \
-		--fill zero --layer-budget $$a --out vendor/predictor/pred-budget-$$a.gguf || exit 1; done
+		--layer-budget $$a --out vendor/predictor/pred-budget-$$a.gguf || exit 1; done
 	$(BIN)/powerinfer-attn score --text-file $(TEXT) --training-articles --windows 8 -t 2 --json \
 		$(foreach a,$(BUDGETS),--predictor trained:vendor/predictor/pred-budget-$(a).gguf:density=0.7) \
-		--predictor oracle:0.8 > figures/budget-sweep.json
+		--predictor oracle:0.8:fill=$(PRED) > figures/budget-sweep.json
 	$(BIN)/powerinfer-attn show figures/budget-sweep.json
 
 # the pure-Python tests, no build needed

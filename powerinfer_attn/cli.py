@@ -275,11 +275,12 @@ def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> Non
 @click.option("--density", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.7, show_default=True,
               help="Pick the rule's value that gives this mean density on the held-out data.")
 @click.option("--value", type=float, default=None, help="The rule's value (k for topk, fraction for mass; a fixed threshold).")
-@click.option("--label", type=click.Choice(["residual", "share"]), default="share", show_default=True,
-              help="threshold/topk target: log(importance / residual norm) or log(share of the layer's importance).")
+@click.option("--label", type=click.Choice(["level", "share", "residual"]), default="level", show_default=True,
+              help="threshold/topk target: log(importance) less the layer's mean log(total importance), "
+                   "log(share of the layer's importance) or log(importance / residual norm).")
 @click.option("--layer-budget", type=click.FloatRange(0.0), default=1.0, show_default=True,
-              help="threshold with the share label: offset each layer's logits by this times log(its measured "
-                   "sensitivity), centred; 0 for one budget for all layers.")
+              help="threshold with the level or share label: offset each layer's logits by this times log(its "
+                   "measured sensitivity under the fill), centred; 0 for one budget for all layers.")
 @click.option("--no-layer-budget", "no_budget", is_flag=True, help="The same as --layer-budget 0.")
 @click.option("--fill", type=click.Choice(["linear", "mean", "zero"]), default=None,
               help="What a skipped head contributes: a linear prediction of its output from the layer's input, "

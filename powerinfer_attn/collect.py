@@ -22,7 +22,9 @@ in the output directory so memory stays bounded by one chunk:
   ``fill.npz``, fitted first on every ``FILL_EVERY``-th chunk.
 
 ``meta.json`` says which model, text and articles, and the shapes, and holds each layer's
-sensitivity (``layer_sensitivity``), which ``train`` turns into per-layer budgets.
+sensitivity, with skipped heads zeroed (``layer_sensitivity``) and with them linearly filled
+(``layer_sensitivity_linear``, the fill written to ``fill.gguf`` for that run), which
+``train`` turns into per-layer budgets.
 """
 
 from __future__ import annotations
@@ -168,9 +170,27 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
         "fill_tokens": sum(len(c) for c in chunks[::FILL_EVERY]),
         "layer_sensitivity": layer_sensitivity(model_path, train_toks, threads=threads, progress=progress)
         if sensitivity else None,
+        "layer_sensitivity_linear": layer_sensitivity(model_path, train_toks, threads=threads,
+                                                      fill_file=_fill_sidecar(out, fill, n_head, model_path),
+                                                      progress=progress)
+        if sensitivity else None,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def _fill_sidecar(out: Path, fill: HeadFill, n_head: int, model_path: Path) -> Path:
+    """``out/fill.gguf``: a predictor file that holds only the linear fill (its predictor is all
+    zeros), for the engine runs of ``layer_sensitivity``."""
+    from .train import write_predictor
+
+    n_layer, _, n_embd = fill.w.shape
+    path = out / "fill.gguf"
+    zeros_w = [np.zeros((n_head, n_embd), np.float32)] * n_layer
+    zeros_b = [np.zeros(n_head, np.float32)] * n_layer
+    write_predictor(path, zeros_w, zeros_b, Path(model_path).name, "threshold", 0.0,
+                    {"note": "linear fill only, for collect's layer sensitivities"}, linear=(fill.w, fill.b))
+    return path
 
 
 def fit_fill(model_path: Path, chunks: list[list[int]], n_layer: int, n_head: int, batch: int,
@@ -187,7 +207,7 @@ def fit_fill(model_path: Path, chunks: list[list[int]], n_layer: int, n_head: in
 
 
 def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, prefix: int = 64, steps: int = 32,
-                      fraction: float = 0.7, threads: int | None = None,
+                      fraction: float = 0.7, threads: int | None = None, fill_file: Path | None = None,
                       progress: Callable[[int], None] | None = None) -> list[float]:
     """Per layer, how much the output moves per unit of importance share dropped there.
 
@@ -196,6 +216,10 @@ def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, pre
     layer pruned (the fewest heads covering ``fraction`` of its importance, from the dense
     pass). Sensitivity = mean KL(dense || sparse) / mean share of importance dropped. Layers
     where the same dropped share costs more deserve more heads.
+
+    With ``fill_file`` (a predictor file holding linear fill) the sparse runs fill the skipped
+    heads with it, and importance is each head's deviation from its fill: how much a layer
+    costs then depends on how well the fill stands in for its heads there.
     """
     from .compare import _log_softmax
     from .importance import mass_mask
@@ -207,11 +231,21 @@ def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, pre
     starts = [round(i * span / max(windows - 1, 1)) for i in range(windows)]
     with Engine(model_path, n_ctx=length + 8, n_threads=threads) as probe:
         n_layer, n_head = probe.n_layer, probe.n_head
-    hook = HeadContributions(model_path, n_layer, n_head)
+    fill = None
+    if fill_file is not None:
+        from .train import read_fill
+
+        kind, fill = read_fill(fill_file)
+        if kind != "linear":
+            raise ValueError(f"{fill_file} holds {kind} fill; layer_sensitivity takes a linear one")
+    hook = HeadContributions(model_path, n_layer, n_head, fill=fill)
     kl = np.zeros(n_layer)
     dropped = np.zeros(n_layer)
     with Engine(model_path, n_ctx=length + 8, n_threads=threads, tensor_hook=hook) as dense, \
             Engine(model_path, n_ctx=length + 8, n_threads=threads) as sparse:
+        if fill is not None:
+            sparse.load_head_predictor(fill_file)
+            sparse.set_head_fill("linear")
         for s0 in starts:
             win = tokens[s0:s0 + length]
             dense.reset()
@@ -219,7 +253,7 @@ def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, pre
             d_logits, imps = [], []
             for t in win[prefix:]:
                 d_logits.append(dense.step(t))
-                imps.append(hook.last.copy())
+                imps.append((hook.per_token_dev["linear"] if fill is not None else hook.per_token)[-1].copy())
             ld = _log_softmax(np.array(d_logits))
             for il in range(n_layer):
                 sparse.reset()

@@ -4,7 +4,10 @@ Per layer ``il``, logits = ``W x + b`` with ``x`` the layer's attn_norm output (
 in-graph predictor reads), fitted by ridge regression in numpy. Targets, by selection rule:
 
 - ``threshold`` (default) and ``topk``, with ``label``:
-  ``share`` (default): ``log(importance / the layer's total importance)``; one threshold then
+  ``level`` (default): ``log(importance)`` less the layer's mean ``log(total importance)``
+  over the data; one threshold then keeps more heads at the tokens where the heads deviate
+  more from their fill than usual in that layer, and fewer where the fill stands in well.
+  ``share``: ``log(importance / the layer's total importance)``; one threshold then
   keeps a per-token number of heads per layer, on the same scale in every layer.
   ``residual``: ``log(importance / residual norm)``, how much a head's contribution would move
   the residual stream it is added to; one threshold then also sets a budget per layer. It
@@ -42,7 +45,7 @@ from .fill import FILLS, HeadFill
 from .importance import mass_mask, topk_mask
 
 RULES = ("threshold", "topk", "mass")
-LABELS = ("residual", "share")
+LABELS = ("residual", "share", "level")
 RULE_IDS = {"file": 0, "threshold": 1, "topk": 2, "mass": 3}
 LAMBDAS = (0.1, 1.0, 10.0, 100.0)
 DENSITY_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(15))  # 0.30 .. 1.00
@@ -57,6 +60,9 @@ def targets(rule: str, importance: np.ndarray, resid: np.ndarray, label: str = "
         return np.log(share + _EPS)
     if label == "residual":
         return np.log(importance / np.maximum(resid[:, None], _EPS) + _EPS)
+    if label == "level":
+        total = np.log(np.maximum(importance.sum(axis=1), _EPS))
+        return np.log(importance + _EPS) - total.mean()
     raise ValueError(f"unknown label {label!r}; choose from {', '.join(LABELS)}")
 
 
@@ -116,7 +122,7 @@ def layer_offsets(sensitivity: list[float], strength: float = 1.0) -> np.ndarray
 
 
 def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0.7, value: float | None = None,
-          holdout: float = 0.2, label: str = "share", layer_budget: float = 1.0, fill: str | None = None,
+          holdout: float = 0.2, label: str = "level", layer_budget: float = 1.0, fill: str | None = None,
           progress: Callable[[str], None] | None = None) -> dict:
     """Fit, choose the rule's value (``value``, or what gives ``density`` on the held-out data),
     write ``out``; returns the training summary."""
@@ -136,10 +142,12 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
     if not has_fill(data_dir, fill):
         raise FileNotFoundError(f"{data_dir} holds no data for {fill} fill (collected by an older version): collect again")
     head_fill = HeadFill.load(data_dir / "fill.npz") if fill != "zero" else None
-    sens = meta.get("layer_sensitivity")
+    # the sensitivities measured with this fill in place, where collect measured them
+    sens_key = "layer_sensitivity_linear" if fill == "linear" and meta.get("layer_sensitivity_linear") else "layer_sensitivity"
+    sens = meta.get(sens_key)
     if layer_budget < 0:
         raise ValueError("layer_budget (the strength of the per-layer offsets) must be >= 0")
-    use_budget = layer_budget > 0 and sens is not None and rule == "threshold" and label == "share"
+    use_budget = layer_budget > 0 and sens is not None and rule == "threshold" and label in ("share", "level")
     if layer_budget > 0 and sens is None and progress:
         progress("no layer sensitivities in the data (collect --no-sensitivity): one budget for all layers")
     offsets = layer_offsets(sens, layer_budget) if use_budget else np.zeros(n_layer, np.float32)
@@ -177,6 +185,7 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
         "heldout_fraction": holdout,
         "target": "share of the layer's importance" if rule == "mass" else
                   "log(share of the layer's importance)" if label == "share" else
+                  "log(importance) - the layer's mean log(total importance)" if label == "level" else
                   "log(norm of the head's contribution through wo / norm of the residual stream)",
         "rule": rule,
         "rule_value": float(value),
@@ -186,6 +195,7 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
         "value_for_density": by_density,
         "layer_budget_strength": float(layer_budget) if use_budget else 0.0,
         "layer_offsets": [round(float(o), 4) for o in offsets] if use_budget else None,
+        "layer_sensitivity": sens_key if use_budget else None,
         "heldout_r2_mean": round(float(np.mean([l["heldout_r2"] for l in layers])), 4),
         "layers": layers,
     }

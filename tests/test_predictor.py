@@ -89,7 +89,8 @@ def test_train_fits_held_out_data_and_writes_the_sidecar(tmp_path):
     assert shapes["blk.1.head_pred.bias"] == (3,)
 
 
-@pytest.mark.parametrize("rule,label", [("threshold", "share"), ("mass", "residual"), ("topk", "residual")])
+@pytest.mark.parametrize("rule,label", [("threshold", "share"), ("threshold", "level"), ("mass", "residual"),
+                                        ("topk", "residual")])
 def test_train_other_rules_reach_the_density(tmp_path, rule, label):
     _fake_data(tmp_path)
     s = train.train(tmp_path, tmp_path / "p.gguf", rule=rule, density=2 / 3, label=label)
@@ -332,7 +333,7 @@ def test_collect_records_shapes_and_keeps_to_training_articles(tmp_path, model_p
     (tmp_path / "t.raw").write_text(text)
     meta = collect.collect(model_path, tmp_path / "t.raw", tmp_path / "d", tokens=1024, batch=128, threads=2,
                            sensitivity=False)
-    assert meta["layer_sensitivity"] is None
+    assert meta["layer_sensitivity"] is None and meta["layer_sensitivity_linear"] is None
     assert meta["chunks"] >= 2 and meta["tokens"] == meta["chunks"] * 128
     assert meta["train_tokens_available"] <= meta["scored_from_token"]
     x, imp, resid = collect.load_layer(tmp_path / "d", 3)
@@ -365,6 +366,30 @@ def test_layer_sensitivity(model_path):
     assert max(nothing) == 0.0  # nothing dropped, nothing moved
 
 
+def test_layer_sensitivity_under_linear_fill(tmp_path, model_path):
+    with Engine(model_path, n_ctx=64, n_threads=1) as eng:
+        toks = eng.tokenize("The cat sat on the mat and looked at the moon while the dog slept by the door . " * 4,
+                            add_bos=False)
+        n_layer, n_head = eng.n_layer, eng.n_head
+    fill = collect.fit_fill(model_path, [toks[:48]], n_layer, n_head, 48, threads=2)
+    side = collect._fill_sidecar(tmp_path, fill, n_head, model_path)
+    assert train.read_fill(side)[0] == "linear"
+    kw = dict(windows=1, prefix=16, steps=4, fraction=0.5, threads=2)
+    zero = collect.layer_sensitivity(model_path, toks, **kw)
+    filled = collect.layer_sensitivity(model_path, toks, fill_file=side, **kw)
+    assert len(filled) == n_layer and all(np.isfinite(filled)) and min(filled) >= 0.0
+    assert sum(x > 0 for x in filled) > n_layer // 2 and filled != zero
+    nothing = collect.layer_sensitivity(model_path, toks, windows=1, prefix=16, steps=2, fraction=1.0, threads=2,
+                                        fill_file=side)
+    assert max(nothing) == 0.0
+    means = tmp_path / "means.gguf"
+    train.write_predictor(means, [np.zeros((n_head, fill.w.shape[2]), np.float32)] * n_layer,
+                          [np.zeros(n_head, np.float32)] * n_layer, model_path.name, "threshold", 0.0, {},
+                          means=[np.zeros((fill.w.shape[2], n_head), np.float32)] * n_layer)
+    with pytest.raises(ValueError, match="takes a linear one"):
+        collect.layer_sensitivity(model_path, toks, fill_file=means, **kw)
+
+
 def test_layer_budgets_offset_the_bias(tmp_path):
     _fake_data(tmp_path)
     meta = json.loads((tmp_path / "meta.json").read_text())
@@ -387,6 +412,37 @@ def test_layer_budgets_offset_the_bias(tmp_path):
     tb = {t.name: np.array(t.data) for t in GGUFReader(str(tmp_path / "b.gguf")).tensors}
     np.testing.assert_allclose(ta["blk.1.head_pred.bias"] - tb["blk.1.head_pred.bias"], np.log(2), atol=1e-4)
     np.testing.assert_array_equal(ta["blk.1.head_pred.weight"], tb["blk.1.head_pred.weight"])
+
+
+def test_layer_budgets_use_the_sensitivities_under_the_fill(tmp_path):
+    _fake_data(tmp_path, means=True)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["layer_sensitivity"] = [1.0, 4.0]
+    meta["layer_sensitivity_linear"] = [4.0, 1.0]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    lin = train.train(tmp_path, tmp_path / "a.gguf", density=0.5, fill="linear")
+    zero = train.train(tmp_path, tmp_path / "b.gguf", density=0.5, fill="zero")
+    mean = train.train(tmp_path, tmp_path / "c.gguf", density=0.5, fill="mean")
+    assert lin["layer_sensitivity"] == "layer_sensitivity_linear"
+    assert lin["layer_offsets"] == pytest.approx([np.log(2), -np.log(2)], abs=1e-4)
+    # no sensitivities were measured under the others' fills: the zero-fill ones stand in
+    for s in (zero, mean):
+        assert s["layer_sensitivity"] == "layer_sensitivity"
+        assert s["layer_offsets"] == pytest.approx([-np.log(2), np.log(2)], abs=1e-4)
+
+
+def test_level_label_is_log_importance_less_the_layers_mean_log_total():
+    rng = np.random.default_rng(0)
+    imp = rng.uniform(0.1, 2.0, size=(50, 4))
+    y = train.targets("threshold", imp, np.ones(50), "level")
+    np.testing.assert_allclose(y, np.log(imp + 1e-6) - np.log(imp.sum(axis=1)).mean(), rtol=1e-6)
+    # unlike share, it keeps how large a token's deviations are: scaling one token moves its labels
+    imp2 = imp.copy()
+    imp2[0] *= 10
+    y2 = train.targets("threshold", imp2, np.ones(50), "level")
+    s1, s2 = (train.targets("threshold", a, np.ones(50), "share") for a in (imp, imp2))
+    np.testing.assert_allclose(s1[0], s2[0], rtol=1e-4)
+    assert (y2[0] - y[0]).mean() > 2.0
 
 
 def test_pareto_plot(tmp_path):
