@@ -29,7 +29,7 @@ test: setup
 	$(MAKE) sanitize
 
 # The README's figures: quality on WikiText-2, the trained predictor's Pareto table, and decode
-# speed at 2 threads (about 50 min on 2 cores). `powerinfer-attn show figures/FILE.json` prints
+# speed at 2 threads (about 75 min on 2 cores). `powerinfer-attn show figures/FILE.json` prints
 # a result's tables again. The predictor data and file go to vendor/predictor (git-ignored).
 TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 PRED  = vendor/predictor/pred.gguf
@@ -54,11 +54,16 @@ figures: setup
 		--predictor trained:$(PRED):density=0.8 \
 		--predictor trained:$(PRED_MEAN):density=0.7 --predictor trained:$(PRED_ZERO):density=0.7 \
 		--predictor trained:$(PRED_SHARE):density=0.7 > figures/score.json
+	$(BIN)/powerinfer-attn score --text-file $(TEXT) --windows 32 -t 2 --json \
+		--predictor oracle:0.8:fill=$(PRED) --predictor trained:$(PRED):density=0.65 \
+		--predictor trained:$(PRED):density=0.7 --predictor trained:$(PRED_SHARE):density=0.7 \
+		> figures/score-32windows.json
 	$(BIN)/powerinfer-attn bench --ctx 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \
 		--json --plot figures/bench-2threads.png > figures/bench-2threads.json
 	$(BIN)/powerinfer-attn bench --ctx 8192 --density 0.7 --predictor trained:$(PRED) --reps 10 -t 2 \
 		--no-profile --json > figures/bench-trained-8192.json
 	$(BIN)/powerinfer-attn show figures/score.json
+	$(BIN)/powerinfer-attn show figures/score-32windows.json
 	$(BIN)/powerinfer-attn show figures/bench-2threads.json
 	$(BIN)/powerinfer-attn show figures/bench-trained-8192.json
 
