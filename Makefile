@@ -28,57 +28,14 @@ test: setup
 	POWERINFER_ATTN_REQUIRE_ENGINE=1 $(PY) -m pytest -v tests
 	$(MAKE) sanitize
 
-# The README's figures: quality on WikiText-2, the trained predictor's Pareto table, and decode
-# speed at 2 threads (about 75 min on 2 cores). `powerinfer-attn show figures/FILE.json` prints
-# a result's tables again. The predictor data and file go to vendor/predictor (git-ignored).
+# The README's figures and the layer-budget sweep: pipelines in scripts/, run in this
+# environment (scripts/figures.sh says what each one makes and how long it takes).
 TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
-PRED  = vendor/predictor/pred.gguf
-PRED_MEAN = vendor/predictor/pred-mean.gguf
-PRED_ZERO = vendor/predictor/pred-zero.gguf
-PRED_SHARE = vendor/predictor/pred-share.gguf
 figures: setup
-	mkdir -p figures vendor/predictor
-	$(BIN)/powerinfer-attn calibrate --text-file $(TEXT) -t 2
-	$(BIN)/powerinfer-attn collect --text-file $(TEXT) --out vendor/predictor/data -t 2
-	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --out $(PRED)
-	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --fill mean --out $(PRED_MEAN)
-	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --fill zero --out $(PRED_ZERO)
-	$(BIN)/powerinfer-attn train-predictor vendor/predictor/data --label share --out $(PRED_SHARE)
-	$(BIN)/powerinfer-attn score --text-file $(TEXT) --windows 8 -t 2 --json --plot figures/pareto.png \
-		--predictor all --predictor oracle:0.8 --predictor oracle:0.85 --predictor oracle:0.9 \
-		--predictor oracle:0.8:fill=$(PRED) --predictor oracle:0.85:fill=$(PRED) \
-		--predictor oracle:0.9:fill=$(PRED) --predictor oracle:0.85:fill=$(PRED_MEAN) \
-		--predictor static:7 --predictor random:7 \
-		--predictor trained:$(PRED):density=0.6 --predictor trained:$(PRED):density=0.65 \
-		--predictor trained:$(PRED):density=0.7 --predictor trained:$(PRED):density=0.75 \
-		--predictor trained:$(PRED):density=0.8 \
-		--predictor trained:$(PRED_MEAN):density=0.7 --predictor trained:$(PRED_ZERO):density=0.7 \
-		--predictor trained:$(PRED_SHARE):density=0.7 > figures/score.json
-	$(BIN)/powerinfer-attn score --text-file $(TEXT) --windows 32 -t 2 --json \
-		--predictor oracle:0.8:fill=$(PRED) --predictor trained:$(PRED):density=0.65 \
-		--predictor trained:$(PRED):density=0.7 --predictor trained:$(PRED_SHARE):density=0.7 \
-		> figures/score-32windows.json
-	$(BIN)/powerinfer-attn bench --ctx 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \
-		--json --plot figures/bench-2threads.png > figures/bench-2threads.json
-	$(BIN)/powerinfer-attn bench --ctx 8192 --density 0.7 --predictor trained:$(PRED) --reps 10 -t 2 \
-		--no-profile --json > figures/bench-trained-8192.json
-	$(BIN)/powerinfer-attn show figures/score.json
-	$(BIN)/powerinfer-attn show figures/score-32windows.json
-	$(BIN)/powerinfer-attn show figures/bench-2threads.json
-	$(BIN)/powerinfer-attn show figures/bench-trained-8192.json
+	BIN=$(BIN) TEXT=$(TEXT) scripts/figures.sh
 
-# How strongly per-layer sensitivity should shape the budgets: predictors trained with offsets
-# A*log(sensitivity) for several A (defaults otherwise: linear fill, level label), scored at
-# density 0.7 on windows of the *training* articles (the held-out half is not looked at to
-# choose A). Needs `make figures`'s collected data.
-BUDGETS = 0 0.5 1 2
 budget-sweep: setup
-	for a in $(BUDGETS); do $(BIN)/powerinfer-attn train-predictor vendor/predictor/data \
-		--layer-budget $$a --out vendor/predictor/pred-budget-$$a.gguf || exit 1; done
-	$(BIN)/powerinfer-attn score --text-file $(TEXT) --training-articles --windows 8 -t 2 --json \
-		$(foreach a,$(BUDGETS),--predictor trained:vendor/predictor/pred-budget-$(a).gguf:density=0.7) \
-		--predictor oracle:0.8:fill=$(PRED) > figures/budget-sweep.json
-	$(BIN)/powerinfer-attn show figures/budget-sweep.json
+	BIN=$(BIN) TEXT=$(TEXT) scripts/budget-sweep.sh
 
 # the pure-Python tests, no build needed
 test-fast: $(BIN)/powerinfer-attn

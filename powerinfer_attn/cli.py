@@ -10,6 +10,7 @@ import numpy as np
 
 from . import build as build_mod
 from .model import default_model_path, resolve_model
+from .text import resolve_text_file
 
 model_option = click.option("--model", "model", type=click.Path(dir_okay=False), default=None,
                             help="GGUF model (llama architecture); default: SmolLM2-135M-Instruct Q4_1.")
@@ -178,7 +179,7 @@ def score(text_file, prefix, steps, windows, training, predictors, mask_file, du
     specs = list(predictors) or [f"mask-file:{mask_file}"]
     try:
         path = resolve_model(model)
-        text = cmp.resolve_text_file(text_file)
+        text = resolve_text_file(text_file)
         preds = [_open_predictor(sp, path) for sp in specs]
         with click.progressbar(length=(1 + len(preds)) * steps * windows, label="scoring", file=sys.stderr) as bar:
             results = cmp.score(path, text, preds, prefix, steps, windows, threads,
@@ -216,7 +217,7 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
 
     try:
         path = resolve_model(model)
-        text = cmp.resolve_text_file(text_file)
+        text = resolve_text_file(text_file)
         dest = Path(out) if out else default_calibration_path(path)
         with click.progressbar(length=tokens, label="calibrating", file=sys.stderr) as bar:
             res = cmp.calibrate(path, text, dest, tokens, threads=threads, progress=bar.update)
@@ -248,12 +249,11 @@ def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> Non
     from pathlib import Path
 
     from . import collect as col
-    from . import compare as cmp
     from .engine import EngineError
 
     try:
         path = resolve_model(model)
-        text = cmp.resolve_text_file(text_file)
+        text = resolve_text_file(text_file)
         # the fills are fitted on every FILL_EVERY-th chunk first
         length = tokens + tokens // col.FILL_EVERY + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
         with click.progressbar(length=length, label="collecting", file=sys.stderr) as bar:

@@ -38,42 +38,11 @@ import numpy as np
 
 from .engine import Engine, TensorHook
 from .fill import FillFitter, HeadFill
-from .importance import HeadContributions
+from .importance import HeadContributions, mass_mask
+from .predictor_file import read_fill, write_predictor
+from .text import log_softmax, require_training_articles
 
-TRAIN_FRACTION = 0.45
-
-_HEADING = re.compile(r"^ = [^=].* = $")
 _NAMED = re.compile(r"^(attn_norm|attn_out|ffn_inp)-(\d+)$")
-
-
-def split_articles(text: str) -> list[tuple[int, int, str]]:
-    """``(start, end, title)`` character spans of the WikiText articles in ``text``."""
-    starts: list[tuple[int, str]] = []
-    pos = 0
-    for line in text.splitlines(keepends=True):
-        if _HEADING.match(line.rstrip("\n")):
-            starts.append((pos, line.strip(" =\n")))
-        pos += len(line)
-    if not starts:
-        return [(0, len(text), "")]
-    spans = []
-    for i, (s, title) in enumerate(starts):
-        e = starts[i + 1][0] if i + 1 < len(starts) else len(text)
-        spans.append((s, e, title))
-    return spans
-
-
-def training_articles(text: str, fraction: float = TRAIN_FRACTION) -> list[tuple[int, int, str]]:
-    """The whole articles that end in the first ``fraction`` of the text."""
-    return [a for a in split_articles(text) if a[1] <= fraction * len(text)]
-
-
-def require_training_articles(text: str, source: Path) -> list[tuple[int, int, str]]:
-    """``training_articles``, or a ValueError naming ``source`` when there are none."""
-    arts = training_articles(text)
-    if not arts:
-        raise ValueError(f"{source}: no whole article ends in its first {TRAIN_FRACTION:.0%}")
-    return arts
 
 
 class _Recorder(TensorHook):
@@ -182,8 +151,6 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
 def _fill_sidecar(out: Path, fill: HeadFill, n_head: int, model_path: Path) -> Path:
     """``out/fill.gguf``: a predictor file that holds only the linear fill (its predictor is all
     zeros), for the engine runs of ``layer_sensitivity``."""
-    from .train import write_predictor
-
     n_layer, _, n_embd = fill.w.shape
     path = out / "fill.gguf"
     zeros_w = [np.zeros((n_head, n_embd), np.float32)] * n_layer
@@ -221,9 +188,6 @@ def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, pre
     heads with it, and importance is each head's deviation from its fill: how much a layer
     costs then depends on how well the fill stands in for its heads there.
     """
-    from .compare import _log_softmax
-    from .importance import mass_mask
-
     length = prefix + steps
     span = len(tokens) - length
     if span < 0:
@@ -233,8 +197,6 @@ def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, pre
         n_layer, n_head = probe.n_layer, probe.n_head
     fill = None
     if fill_file is not None:
-        from .train import read_fill
-
         kind, fill = read_fill(fill_file)
         if kind != "linear":
             raise ValueError(f"{fill_file} holds {kind} fill; layer_sensitivity takes a linear one")
@@ -254,7 +216,7 @@ def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, pre
             for t in win[prefix:]:
                 d_logits.append(dense.step(t))
                 imps.append((hook.per_token_dev["linear"] if fill is not None else hook.per_token)[-1].copy())
-            ld = _log_softmax(np.array(d_logits))
+            ld = log_softmax(np.array(d_logits))
             for il in range(n_layer):
                 sparse.reset()
                 sparse.prefill(win[:prefix])
@@ -267,7 +229,7 @@ def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, pre
                     sparse.set_mask(mask)
                     s_logits.append(sparse.step(t))
                 sparse.set_sparse(False)
-                ls = _log_softmax(np.array(s_logits))
+                ls = log_softmax(np.array(s_logits))
                 kl[il] += float((np.exp(ld) * (ld - ls)).sum(axis=1).sum())
                 if progress:
                     progress(steps)

@@ -18,59 +18,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .engine import Engine, open_engine
+from .engine import Engine, Predictor, open_engine
 from .importance import HeadContributions
-from .predictors import Predictor
-
-TEXT_ENV = "POWERINFER_ATTN_TEXT"
+from .text import log_softmax, text_tokens, window_starts
 
 Progress = Callable[[int], None]
-
-
-def resolve_text_file(path: str | os.PathLike | None) -> Path:
-    p = path or os.environ.get(TEXT_ENV)
-    if not p:
-        raise ValueError(f"no text file: pass --text-file or set {TEXT_ENV} "
-                         f"(e.g. the WikiText-2 test split, wiki.test.raw)")
-    p = Path(p)
-    if not p.is_file():
-        raise FileNotFoundError(f"text file not found: {p}")
-    return p
-
-
-def text_tokens(eng: Engine, path: Path, training: bool = False) -> list[int]:
-    """The tokens of ``path``, or with ``training`` of the articles `collect` trains on."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if training:
-        from .collect import require_training_articles
-
-        text = text[:require_training_articles(text, path)[-1][1]]
-    return eng.tokenize(text, add_bos=False)
-
-
-def window_starts(n_tokens: int, length: int, windows: int, first_half: bool = False,
-                  whole: bool = False) -> list[int]:
-    """``windows`` start offsets of windows of ``length`` tokens, evenly spaced over one half
-    (the second unless ``first_half``), or over all of it with ``whole``."""
-    lo, hi = (0, n_tokens) if whole else (0, n_tokens // 2) if first_half else (n_tokens // 2, n_tokens)
-    span = hi - lo - length
-    if span < 0 or windows < 1:
-        raise ValueError(f"text too short: {hi - lo} tokens in that part, windows need {length}")
-    if windows == 1:
-        return [lo]
-    return [lo + round(i * span / (windows - 1)) for i in range(windows)]
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 @dataclasses.dataclass
@@ -116,7 +73,7 @@ def score(model_path: Path, text_file: Path, predictors: list[Predictor], prefix
             dense.reset()
             dense.prefill(win[:prefix])
             d_logits = np.array([dense.step(t) for t in win[prefix:prefix + steps]])
-            ld = _log_softmax(d_logits)
+            ld = log_softmax(d_logits)
             if progress:
                 progress(steps)
             for j, (pred, eng) in enumerate(zip(predictors, sparse_engines)):
@@ -125,7 +82,7 @@ def score(model_path: Path, text_file: Path, predictors: list[Predictor], prefix
                     progress(steps)
                 if j == 0 and dump_logits is not None:
                     dumped.append(s_logits.astype(np.float32))
-                ls = _log_softmax(s_logits)
+                ls = log_softmax(s_logits)
                 a = acc[j]
                 a["nll_d"].append(-ld[idx, targets])
                 a["nll_s"].append(-ls[idx, targets])

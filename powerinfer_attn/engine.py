@@ -4,80 +4,30 @@ The engine owns one model and one context. ``prefill`` runs the prompt densely;
 ``step`` decodes one token. Before each step of a sparse run a predictor is asked
 for the ``activated_head`` mask ``[n_layer, n_head]`` (1 = head active), which the
 engine hands to the library.
+
+The engine takes masks and predictor files; it knows no predictor class. A predictor is
+anything with the ``Predictor`` protocol below (``predictors.py`` has the built-in ones).
 """
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import dataclasses
 import os
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .build import PATCH_SYMBOL
-
-if TYPE_CHECKING:
-    from .predictors import Predictor
-
-
-class EngineError(RuntimeError):
-    pass
+from . import bindings as B
+from .bindings import EngineError, bindings
 
 
 class SparseFallbackWarning(UserWarning):
     """Sparse decode is on, but some parts of some layers run on the dense op (see
     ``Engine.layer_ops``): the result is still exact, those parts are just not skipped."""
-
-
-_llama = None
-_log_cb = None
-# llama.cpp's (and ggml's) most recent error lines, to say why a load failed
-_recent_errors: collections.deque[str] = collections.deque(maxlen=8)
-
-
-def bindings():
-    """The patched ``llama_cpp.llama_cpp`` module, refusing a stock build.
-
-    ``POWERINFER_ATTN_ALLOW_STOCK=1`` accepts a stock build for dense decoding only; the
-    tests use it in a child process to compare against unpatched llama.cpp.
-    """
-    global _llama, _log_cb
-    if _llama is not None:
-        return _llama
-    try:
-        import llama_cpp.llama_cpp as C
-    except (ImportError, OSError) as e:
-        raise EngineError(f"the llama_cpp bindings cannot be loaded ({e}); run `powerinfer-attn build`") from e
-    if not hasattr(C, PATCH_SYMBOL) and not os.environ.get("POWERINFER_ATTN_ALLOW_STOCK"):
-        raise EngineError(
-            f"the installed llama_cpp ({C.__file__}) is a stock build without {PATCH_SYMBOL}; "
-            f"run `powerinfer-attn build` in this environment"
-        )
-    verbose = bool(os.environ.get("POWERINFER_ATTN_VERBOSE"))
-
-    last_level = [0]
-
-    @C.llama_log_callback
-    def _log(level, text, _user):
-        # llama.cpp is chatty at load time; keep warnings and errors unless asked.
-        # ggml_log_level: 3 WARN, 4 ERROR, 5 CONT (continues the previous message)
-        if level != 5:
-            last_level[0] = level
-        if last_level[0] == 4:  # GGML_LOG_LEVEL_ERROR
-            _recent_errors.append(text.decode(errors="replace").strip())
-        if verbose or last_level[0] >= 3:
-            os.write(2, text)
-
-    C.llama_log_set(_log, None)
-    _log_cb = _log  # keep the callback alive
-    C.llama_backend_init()
-    _llama = C
-    return C
 
 
 class TensorHook:
@@ -159,15 +109,6 @@ class Generation:
         return steps / self.decode_s if self.decode_s > 0 and steps else 0.0
 
 
-# llama_set_activated_heads's return codes (llama.h)
-_SET_HEADS_ERRORS = {
-    -1: "no mask or no context",
-    -2: "wrong number of values",
-    -3: "a value other than 0 or 1",
-    -4: "sparse attention does not support this model's architecture (llama only)",
-}
-
-
 def _check_gguf_file(path: Path) -> None:
     """Refuse what is plainly not a GGUF before llama.cpp sees it, naming the file."""
     if not path.is_file():
@@ -183,7 +124,7 @@ def _check_gguf_file(path: Path) -> None:
 
 def _load_error(path: Path) -> str:
     """Why llama.cpp refused ``path``: its last error lines, if it logged any."""
-    why = [line for line in _recent_errors if line and "failed to load model" not in line]
+    why = [line for line in B.recent_errors() if line and "failed to load model" not in line]
     detail = f": {why[-1]}" if why else ""
     return f"llama.cpp could not load {path} (a truncated or corrupt GGUF, or one it does not understand){detail}"
 
@@ -206,7 +147,7 @@ class Engine:
 
         mparams = C.llama_model_default_params()
         mparams.use_extra_bufts = repack
-        _recent_errors.clear()
+        B.clear_errors()
         self.model = C.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self.model:
             raise EngineError(_load_error(self.model_path))
@@ -432,7 +373,7 @@ class Engine:
         ptr = m.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         rc = self.C.llama_set_activated_heads(self.ctx, ptr, m.size)
         if rc != 0:
-            why = _SET_HEADS_ERRORS.get(rc, "unknown error")
+            why = B.SET_HEADS_ERRORS.get(rc, "unknown error")
             raise EngineError(f"llama_set_activated_heads returned {rc} ({why}) for {self.model_path.name}")
 
     def load_head_predictor(self, path: str | os.PathLike) -> None:
@@ -446,22 +387,18 @@ class Engine:
             raise EngineError("this library has no in-graph head predictor (rebuild: powerinfer-attn build)")
         rc = self.C.llama_head_predictor_load(self.ctx, str(p).encode())
         if rc != 0:
-            why = {-1: "not a readable head predictor file (see the log above)",
-                   -2: "it was trained for a model of another shape",
-                   -4: "sparse attention does not support this model's architecture (llama only)"}.get(rc, "unknown error")
+            why = B.PREDICTOR_LOAD_ERRORS.get(rc, "unknown error")
             raise EngineError(f"{p}: llama_head_predictor_load returned {rc}: {why}")
         self._head_predictor = p
 
     def set_head_rule(self, rule: str, value: float | None = None) -> None:
         """The loaded predictor's selection rule: ``file`` (its own), ``threshold``, ``topk`` or ``mass``."""
-        from .train import RULE_IDS
-
         self._check_open()
-        if rule not in RULE_IDS:
-            raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(RULE_IDS)}")
+        if rule not in B.RULE_IDS:
+            raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(B.RULE_IDS)}")
         if rule != "file" and value is None:
             raise ValueError(f"rule {rule} needs a value")
-        rc = self.C.llama_head_predictor_set_rule(self.ctx, RULE_IDS[rule], float(value or 0.0))
+        rc = self.C.llama_head_predictor_set_rule(self.ctx, B.RULE_IDS[rule], float(value or 0.0))
         if rc == -1:
             raise EngineError("no head predictor loaded")
         if rc != 0:
@@ -481,18 +418,16 @@ class Engine:
         """What a head that sparse decode skips contributes, whichever source the mask comes
         from: ``zero`` (nothing, the default), ``mean`` or ``linear`` (``fill.py``), read from
         the loaded predictor's file."""
-        from .fill import FILL_IDS
-
         self._check_open()
-        if fill not in FILL_IDS:
-            raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(FILL_IDS)}")
+        if fill not in B.FILL_IDS:
+            raise ValueError(f"unknown fill {fill!r}; choose from {', '.join(B.FILL_IDS)}")
         if fill != "zero" and self._head_predictor is None:
             raise EngineError(f"{fill} fill needs a head predictor file that holds it (load_head_predictor)")
         if not hasattr(self.C, "llama_set_head_fill"):
             if fill != "zero":
                 raise EngineError("this library has no head fills (rebuild: powerinfer-attn build)")
             return
-        rc = self.C.llama_set_head_fill(self.ctx, FILL_IDS[fill])
+        rc = self.C.llama_set_head_fill(self.ctx, B.FILL_IDS[fill])
         if rc == -3:
             raise EngineError(f"{self._head_predictor} holds no {fill} fill (train-predictor --fill {fill} writes it)")
         if rc != 0:
@@ -508,7 +443,7 @@ class Engine:
         """What runs dense in sparse mode and why, in words; None when everything runs sparse."""
         ops = self.layer_ops()
         parts = []
-        for bit, what in ((1, "wq"), (4, "wo")):
+        for bit, what in ((B.OP_WQ, "wq"), (B.OP_WO, "wo")):
             layers = [il for il, o in enumerate(ops) if o >= 0 and not o & bit]
             if layers:
                 parts.append(f"{what} in {_layer_ranges(layers)} ({self._fallback_reason(what, layers[0])})")
@@ -529,7 +464,7 @@ class Engine:
                 return f"it is {type_name}, whose {block}-value blocks do not fit a head width of {head_dim}"
         return repacked if self.repack else "its head width is not whole blocks of its type"
 
-    def predicted_step(self, predictor: "Predictor", i: int, token: int) -> tuple[np.ndarray, np.ndarray]:
+    def predicted_step(self, predictor: Predictor, i: int, token: int) -> tuple[np.ndarray, np.ndarray]:
         """Decode one token sparsely with the predictor's mask; (logits, the mask used).
 
         An in-graph predictor (``trained:``) computes the masks inside the step; any other
@@ -544,7 +479,7 @@ class Engine:
         self.set_mask(mask)
         return self.step(token), mask
 
-    def generate(self, prompt: str | Sequence[int], n: int, predictor: "Predictor | None" = None,
+    def generate(self, prompt: str | Sequence[int], n: int, predictor: Predictor | None = None,
                  stop_at_eog: bool = True) -> Generation:
         """Greedy generation of up to n tokens; sparse decode when a predictor is given.
 
@@ -610,7 +545,23 @@ class StepState:
     engine: Engine
 
 
-def open_engine(model_path, predictor: "Predictor | None" = None, **kwargs) -> Engine:
+@runtime_checkable
+class Predictor(Protocol):
+    """What the engine asks of a predictor. ``bind(engine)`` is called once the engine exists
+    (check the shapes, load files into it); ``predict(state)`` gives the mask ``[n_layer,
+    n_head]`` of 0/1 for the step ``state`` (a ``StepState``) describes. Optional: ``hook``, a
+    ``TensorHook`` the engine must be built with (``open_engine`` does that); ``in_graph`` True
+    with ``observed()``, for a predictor loaded into the graph that chooses the masks itself
+    and reports them after the step."""
+
+    name: str
+
+    def bind(self, engine: Engine) -> None: ...
+
+    def predict(self, state: StepState) -> np.ndarray: ...
+
+
+def open_engine(model_path, predictor: Predictor | None = None, **kwargs) -> Engine:
     """An engine built for ``predictor`` (with its tensor hook, if it has one) and the
     predictor bound to it."""
     hook = getattr(predictor, "hook", None)

@@ -24,8 +24,6 @@ import numpy as np
 from .engine import TensorHook
 from .importance import load_wo
 
-FILLS = ("zero", "mean", "linear")
-FILL_IDS = {"zero": 0, "mean": 1, "linear": 2}
 _NAMED = re.compile(r"^(attn_norm|kqv_out)-(\d+)$")
 
 

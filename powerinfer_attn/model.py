@@ -140,7 +140,7 @@ def derived_model_path(type_name: str, source: Path | None = None) -> Path:
     out = source.with_name(source.stem.rsplit(".", 1)[0] + f".{type_name}.gguf")
     if out.is_file():
         return out
-    from .engine import bindings
+    from .bindings import bindings
 
     C = bindings()
     params = C.llama_model_quantize_default_params()

@@ -1,9 +1,10 @@
 """Predictors: before each sparse decode step, which heads of each layer run.
 
-A predictor has a ``name``, ``bind(engine)`` (called once the engine exists; checks that the
-predictor fits the model) and ``predict(state) -> mask`` with ``mask`` ``[n_layer, n_head]``
-of 0/1 (1 = head active); ``state`` is an ``engine.StepState``. A predictor that needs to
-watch the graph has a ``hook`` (an ``engine.TensorHook``) that the engine must be built with.
+A predictor is anything with ``engine.Predictor``'s protocol: a ``name``, ``bind(engine)``
+(called once the engine exists; checks that the predictor fits the model) and ``predict(state)
+-> mask`` with ``mask`` ``[n_layer, n_head]`` of 0/1 (1 = head active); ``state`` is an
+``engine.StepState``. A predictor that needs to watch the graph has a ``hook`` (an
+``engine.TensorHook``) that the engine must be built with.
 
 Built-in, by name (``get_predictor``), with what each costs per decode step:
 
@@ -33,20 +34,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .bindings import FILLS
+from .engine import Predictor
 from .importance import HeadContributions, mass_mask, topk_mask
-
-
-@runtime_checkable
-class Predictor(Protocol):
-    name: str
-
-    def bind(self, engine) -> None: ...
-
-    def predict(self, state) -> np.ndarray: ...
+from .model import cache_dir
+from .predictor_file import read_fill, read_metadata
 
 
 class _Shaped:
@@ -116,8 +111,6 @@ class Oracle(_Shaped):
         self.fill_path = Path(fill_from) if fill_from else None
         self.fill_kind, self.fill = "zero", None
         if self.fill_path is not None:
-            from .train import read_fill
-
             if not self.fill_path.is_file():
                 raise ValueError(f"predictor file {self.fill_path} not found")
             self.fill_kind, self.fill = read_fill(self.fill_path)
@@ -210,9 +203,6 @@ class TrainedHeads(_Shaped):
 
     def __init__(self, path: str | Path, rule: str | None = None, value: float | None = None,
                  fill: str | None = None):
-        from .fill import FILLS
-        from .train import read_metadata
-
         self.path, self.rule, self.value = Path(path), rule, value
         if not self.path.is_file():
             raise ValueError(f"trained predictor file not found: {self.path}; run `powerinfer-attn train-predictor`")
@@ -262,8 +252,6 @@ NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill=PRED.gguf]
 
 
 def default_calibration_path(model_path: str | Path) -> Path:
-    from .model import cache_dir
-
     return cache_dir() / "calibration" / (Path(model_path).name + ".json")
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from powerinfer_attn import compare as cmp
+from powerinfer_attn import predictor_file
 from powerinfer_attn.predictors import get_predictor
+from powerinfer_attn.text import resolve_text_file, text_tokens
 
 TEXT = (
     "The Tiber is the third longest river in Italy. It rises in the Apennine Mountains in Emilia-Romagna "
@@ -62,9 +64,9 @@ def test_score_on_training_articles(model_path, text_file, tmp_path):
     path = tmp_path / "two.txt"
     path.write_text(text)
     with Engine(model_path, n_ctx=64, n_threads=2) as eng:
-        assert cmp.text_tokens(eng, path, training=True) == eng.tokenize(train_part, add_bos=False)
+        assert text_tokens(eng, path, training=True) == eng.tokenize(train_part, add_bos=False)
         with pytest.raises(ValueError, match="no whole article"):
-            cmp.text_tokens(eng, text_file, training=True)  # one article, the whole file
+            text_tokens(eng, text_file, training=True)  # one article, the whole file
     r = run_score(model_path, path, "all", training=True)
     assert r.text == "training articles" and r.kl_mean < 1e-6
 
@@ -110,18 +112,18 @@ def test_oracle_full_mass_keeps_every_head(model_path, text_file):
 
 def test_oracle_with_fills(model_path, text_file, tmp_path):
     """oracle:P:fill=F runs with F's fill on and ranks heads by their deviation from that fill."""
-    from powerinfer_attn import collect, train
+    from powerinfer_attn import collect
     from powerinfer_attn.engine import Engine
 
     with Engine(model_path, n_ctx=200, n_threads=1) as eng:
-        toks = cmp.text_tokens(eng, text_file)
+        toks = text_tokens(eng, text_file)
         L, H, E = eng.n_layer, eng.n_head, eng.n_embd
     fill = collect.fit_fill(model_path, [toks[:128]], L, H, 128, 2)
     assert fill.mean_post.shape == (L, H, E) and fill.w.shape == (L, E, E)
     zeros, zb = [np.zeros((H, E), np.float32)] * L, [np.zeros(H, np.float32)] * L
-    train.write_predictor(tmp_path / "m.gguf", zeros, zb, model_path.name, "threshold", 0.0, {},
+    predictor_file.write_predictor(tmp_path / "m.gguf", zeros, zb, model_path.name, "threshold", 0.0, {},
                           means=[m.T for m in fill.mean_post])
-    train.write_predictor(tmp_path / "l.gguf", zeros, zb, model_path.name, "threshold", 0.0, {},
+    predictor_file.write_predictor(tmp_path / "l.gguf", zeros, zb, model_path.name, "threshold", 0.0, {},
                           linear=(fill.w, fill.b))
     mean, linear, plain = run_score(model_path, text_file, f"oracle:0.8:fill={tmp_path / 'm.gguf'}",
                                     f"oracle:0.8:fill={tmp_path / 'l.gguf'}", "oracle:0.8")
@@ -130,7 +132,7 @@ def test_oracle_with_fills(model_path, text_file, tmp_path):
         assert 0 < r.density < 1 and np.isfinite(r.kl_mean) and r.kl_mean != plain.kl_mean
     with pytest.raises(ValueError, match="fill=PRED.gguf"):
         get_predictor("oracle:0.8:means=x.gguf", model_path)
-    train.write_predictor(tmp_path / "plain.gguf", zeros, zb, model_path.name, "threshold", 0.0, {})
+    predictor_file.write_predictor(tmp_path / "plain.gguf", zeros, zb, model_path.name, "threshold", 0.0, {})
     with pytest.raises(ValueError, match="holds no fill"):
         get_predictor(f"oracle:0.8:fill={tmp_path / 'plain.gguf'}", model_path)
 
@@ -154,4 +156,4 @@ def test_compare_all_agrees(model_path):
 def test_text_file_required(monkeypatch):
     monkeypatch.delenv(cmp.TEXT_ENV, raising=False)
     with pytest.raises(ValueError, match="--text-file"):
-        cmp.resolve_text_file(None)
+        resolve_text_file(None)

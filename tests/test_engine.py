@@ -4,6 +4,7 @@ oracle (all heads: the dense tokens; a mask: dense attention with those heads ze
 import numpy as np
 import pytest
 
+from powerinfer_attn import predictor_file
 from powerinfer_attn.engine import Engine, EngineError
 from powerinfer_attn.predictors import AllHeads, MaskFile, get_predictor
 from powerinfer_attn.reference import FilledHeads, LinearFilledHeads, ZeroedHeads
@@ -114,7 +115,6 @@ def test_masked_sparse_matches_zeroed_dense_f32(f32_model_path, seed, density):
 def test_mean_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, density):
     """Mean fill adds, after wo, mean [n_head, n_embd] x (1 - mask): the same as dense decode
     whose inactive heads output the vector m_h whose image through wo is that mean."""
-    from powerinfer_attn import train
     from powerinfer_attn.importance import load_wo
 
     rng = np.random.default_rng(seed)
@@ -125,7 +125,7 @@ def test_mean_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, dens
         wo = load_wo(f32_model_path, L)
         means = [np.stack([wo[il][:, h * d:(h + 1) * d] @ fill[il, h] for h in range(H)], axis=1) for il in range(L)]
         zeros = [np.zeros((H, E), np.float32)] * L
-        train.write_predictor(tmp_path / "m.gguf", zeros, [np.zeros(H, np.float32)] * L, f32_model_path.name,
+        predictor_file.write_predictor(tmp_path / "m.gguf", zeros, [np.zeros(H, np.float32)] * L, f32_model_path.name,
                               "threshold", 0.0, {}, means=means)
         toks = eng.tokenize(ORACLE_TEXT)
         masks = random_masks(rng, len(toks) - 5, L, H, density)
@@ -149,7 +149,6 @@ def test_mean_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, dens
 def test_linear_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, density):
     """Linear fill puts w x + b (x: the layer's attn_norm output) in the skipped heads' outputs
     before a dense wo: the same as dense decode whose inactive heads output that."""
-    from powerinfer_attn import train
     from powerinfer_attn.fill import HeadFill
 
     rng = np.random.default_rng(seed)
@@ -158,7 +157,7 @@ def test_linear_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, de
         # F16 in the file: draw values that F16 holds exactly, so the oracle uses the same map
         fill = HeadFill(w=(rng.normal(size=(L, E, E)) * 0.01).astype(np.float16).astype(np.float32),
                         b=(rng.normal(size=(L, E)) * 0.3).astype(np.float32))
-        train.write_predictor(tmp_path / "lin.gguf", [np.zeros((H, E), np.float32)] * L, [np.zeros(H, np.float32)] * L,
+        predictor_file.write_predictor(tmp_path / "lin.gguf", [np.zeros((H, E), np.float32)] * L, [np.zeros(H, np.float32)] * L,
                               f32_model_path.name, "threshold", 0.0, {}, linear=(fill.w, fill.b))
         toks = eng.tokenize(ORACLE_TEXT)
         masks = random_masks(rng, len(toks) - 5, L, H, density)
@@ -179,7 +178,6 @@ def test_linear_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, de
 
 
 def test_mean_fill_errors(tmp_path, model_path, engine):
-    from powerinfer_attn import train
     from powerinfer_attn.engine import EngineError
 
     with Engine(model_path, n_ctx=64, n_threads=1) as eng:
@@ -189,18 +187,18 @@ def test_mean_fill_errors(tmp_path, model_path, engine):
             eng.set_head_fill("half")
         L, H, E = eng.n_layer, eng.n_head, eng.n_embd
         ws, bs = [np.zeros((H, E), np.float32)] * L, [np.zeros(H, np.float32)] * L
-        train.write_predictor(tmp_path / "plain.gguf", ws, bs, model_path.name, "threshold", 0.0, {})
+        predictor_file.write_predictor(tmp_path / "plain.gguf", ws, bs, model_path.name, "threshold", 0.0, {})
         eng.load_head_predictor(tmp_path / "plain.gguf")
         for kind in ("mean", "linear"):
             with pytest.raises(EngineError, match=f"holds no {kind} fill"):
                 eng.set_head_fill(kind)
         eng.set_head_fill("zero")
         bad = [np.zeros((E, H + 1), np.float32)] * L
-        train.write_predictor(tmp_path / "bad.gguf", ws, bs, model_path.name, "threshold", 0.0, {}, means=bad)
+        predictor_file.write_predictor(tmp_path / "bad.gguf", ws, bs, model_path.name, "threshold", 0.0, {}, means=bad)
         with pytest.raises(EngineError, match="returned -1"):
             eng.load_head_predictor(tmp_path / "bad.gguf")
         badlin = (np.zeros((L, E + 1, E), np.float32), np.zeros((L, E + 1), np.float32))  # not whole heads
-        train.write_predictor(tmp_path / "badlin.gguf", ws, bs, model_path.name, "threshold", 0.0, {}, linear=badlin)
+        predictor_file.write_predictor(tmp_path / "badlin.gguf", ws, bs, model_path.name, "threshold", 0.0, {}, linear=badlin)
         with pytest.raises(EngineError, match="returned -1"):
             eng.load_head_predictor(tmp_path / "badlin.gguf")
 

@@ -15,11 +15,16 @@ import warnings
 
 import numpy as np
 import pytest
+from test_engine import ORACLE_TEXT, PROMPT, rel_diff, teacher_forced_logits
 
-from powerinfer_attn.engine import Engine, EngineError, SparseFallbackWarning, TensorHook
+from powerinfer_attn.engine import (
+    Engine,
+    EngineError,
+    SparseFallbackWarning,
+    TensorHook,
+)
 from powerinfer_attn.predictors import AllHeads
 from powerinfer_attn.reference import ZeroedHeads
-from test_engine import ORACLE_TEXT, PROMPT, rel_diff, teacher_forced_logits
 
 # --- helpers ------------------------------------------------------------------
 

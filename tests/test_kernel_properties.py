@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_kernels import WEIGHT_TYPES, tolerance
 
 from powerinfer_attn import kernels
-from test_kernels import WEIGHT_TYPES, tolerance
 
 pytestmark = pytest.mark.usefixtures("ggml_lib")
 

@@ -8,21 +8,22 @@ import warnings
 import numpy as np
 import pytest
 
-from powerinfer_attn import collect, compare, train
+from powerinfer_attn import collect, compare, predictor_file, train
 from powerinfer_attn.engine import Engine, EngineError, TensorHook
 from powerinfer_attn.importance import mass_mask, topk_mask
 from powerinfer_attn.predictors import TrainedHeads, get_predictor
+from powerinfer_attn.text import split_articles, training_articles
 
 # --- pure Python ---------------------------------------------------------------------
 
 
 def test_split_articles_and_training_half():
     text = " = A = \n\n one two \n = = Sub = = \n three \n = B = \n four \n = C = \n" + "x" * 100 + "\n"
-    arts = collect.split_articles(text)
+    arts = split_articles(text)
     assert [a[2] for a in arts] == ["A", "B", "C"]  # sub-headings do not split
     assert arts[0][0] == 0 and arts[-1][1] == len(text)
     assert all(a[1] == b[0] for a, b in zip(arts, arts[1:]))
-    assert [a[2] for a in collect.training_articles(text, 0.45)] == ["A", "B"]
+    assert [a[2] for a in training_articles(text, 0.45)] == ["A", "B"]
 
 
 def test_ridge_recovers_a_linear_map():
@@ -78,7 +79,7 @@ def test_train_fits_held_out_data_and_writes_the_sidecar(tmp_path):
     # log(importance / residual) is exactly linear in x here, so the held-out fit is nearly perfect
     assert s["heldout_r2_mean"] > 0.99
     assert abs(s["heldout_density"] - 0.5) < 0.05
-    meta = train.read_metadata(out)
+    meta = predictor_file.read_metadata(out)
     assert meta["kind"] == "linear" and meta["n_layer"] == 2 and meta["n_head"] == 3 and meta["n_embd"] == 8
     assert meta["rule"] == "threshold" and meta["rule_value"] == pytest.approx(s["rule_value"], rel=1e-6)
     assert meta["training"]["heldout_density"] == s["heldout_density"]
@@ -129,7 +130,7 @@ def test_bench_engine_runs_the_predictors_fill(tmp_path, model_path, engine):
     rng = np.random.default_rng(0)
     ws, bs = _random_predictor(tmp_path / "r.gguf", model_path, engine, value=0.5)
     lin = ((rng.normal(size=(L, E, E)) * 0.01).astype(np.float32), (rng.normal(size=(L, E)) * 0.3).astype(np.float32))
-    train.write_predictor(tmp_path / "p.gguf", ws, bs, model_path.name, "threshold", 0.5, {}, linear=lin)
+    predictor_file.write_predictor(tmp_path / "p.gguf", ws, bs, model_path.name, "threshold", 0.5, {}, linear=lin)
     toks = engine.tokenize("The river runs to the sea, and the sea")
     eng = bench.stack_trained(model_path, f"trained:{tmp_path / 'p.gguf'}", 64, 2, False, True)
     try:
@@ -151,8 +152,8 @@ def test_fill_training_uses_deviations_and_stores_the_fill(tmp_path, fill):
     _fake_data(tmp_path, means=True)
     out = tmp_path / "p.gguf"
     s = train.train(tmp_path, out, density=0.5, fill=None if fill == "linear" else fill)  # linear: the default
-    assert s["fill"] == fill and train.read_metadata(out)["fill"] == fill
-    kind, stored = train.read_fill(out)
+    assert s["fill"] == fill and predictor_file.read_metadata(out)["fill"] == fill
+    kind, stored = predictor_file.read_fill(out)
     want = HeadFill.load(tmp_path / "fill.npz")
     assert kind == fill
     if fill == "mean":
@@ -166,7 +167,7 @@ def test_fill_training_uses_deviations_and_stores_the_fill(tmp_path, fill):
     logits = x @ w.T + b
     assert np.corrcoef(logits[:, 0] - logits[:, 1], np.log(dev[:, 0] / dev[:, 1]))[0, 1] > 0.9
     z = train.train(tmp_path, tmp_path / "z.gguf", density=0.5, fill="zero")
-    assert z["fill"] == "zero" and train.read_fill(tmp_path / "z.gguf")[0] == "zero"
+    assert z["fill"] == "zero" and predictor_file.read_fill(tmp_path / "z.gguf")[0] == "zero"
     p = get_predictor(f"trained:{out}:density=0.6", "m.gguf")
     assert p.fill == fill and p.name.endswith(f"+{fill}")
     p = get_predictor(f"trained:{out}:fill=zero:topk=2", "m.gguf")
@@ -179,7 +180,7 @@ def test_fill_training_uses_deviations_and_stores_the_fill(tmp_path, fill):
         get_predictor(f"trained:{out}:topk=2:mass=0.5", "m.gguf")
     assert compare.family(f"oracle:0.8+{fill}") == f"oracle+{fill}" and compare.family(p.name) == "trained"
     with pytest.raises(ValueError, match="one fill"):
-        train.write_predictor(tmp_path / "two.gguf", [w], [b], "m.gguf", "threshold", 0.0, {},
+        predictor_file.write_predictor(tmp_path / "two.gguf", [w], [b], "m.gguf", "threshold", 0.0, {},
                               means=[np.zeros((8, 3), np.float32)], linear=(want.w, want.b))
 
 
@@ -227,7 +228,7 @@ def _random_predictor(path, model_path, eng, value=0.0, rule="threshold", scale=
     rng = np.random.default_rng(seed)
     ws = [(rng.normal(size=(eng.n_head, eng.n_embd)) * scale).astype(np.float32) for _ in range(eng.n_layer)]
     bs = [rng.normal(size=eng.n_head).astype(np.float32) for _ in range(eng.n_layer)]
-    train.write_predictor(path, ws, bs, model_path.name, rule, value, {"note": "random, for tests"})
+    predictor_file.write_predictor(path, ws, bs, model_path.name, rule, value, {"note": "random, for tests"})
     return ws, bs
 
 
@@ -310,7 +311,7 @@ def test_predictor_load_errors(tmp_path, model_path, engine):
     rng = np.random.default_rng(0)
     ws = [rng.normal(size=(engine.n_head, 64)).astype(np.float32)] * engine.n_layer
     bs = [np.zeros(engine.n_head, np.float32)] * engine.n_layer
-    train.write_predictor(tmp_path / "small.gguf", ws, bs, model_path.name, "threshold", 0.0, {})
+    predictor_file.write_predictor(tmp_path / "small.gguf", ws, bs, model_path.name, "threshold", 0.0, {})
     with pytest.raises(EngineError, match="another shape"):
         engine.load_head_predictor(tmp_path / "small.gguf")
     with pytest.raises(EngineError, match="no head predictor loaded"):
@@ -322,7 +323,7 @@ def test_predictor_load_errors(tmp_path, model_path, engine):
     with pytest.raises(ValueError, match="bad value"):
         engine.set_head_rule("mass", 1.5)
     engine.set_head_rule("file")
-    train.write_predictor(tmp_path / "other.gguf", *_random_predictor(tmp_path / "x.gguf", model_path, engine),
+    predictor_file.write_predictor(tmp_path / "other.gguf", *_random_predictor(tmp_path / "x.gguf", model_path, engine),
                           "another-model.gguf", "threshold", 0.0, {})
     with pytest.raises(ValueError, match="trained for another-model.gguf"):
         get_predictor(f"trained:{tmp_path / 'other.gguf'}", model_path).bind(engine)
@@ -373,7 +374,7 @@ def test_layer_sensitivity_under_linear_fill(tmp_path, model_path):
         n_layer, n_head = eng.n_layer, eng.n_head
     fill = collect.fit_fill(model_path, [toks[:48]], n_layer, n_head, 48, threads=2)
     side = collect._fill_sidecar(tmp_path, fill, n_head, model_path)
-    assert train.read_fill(side)[0] == "linear"
+    assert predictor_file.read_fill(side)[0] == "linear"
     kw = dict(windows=1, prefix=16, steps=4, fraction=0.5, threads=2)
     zero = collect.layer_sensitivity(model_path, toks, **kw)
     filled = collect.layer_sensitivity(model_path, toks, fill_file=side, **kw)
@@ -383,7 +384,7 @@ def test_layer_sensitivity_under_linear_fill(tmp_path, model_path):
                                         fill_file=side)
     assert max(nothing) == 0.0
     means = tmp_path / "means.gguf"
-    train.write_predictor(means, [np.zeros((n_head, fill.w.shape[2]), np.float32)] * n_layer,
+    predictor_file.write_predictor(means, [np.zeros((n_head, fill.w.shape[2]), np.float32)] * n_layer,
                           [np.zeros(n_head, np.float32)] * n_layer, model_path.name, "threshold", 0.0, {},
                           means=[np.zeros((fill.w.shape[2], n_head), np.float32)] * n_layer)
     with pytest.raises(ValueError, match="takes a linear one"):
