@@ -13,8 +13,10 @@ the kernels, not a predictor. ``heads_for_density`` says which heads stay on.
 
 With ``trained`` (a ``trained:PRED.gguf[:RULE=VALUE]`` predictor), a third context decodes
 with that predictor computed inside the graph, its cost included, paired with dense steps the
-same way; its density is what the predictor chose on the benchmark's filler text, read back in
-a separate context (reading masks needs an eval callback, which would slow the timed one).
+same way; its density is what the predictor chose on the ``DENSITY_STEPS`` tokens that follow
+the context, read back in a separate context (reading masks needs an eval callback, which would
+slow the timed one). The cache holds a repeated sentence, or with ``text_file`` a run of real
+text from the held-out half of that file (what a predictor sees in use).
 """
 
 from __future__ import annotations
@@ -92,9 +94,22 @@ def _fill(eng: Engine, ctx: int, tokens: list[int]) -> None:
     eng.prefill(tokens[:ctx])
 
 
-def _filler_tokens(eng: Engine, n: int) -> list[int]:
-    base = eng.tokenize("The quick brown fox jumps over the lazy dog while the river runs to the sea. ", add_bos=False)
-    return (base * (n // len(base) + 1))[:n]
+FILLER = "The quick brown fox jumps over the lazy dog while the river runs to the sea. "
+DENSITY_STEPS = 32  # decode steps over which a trained predictor's density is read
+
+
+def _context_tokens(eng: Engine, n: int, text_file: Path | None) -> list[int]:
+    """``n`` tokens to fill the cache with: a run of real text from the middle of the held-out
+    second half of ``text_file``, or without one a repeated sentence."""
+    if text_file is None:
+        base = eng.tokenize(FILLER, add_bos=False)
+        return (base * (n // len(base) + 1))[:n]
+    toks = eng.tokenize(text_file.read_text(encoding="utf-8", errors="replace"), add_bos=False)
+    half = toks[len(toks) // 2:]
+    if len(half) < n:
+        raise ValueError(f"{text_file}: its second half has {len(half)} tokens, {n} are needed")
+    start = (len(half) - n) // 2
+    return half[start:start + n]
 
 
 def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp: bool) -> Engine:
@@ -107,24 +122,23 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
         raise ValueError(f"bench --predictor takes a trained:PRED.gguf predictor, not {spec!r}")
     eng = Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp)
     try:
-        eng.load_head_predictor(pred.path)
-        if pred.rule:
-            eng.set_head_rule(pred.rule, pred.value)
-        eng.use_head_predictor(True)
-        eng.set_head_fill(pred.fill)  # the fill is part of what the predictor costs
+        # its rule, density control and fill (part of what the predictor costs), without the
+        # hook that reads its masks back
+        pred.bind(eng)
     except BaseException:
         eng.close()
         raise
     return eng
 
 
-def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, repack_options, say) -> tuple[bool, bool]:
+def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, repack_options, say,
+                   text_file: Path | None = None) -> tuple[bool, bool]:
     """The stock configuration (flash attention, repack) with the fastest decode at ``ctx``."""
     best = None
     for fa in fa_options:
         for rp in repack_options:
             with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp) as eng:
-                toks = _filler_tokens(eng, ctx + 1)
+                toks = _context_tokens(eng, ctx + 1, text_file)
                 label = f"flash attention {'on' if fa else 'off'}, repack {'on' if rp else 'off'}"
                 say(f"ctx {ctx}: dense, {label}: filling the cache")
                 _fill(eng, ctx, toks)
@@ -136,11 +150,12 @@ def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, re
     return best[0], best[1]
 
 
-def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say) -> dict:
+def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say,
+             text_file: Path | None = None) -> dict:
     """Per-part profile of the dense step and of the sparse step at each density."""
     timer = NodeTimer()
     with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp, tensor_hook=timer) as eng:
-        toks = _filler_tokens(eng, ctx + 1)
+        toks = _context_tokens(eng, ctx + 1, text_file)
         say(f"ctx {ctx}: profiling, filling the cache")
         _fill(eng, ctx, toks)
 
@@ -158,25 +173,27 @@ def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict
 
 
 def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spec: str, toks: list[int]) -> float:
-    """Mean density the in-graph predictor chooses over a few steps at ``ctx``."""
+    """Mean density the in-graph predictor chooses over the ``DENSITY_STEPS`` tokens that follow
+    the context (teacher-forced, so the steps see the text go on)."""
     from .predictors import get_predictor
 
     pred = get_predictor(spec, model_path)
-    with open_engine(model_path, pred, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp) as eng:
+    with open_engine(model_path, pred, n_ctx=ctx + DENSITY_STEPS + 16, n_threads=threads, flash_attn=fa,
+                     repack=rp) as eng:
         _fill(eng, ctx, toks)
         eng.set_sparse(True)
         masks = []
-        for i in range(4):
-            eng.predicted_step(pred, i, toks[ctx])
+        for i, t in enumerate(toks[ctx:ctx + DENSITY_STEPS]):
+            eng.predicted_step(pred, i, t)
             masks.append(pred.observed())
-            eng.rollback(ctx)
     return float(np.mean(masks))
 
 
 def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
-        progress: Callable[[str], None] | None = None) -> dict:
-    """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up)."""
+        progress: Callable[[str], None] | None = None, text_file: Path | None = None) -> dict:
+    """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up). With
+    ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence."""
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
     repack_types = repackable_types(model_path)
@@ -188,11 +205,11 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     for ctx in ctxs:
         n_ctx = ctx + 16
         # the dense baseline is the fastest stock configuration on this machine
-        fa, rp = _fastest_dense(model_path, ctx, threads, reps, fa_options, repack_options, say)
+        fa, rp = _fastest_dense(model_path, ctx, threads, reps, fa_options, repack_options, say, text_file)
         choices[ctx] = {"flash_attn": "on" if fa else "off", "repack": "on" if rp else "off"}
         with Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp) as dense, \
                 Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp) as sparse:
-            toks = _filler_tokens(dense, ctx + 1)
+            toks = _context_tokens(dense, ctx + 1 + DENSITY_STEPS, text_file)
             say(f"ctx {ctx}: filling two caches (dense, sparse), flash attention {'on' if fa else 'off'}")
             _fill(dense, ctx, toks)
             _fill(sparse, ctx, toks)
@@ -232,7 +249,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
                 t_eng.close()
         share = None
         if profile:
-            profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say)
+            profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say, text_file)
             if trustworthy(profiles[ctx]["dense"]):
                 share = profiles[ctx]["dense"]["skippable_share"]
             else:
@@ -261,6 +278,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         "reps": reps,
         "gqa_masks": gqa,
         "trained": trained,
+        "context_text": str(text_file) if text_file else "filler",
         "dense_config": {str(c): v for c, v in choices.items()},
         "repackable_types": repack_types,
         "sparse_layer_ops": layer_ops,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -152,7 +153,9 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @main.command()
 @click.option("--text-file", type=click.Path(dir_okay=False), default=None,
               help="Text to score on (default: $POWERINFER_ATTN_TEXT), e.g. WikiText-2's wiki.test.raw.")
-@click.option("--prefix", type=click.IntRange(1), default=128, show_default=True, help="Dense prefill tokens per window.")
+@click.option("--prefix", "prefixes", default="128", show_default=True,
+              help="Dense prefill tokens per window; several comma-separated (128,1024,4096,8192) give a table each, "
+                   "with one dense prefill per window shared by all predictors.")
 @click.option("--steps", type=click.IntRange(1), default=128, show_default=True, help="Sparse decode steps per window.")
 @click.option("--windows", type=click.IntRange(1), default=8, show_default=True, help="Windows, spread over the text's second half.")
 @click.option("--training-articles", "training", is_flag=True,
@@ -167,7 +170,7 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @model_option
 @threads_option
 @json_option
-def score(text_file, prefix, steps, windows, training, predictors, mask_file, dump_logits, plot_path, model, threads, as_json) -> None:
+def score(text_file, prefixes, steps, windows, training, predictors, mask_file, dump_logits, plot_path, model, threads, as_json) -> None:
     """Teacher-forced quality of sparse decode against dense: perplexity, KL, top-1 agreement."""
     from pathlib import Path
 
@@ -180,8 +183,12 @@ def score(text_file, prefix, steps, windows, training, predictors, mask_file, du
     try:
         path = resolve_model(model)
         text = resolve_text_file(text_file)
+        prefix = _ints(prefixes)
+        if not prefix or min(prefix) < 1:
+            raise ValueError(f"--prefix takes lengths >= 1, comma-separated, not {prefixes!r}")
         preds = [_open_predictor(sp, path) for sp in specs]
-        with click.progressbar(length=(1 + len(preds)) * steps * windows, label="scoring", file=sys.stderr) as bar:
+        with click.progressbar(length=(1 + len(preds)) * steps * windows * len(prefix), label="scoring",
+                               file=sys.stderr) as bar:
             results = cmp.score(path, text, preds, prefix, steps, windows, threads,
                                 Path(dump_logits) if dump_logits else None, bar.update, training)
         if plot_path:
@@ -193,10 +200,12 @@ def score(text_file, prefix, steps, windows, training, predictors, mask_file, du
         return
     r0 = results[0]
     where = " (training articles)" if training else ""
-    click.echo(f"{path.name} on {text.name}{where}: {r0.windows} windows x {r0.steps} steps after {r0.prefix} dense tokens")
+    after = ", ".join(str(p) for p in dict.fromkeys(r.prefix for r in results))
+    click.echo(f"{path.name} on {text.name}{where}: {r0.windows} windows x {r0.steps} steps after {after} dense tokens")
     click.echo(cmp.format_scores(results))
     for r in results:
-        click.echo(f"density per layer, {r.predictor}: " + " ".join(f"{x:.2f}" for x in r.density_per_layer))
+        click.echo(f"density per layer, {r.predictor}, prefix {r.prefix}: "
+                   + " ".join(f"{x:.2f}" for x in r.density_per_layer))
 
 
 @main.command()
@@ -241,10 +250,13 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
               help="Tokens to record, in 512-token chunks spread over the training articles.")
 @click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
               help="Also measure each layer's sensitivity to pruning (per-layer budgets; ~2 min on 2 cores).")
+@click.option("--seq-len", type=click.IntRange(512), default=512, show_default=True,
+              help="Read the text as sequences of this many tokens (a multiple of 512), each from position 0: "
+                   "8192 records what heads do deep into the context.")
 @model_option
 @threads_option
 @json_option
-def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> None:
+def collect(text_file, out, tokens, sensitivity, seq_len, model, threads, as_json) -> None:
     """Record each layer's attention input and each head's importance, for train-predictor."""
     from pathlib import Path
 
@@ -258,7 +270,7 @@ def collect(text_file, out, tokens, sensitivity, model, threads, as_json) -> Non
         length = tokens + tokens // col.FILL_EVERY + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
         with click.progressbar(length=length, label="collecting", file=sys.stderr) as bar:
             meta = col.collect(path, text, Path(out), tokens, threads=threads, sensitivity=sensitivity,
-                               progress=bar.update)
+                               progress=bar.update, seq_len=seq_len)
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
@@ -305,6 +317,43 @@ def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no
                    f"{summary['heldout_density']:.3f}, held-out R^2 {summary['heldout_r2_mean']:.3f} (mean over layers)")
 
 
+@main.command()
+@click.option("--lengths", default="1024,2048,4096,8192", show_default=True, help="Prompt lengths in tokens, comma-separated.")
+@click.option("--trials", type=click.IntRange(1), default=10, show_default=True,
+              help="Trials per length (the key's depth spread evenly from start to end).")
+@click.option("--haystack", "haystacks", default="filler", show_default=True,
+              help="What the key hides in: filler (repeated sentences), text (held-out half of --text-file), or both: filler,text.")
+@click.option("--text-file", type=click.Path(dir_okay=False), default=None,
+              help="Text for the text haystack (default: $POWERINFER_ATTN_TEXT).")
+@click.option("--predictor", "predictors", multiple=True,
+              help="Head predictor for the sparse answers (see `generate --help`); repeat it for several. Dense always runs.")
+@click.option("--answer-tokens", type=click.IntRange(2), default=8, show_default=True, help="Tokens of answer decoded.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the keys.")
+@model_option
+@threads_option
+@json_option
+def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, seed, model, threads, as_json) -> None:
+    """Retrieval at long context: exact-match accuracy on a hidden pass key, dense and sparse."""
+    from . import needle as nd
+    from .engine import EngineError
+
+    try:
+        path = resolve_model(model)
+        kinds = [h for h in haystacks.split(",") if h]
+        text = resolve_text_file(text_file) if "text" in kinds else None
+        preds = [_open_predictor(sp, path) for sp in predictors]
+        lens = _ints(lengths)
+        with click.progressbar(length=len(lens) * trials * len(kinds), label="needle trials", file=sys.stderr) as bar:
+            results = nd.run(path, lens, trials, preds, kinds, text, answer_tokens, threads, seed, bar.update)
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in results], indent=1))
+        return
+    click.echo(f"{path.name}: pass key retrieval, {trials} trials per length; cells: correct/trials")
+    click.echo(nd.format_table(results))
+
+
 def resolve_n_layer(model_path) -> int:
     from gguf import GGUFReader
 
@@ -334,9 +383,11 @@ def _ints(text: str) -> list[int]:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a tok/s vs context plot (PNG).")
 @click.option("--predictor", "trained", default=None,
               help="Also time sparse decode with this trained:PRED.gguf[:RULE=VALUE] predictor, computed in the graph.")
+@click.option("--text-file", type=click.Path(dir_okay=False), default=None,
+              help="Fill the caches with real text from this file's held-out half (default: a repeated sentence).")
 @threads_option
 @json_option
-def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, threads, as_json) -> None:
+def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
@@ -345,7 +396,8 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
 
     try:
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
-                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained)
+                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained,
+                               text_file=resolve_text_file(text_file) if text_file else None)
         if plot_path:
             bench_mod.plot(result, plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
@@ -353,7 +405,8 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
     if as_json:
         click.echo(json.dumps(result, indent=1))
     else:
-        click.echo(f"model {result['model']}, {result['threads']} threads, median of {result['reps']} paired steps"
+        click.echo(f"model {result['model']}, {result['threads']} threads, median of {result['reps']} paired steps, "
+                   f"context: {result['context_text']}"
                    + (", GQA-group masks" if gqa else "")
                    + "; cells: sparse tok/s (ratio to dense" + (" of its Amdahl limit)" if profile else ")"))
         click.echo(bench_mod.format_table(result))
@@ -367,7 +420,7 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
 @main.command()
 @click.argument("result", type=click.Path(exists=True, dir_okay=False))
 def show(result) -> None:
-    """Print the tables of a result saved with `score --json` or `bench --json`."""
+    """Print the tables of a result saved with `score --json`, `bench --json` or `needle --json`."""
     from pathlib import Path
 
     from . import bench as bench_mod
@@ -379,6 +432,11 @@ def show(result) -> None:
         _fail(ValueError(f"{result}: not a JSON result ({e})"))
     if isinstance(data, list) and data and "kl_mean" in data[0]:
         click.echo(cmp.format_scores([cmp.ScoreResult(**r) for r in data]))
+    elif isinstance(data, list) and data and "haystack" in data[0]:
+        from . import needle as nd
+
+        fields = {f.name for f in dataclasses.fields(nd.NeedleResult)}
+        click.echo(nd.format_table([nd.NeedleResult(**{k: v for k, v in r.items() if k in fields}) for r in data]))
     elif isinstance(data, dict) and "rows" in data:
         click.echo(f"{Path(data['model']).name}, {data['threads']} threads, median of {data['reps']} paired steps"
                    + (", GQA-group masks" if data.get("gqa_masks") else ""))
@@ -387,7 +445,7 @@ def show(result) -> None:
             click.echo("")
             click.echo(bench_mod.format_profile(data))
     else:
-        _fail(ValueError(f"{result}: neither a score nor a bench result"))
+        _fail(ValueError(f"{result}: not a score, bench or needle result"))
 
 
 if __name__ == "__main__":

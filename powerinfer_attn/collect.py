@@ -82,9 +82,18 @@ FILL_EVERY = 4  # the fills are fitted on every 4th chunk (a quarter of the cost
 
 def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, batch: int = 512,
             threads: int | None = None, sensitivity: bool = True,
-            progress: Callable[[int], None] | None = None) -> dict:
+            progress: Callable[[int], None] | None = None, seq_len: int | None = None) -> dict:
     """Record training data from the training articles of ``text_file`` into ``out``; returns
-    the metadata written to ``out/meta.json``."""
+    the metadata written to ``out/meta.json``.
+
+    ``seq_len`` (a multiple of ``batch``; default ``batch``): the text is read as sequences of
+    that many consecutive tokens, each prefilled from position 0 in chunks of ``batch`` and
+    every chunk recorded, so the data covers positions 0 .. seq_len-1 evenly: with 8192, what
+    heads do deep into the trained context (far tokens, sinks). The fills are then fitted on
+    long sequences too, and the layer sensitivities measured after a prefix of seq_len/2."""
+    seq_len = seq_len or batch
+    if seq_len < batch or seq_len % batch:
+        raise ValueError(f"seq_len ({seq_len}) must be a multiple of the chunk size {batch}")
     text = text_file.read_text(encoding="utf-8", errors="replace")
     arts = require_training_articles(text, text_file)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,48 +107,55 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     # score's windows start at the token midpoint of the whole text
     if len(train_toks) > whole // 2:
         raise ValueError(f"training articles reach token {len(train_toks)}, past the scored half ({whole // 2})")
-    # chunks of consecutive tokens spread evenly over the training articles
-    n_want = max(1, min(tokens, len(train_toks)) // batch)
+    # sequences of consecutive tokens spread evenly over the training articles
+    n_want = max(1, min(tokens, len(train_toks)) // seq_len)
     step = len(train_toks) // n_want
-    used = [t for c in range(n_want) for t in train_toks[c * step:c * step + batch]]
-    chunks = [used[s0:s0 + batch] for s0 in range(0, len(used), batch)]
-    chunks = [c for c in chunks if len(c) >= 16]
-    fill = fit_fill(model_path, chunks[::FILL_EVERY], n_layer, n_head, batch, threads, progress)
+    seqs = [train_toks[c * step:c * step + seq_len] for c in range(n_want)]
+    seqs = [sq for sq in seqs if len(sq) >= 16]
+    used = sum(len(sq) for sq in seqs)
+    fill = fit_fill(model_path, seqs[::FILL_EVERY], n_layer, n_head, batch, threads, progress)
     fill.save(out / "fill.npz")
     rec = _Recorder(model_path, n_layer, n_head, fill=fill)
     n_chunks = 0
-    with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch, tensor_hook=rec) as eng:
-        for chunk in chunks:
+    with Engine(model_path, n_ctx=seq_len + 8, n_threads=threads, n_batch=batch, tensor_hook=rec) as eng:
+        for sq in seqs:
             eng.reset()
-            # all logits: otherwise the last layer keeps only the last token after attention
-            eng.prefill(chunk, all_logits=True)
-            x = np.stack([rec.x[il] for il in range(n_layer)])
-            np.save(out / f"x-{n_chunks:05d}.npy", x)
-            np.save(out / f"imp-{n_chunks:05d}.npy", rec.heads.per_token.astype(np.float32))
-            np.save(out / f"resid-{n_chunks:05d}.npy", rec.resid.astype(np.float32))
-            for kind, dev in rec.heads.per_token_dev.items():
-                np.save(out / f"dev-{kind}-{n_chunks:05d}.npy", dev.astype(np.float32))
-            n_chunks += 1
-            if progress:
-                progress(len(chunk))
+            for s0 in range(0, len(sq), batch):
+                chunk = sq[s0:s0 + batch]
+                # all logits: otherwise the last layer keeps only the last token after attention
+                eng.prefill(chunk, all_logits=True)
+                x = np.stack([rec.x[il] for il in range(n_layer)])
+                np.save(out / f"x-{n_chunks:05d}.npy", x)
+                np.save(out / f"imp-{n_chunks:05d}.npy", rec.heads.per_token.astype(np.float32))
+                np.save(out / f"resid-{n_chunks:05d}.npy", rec.resid.astype(np.float32))
+                for kind, dev in rec.heads.per_token_dev.items():
+                    np.save(out / f"dev-{kind}-{n_chunks:05d}.npy", dev.astype(np.float32))
+                np.save(out / f"pos-{n_chunks:05d}.npy", np.arange(s0, s0 + len(chunk), dtype=np.int32))
+                n_chunks += 1
+                if progress:
+                    progress(len(chunk))
     n_art = sum(1 for a in arts if a[1] <= end_chars)
+    sens_prefix = max(64, seq_len // 2) if seq_len > batch else 64
     meta = {
         "model_name": Path(model_path).name,
         "text_file": str(text_file),
         "articles": f"the first {n_art} articles of the file ({arts[0][2]!r} .. {arts[-1][2]!r}), "
                     f"characters 0..{end_chars} of {len(text)}",
         "train_tokens_available": len(train_toks),
-        "tokens": min(len(used), n_chunks * batch),
+        "tokens": used,
         "chunks": n_chunks,
         "batch": batch,
+        "seq_len": seq_len,
         "n_layer": n_layer,
         "n_head": n_head,
         "n_embd": n_embd,
         "scored_from_token": whole // 2,
-        "fill_tokens": sum(len(c) for c in chunks[::FILL_EVERY]),
-        "layer_sensitivity": layer_sensitivity(model_path, train_toks, threads=threads, progress=progress)
+        "fill_tokens": sum(len(sq) for sq in seqs[::FILL_EVERY]),
+        "sensitivity_prefix": sens_prefix,
+        "layer_sensitivity": layer_sensitivity(model_path, train_toks, prefix=sens_prefix, threads=threads,
+                                               progress=progress)
         if sensitivity else None,
-        "layer_sensitivity_linear": layer_sensitivity(model_path, train_toks, threads=threads,
+        "layer_sensitivity_linear": layer_sensitivity(model_path, train_toks, prefix=sens_prefix, threads=threads,
                                                       fill_file=_fill_sidecar(out, fill, n_head, model_path),
                                                       progress=progress)
         if sensitivity else None,
@@ -162,12 +178,15 @@ def _fill_sidecar(out: Path, fill: HeadFill, n_head: int, model_path: Path) -> P
 
 def fit_fill(model_path: Path, chunks: list[list[int]], n_layer: int, n_head: int, batch: int,
              threads: int | None, progress: Callable[[int], None] | None = None) -> HeadFill:
-    """Mean and linear fill (``fill.py``), fitted on dense runs over the chunks."""
+    """Mean and linear fill (``fill.py``), fitted on dense runs over the chunks (each prefilled
+    from position 0 in pieces of ``batch``)."""
     hook = FillFitter(n_layer)
-    with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch, tensor_hook=hook) as eng:
+    with Engine(model_path, n_ctx=max(len(c) for c in chunks) + 8, n_threads=threads, n_batch=batch,
+                tensor_hook=hook) as eng:
         for chunk in chunks:
             eng.reset()
-            eng.prefill(chunk, all_logits=True)
+            for s0 in range(0, len(chunk), batch):
+                eng.prefill(chunk[s0:s0 + batch], all_logits=True)
             if progress:
                 progress(len(chunk))
     return hook.fit(model_path, n_head)
@@ -211,15 +230,17 @@ def layer_sensitivity(model_path: Path, tokens: list[int], windows: int = 4, pre
         for s0 in starts:
             win = tokens[s0:s0 + length]
             dense.reset()
+            hook.active = False  # the prefix's importance is not needed
             dense.prefill(win[:prefix])
+            hook.active = True
+            state = dense.save_state()
             d_logits, imps = [], []
             for t in win[prefix:]:
                 d_logits.append(dense.step(t))
                 imps.append((hook.per_token_dev["linear"] if fill is not None else hook.per_token)[-1].copy())
             ld = log_softmax(np.array(d_logits))
             for il in range(n_layer):
-                sparse.reset()
-                sparse.prefill(win[:prefix])
+                sparse.load_state(state)
                 sparse.set_sparse(True)
                 s_logits = []
                 for i, t in enumerate(win[prefix:]):

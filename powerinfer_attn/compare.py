@@ -3,9 +3,10 @@
 ``compare``: greedy generation from one prompt, dense and sparse, token by token.
 
 ``score``: teacher-forced quality on a text. Each window is ``prefix + steps + 1`` tokens: the
-prefix is prefilled densely, then ``steps`` tokens are fed one at a time, once through plain
-dense decode and once through sparse decode with the predictor's mask, and each step's logits
-are scored on the next token. Reported: perplexity (dense and sparse), KL(dense || sparse) per
+prefix is prefilled densely (once, its KV cache then copied to every predictor's engine), then
+``steps`` tokens are fed one at a time, once through plain dense decode and once through sparse
+decode with the predictor's mask, and each step's logits are scored on the next token.
+Several prefix lengths can be scored in one run (a table for each). Reported: perplexity (dense and sparse), KL(dense || sparse) per
 token, top-1 agreement with dense, and the mean density per layer.
 
 Windows are spread evenly over the second half of the text's tokens; ``calibrate`` (static
@@ -48,72 +49,80 @@ class ScoreResult:
         return dataclasses.asdict(self)
 
 
-def score(model_path: Path, text_file: Path, predictors: list[Predictor], prefix: int = 128, steps: int = 128,
-          windows: int = 8, threads: int | None = None, dump_logits: Path | None = None,
+def score(model_path: Path, text_file: Path, predictors: list[Predictor], prefix: int | list[int] = 128,
+          steps: int = 128, windows: int = 8, threads: int | None = None, dump_logits: Path | None = None,
           progress: Progress | None = None, training: bool = False) -> list[ScoreResult]:
-    """Score each predictor on the same windows against one dense pass.
-    ``dump_logits`` writes the first predictor's sparse logits. The windows lie in the text's
-    second half, which no predictor is trained or calibrated on; with ``training`` they are
-    spread over the articles that ``collect`` trains on instead (to tune a predictor's
-    settings without looking at the held-out text)."""
-    length = prefix + steps + 1
-    n_ctx = length + 8
+    """Score each predictor on the same windows against one dense pass, for each prefix length
+    (``prefix``: one length or several; one result per predictor and length, in that order).
+
+    Each window's prefix is prefilled once, densely, and its KV cache copied into every
+    predictor's engine (``Engine.save_state``/``load_state``): a long prefix costs one prefill,
+    not one per predictor. ``dump_logits`` writes the first predictor's sparse logits at the first
+    prefix length. The windows lie in the text's second half, which no predictor is trained or
+    calibrated on; with ``training`` they are spread over the articles that ``collect`` trains
+    on instead (to tune a predictor's settings without looking at the held-out text)."""
+    prefixes = [prefix] if isinstance(prefix, int) else list(prefix)
+    if not prefixes or min(prefixes) < 1:
+        raise ValueError(f"prefix lengths must be >= 1, got {prefixes}")
+    n_ctx = max(prefixes) + steps + 8
+    results = []
     with contextlib.ExitStack() as stack:
         dense = stack.enter_context(Engine(model_path, n_ctx=n_ctx, n_threads=threads))
         sparse_engines = [stack.enter_context(open_engine(model_path, p, n_ctx=n_ctx, n_threads=threads))
                           for p in predictors]
         toks = text_tokens(dense, text_file, training)
-        starts = window_starts(len(toks), length, windows, whole=training)
-        acc = [dict(nll_d=[], nll_s=[], kl=[], agree=[], masks=[]) for _ in predictors]
-        dumped = []
-        for s0 in starts:
-            win = toks[s0:s0 + length]
-            targets = np.array(win[prefix + 1:prefix + steps + 1])
-            idx = np.arange(steps)
-            dense.reset()
-            dense.prefill(win[:prefix])
-            d_logits = np.array([dense.step(t) for t in win[prefix:prefix + steps]])
-            ld = log_softmax(d_logits)
-            if progress:
-                progress(steps)
-            for j, (pred, eng) in enumerate(zip(predictors, sparse_engines)):
-                s_logits, masks = _sparse_window(eng, pred, win, prefix, steps)
+        for k, pre in enumerate(prefixes):
+            starts = window_starts(len(toks), pre + steps + 1, windows, whole=training)
+            acc = [dict(nll_d=[], nll_s=[], kl=[], agree=[], masks=[]) for _ in predictors]
+            dumped = []
+            for s0 in starts:
+                win = toks[s0:s0 + pre + steps + 1]
+                targets = np.array(win[pre + 1:pre + steps + 1])
+                idx = np.arange(steps)
+                dense.reset()
+                dense.prefill(win[:pre])
+                state = dense.save_state()
+                d_logits = np.array([dense.step(t) for t in win[pre:pre + steps]])
+                ld = log_softmax(d_logits)
                 if progress:
                     progress(steps)
-                if j == 0 and dump_logits is not None:
-                    dumped.append(s_logits.astype(np.float32))
-                ls = log_softmax(s_logits)
-                a = acc[j]
-                a["nll_d"].append(-ld[idx, targets])
-                a["nll_s"].append(-ls[idx, targets])
-                a["kl"].append((np.exp(ld) * (ld - ls)).sum(axis=1))
-                a["agree"].append(d_logits.argmax(axis=1) == s_logits.argmax(axis=1))
-                a["masks"].extend(masks)
-    if dump_logits is not None:
-        np.save(dump_logits, dumped[0] if len(dumped) == 1 else np.stack(dumped))
-    results = []
-    for pred, a in zip(predictors, acc):
-        masks = np.array(a["masks"])
-        results.append(ScoreResult(
-            predictor=pred.name, windows=len(starts), prefix=prefix, steps=steps,
-            ppl_dense=float(np.exp(np.concatenate(a["nll_d"]).mean())),
-            ppl_sparse=float(np.exp(np.concatenate(a["nll_s"]).mean())),
-            kl_mean=float(np.concatenate(a["kl"]).mean()),
-            top1_agreement=float(np.concatenate(a["agree"]).mean()),
-            density=float(masks.mean()),
-            density_per_layer=[round(float(x), 4) for x in masks.mean(axis=(0, 2))],
-            text="training articles" if training else "held-out half",
-        ))
+                for j, (pred, eng) in enumerate(zip(predictors, sparse_engines)):
+                    eng.load_state(state)
+                    s_logits, masks = _sparse_steps(eng, pred, win[pre:pre + steps])
+                    if progress:
+                        progress(steps)
+                    if j == 0 and k == 0 and dump_logits is not None:
+                        dumped.append(s_logits.astype(np.float32))
+                    ls = log_softmax(s_logits)
+                    a = acc[j]
+                    a["nll_d"].append(-ld[idx, targets])
+                    a["nll_s"].append(-ls[idx, targets])
+                    a["kl"].append((np.exp(ld) * (ld - ls)).sum(axis=1))
+                    a["agree"].append(d_logits.argmax(axis=1) == s_logits.argmax(axis=1))
+                    a["masks"].extend(masks)
+            if k == 0 and dump_logits is not None:
+                np.save(dump_logits, dumped[0] if len(dumped) == 1 else np.stack(dumped))
+            for pred, a in zip(predictors, acc):
+                masks = np.array(a["masks"])
+                results.append(ScoreResult(
+                    predictor=pred.name, windows=len(starts), prefix=pre, steps=steps,
+                    ppl_dense=float(np.exp(np.concatenate(a["nll_d"]).mean())),
+                    ppl_sparse=float(np.exp(np.concatenate(a["nll_s"]).mean())),
+                    kl_mean=float(np.concatenate(a["kl"]).mean()),
+                    top1_agreement=float(np.concatenate(a["agree"]).mean()),
+                    density=float(masks.mean()),
+                    density_per_layer=[round(float(x), 4) for x in masks.mean(axis=(0, 2))],
+                    text="training articles" if training else "held-out half",
+                ))
     return results
 
 
-def _sparse_window(eng: Engine, pred: Predictor, win: list[int], prefix: int, steps: int):
-    eng.reset()
-    eng.prefill(win[:prefix])
+def _sparse_steps(eng: Engine, pred: Predictor, tokens: list[int]):
+    """Teacher-forced sparse decode of ``tokens`` from the engine's current state."""
     eng.set_sparse(True)
     logits, masks = [], []
     try:
-        for i, t in enumerate(win[prefix:prefix + steps]):
+        for i, t in enumerate(tokens):
             lg, mask = eng.predicted_step(pred, i, t)
             masks.append(mask)
             logits.append(lg)
@@ -123,12 +132,20 @@ def _sparse_window(eng: Engine, pred: Predictor, win: list[int], prefix: int, st
 
 
 def format_scores(results: list[ScoreResult]) -> str:
-    lines = ["| predictor | mean density | perplexity dense | perplexity sparse | change | KL(dense\\|\\|sparse) | top-1 agreement |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.predictor} | {r.density:.3f} | {r.ppl_dense:.3f} | {r.ppl_sparse:.3f} | "
-                     f"{100 * (r.ppl_sparse / r.ppl_dense - 1):+.1f}% | {r.kl_mean:.4f} | {r.top1_agreement:.3f} |")
-    return "\n".join(lines)
+    """Markdown, one table per prefix length (a heading before each when there are several)."""
+    prefixes = list(dict.fromkeys(r.prefix for r in results))
+    out = []
+    for pre in prefixes:
+        rs = [r for r in results if r.prefix == pre]
+        if len(prefixes) > 1:
+            out += [""] if out else []
+            out += [f"prefix {pre} ({rs[0].windows} windows x {rs[0].steps} steps):", ""]
+        out.append("| predictor | mean density | perplexity dense | perplexity sparse | change | KL(dense\\|\\|sparse) | top-1 agreement |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in rs:
+            out.append(f"| {r.predictor} | {r.density:.3f} | {r.ppl_dense:.3f} | {r.ppl_sparse:.3f} | "
+                       f"{100 * (r.ppl_sparse / r.ppl_dense - 1):+.1f}% | {r.kl_mean:.4f} | {r.top1_agreement:.3f} |")
+    return "\n".join(out)
 
 
 def family(name: str) -> str:
@@ -139,7 +156,8 @@ def family(name: str) -> str:
 
 
 def plot_pareto(results: list[dict], path) -> None:
-    """Density against perplexity change, one line per predictor family (a Pareto chart)."""
+    """Density against perplexity change, one line per predictor family (a Pareto chart), one
+    panel per prefix length."""
     try:
         import matplotlib
     except ImportError as e:
@@ -147,18 +165,24 @@ def plot_pareto(results: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    fams: dict[str, list[tuple[float, float]]] = {}
-    for r in results:
-        fams.setdefault(family(r["predictor"]), []).append((r["density"], 100 * (r["ppl_sparse"] / r["ppl_dense"] - 1)))
-    for fam, pts in fams.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=fam)
-    ax.set_yscale("symlog", linthresh=10)
-    ax.set_xlabel("mean head density")
-    ax.set_ylabel("perplexity change vs dense (%)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    prefixes = list(dict.fromkeys(r.get("prefix", 0) for r in results))
+    fig, axes = plt.subplots(1, len(prefixes), figsize=(6.4 * len(prefixes), 4.2), squeeze=False)
+    for ax, pre in zip(axes[0], prefixes):
+        fams: dict[str, list[tuple[float, float]]] = {}
+        for r in results:
+            if r.get("prefix", 0) == pre:
+                fams.setdefault(family(r["predictor"]), []).append(
+                    (r["density"], 100 * (r["ppl_sparse"] / r["ppl_dense"] - 1)))
+        for fam, pts in fams.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=fam)
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_xlabel("mean head density")
+        ax.set_ylabel("perplexity change vs dense (%)")
+        if len(prefixes) > 1:
+            ax.set_title(f"after {pre} tokens")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

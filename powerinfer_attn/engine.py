@@ -324,6 +324,37 @@ class Engine:
         """Decode one token at the next position; its logits."""
         return self._decode([token])
 
+    # --- sequence state -------------------------------------------------
+
+    def save_state(self) -> "SeqState":
+        """The decoded sequence (its KV cache cells and positions) as bytes, through llama.cpp's
+        ``llama_state_seq_get_data``: one dense prefill can then serve several engines."""
+        self._check_open()
+        C = self.C
+        size = C.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = C.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        if n == 0 and self.n_past > 0:
+            raise EngineError("llama_state_seq_get_data wrote nothing")
+        return SeqState(buf, n, self.n_past, self.n_layer, self.n_head_kv, self.n_embd, self.flash_attn)
+
+    def load_state(self, state: "SeqState") -> None:
+        """Replace this engine's sequence with ``state`` (from ``save_state`` of an engine of the
+        same model and flash-attention setting, whose V cache has the same layout). Decoding then
+        goes on exactly as after the prefill that made it."""
+        self._check_open()
+        shape = (self.n_layer, self.n_head_kv, self.n_embd, self.flash_attn)
+        if (state.n_layer, state.n_head_kv, state.n_embd, state.flash_attn) != shape:
+            raise EngineError(f"sequence state of another model or flash-attention setting: "
+                              f"(n_layer, n_head_kv, n_embd, flash_attn) {shape} here, "
+                              f"{(state.n_layer, state.n_head_kv, state.n_embd, state.flash_attn)} in the state")
+        if state.n_past > self.n_ctx:
+            raise EngineError(f"sequence state of {state.n_past} positions does not fit n_ctx {self.n_ctx}")
+        self.reset()
+        if state.size and self.C.llama_state_seq_set_data(self.ctx, state.data, state.size, 0) == 0:
+            raise EngineError("llama_state_seq_set_data refused the state (see the log above)")
+        self.n_past = state.n_past
+
     # --- sparse attention ----------------------------------------------
 
     def set_sparse(self, enabled: bool) -> None:
@@ -404,6 +435,25 @@ class Engine:
         if rc != 0:
             raise ValueError(f"bad value {value} for rule {rule} (topk: a whole number in [1, {self.n_head}]; "
                              f"mass: a fraction in (0, 1])")
+
+    def set_head_density(self, targets: Sequence[float] | None, gain: float = 0.0) -> None:
+        """Density control of the loaded predictor's threshold rule: after each layer's selection
+        the threshold moves by ``gain * (share kept - targets[il])``, so the mean density over the
+        steps tracks ``targets`` (per layer, in (0, 1]) on any text and at any context length;
+        ``None`` turns it off. The controller starts from the rule's own threshold."""
+        self._check_open()
+        if self._head_predictor is None:
+            raise EngineError("no head predictor loaded (load_head_predictor)")
+        if targets is None:
+            rc = self.C.llama_head_predictor_set_density(self.ctx, None, 0, 0.0)
+        else:
+            t = np.ascontiguousarray(targets, dtype=np.float32)
+            if t.shape != (self.n_layer,) or not ((t > 0) & (t <= 1)).all() or not gain > 0:
+                raise ValueError(f"density control takes {self.n_layer} targets in (0, 1] and a gain > 0")
+            rc = self.C.llama_head_predictor_set_density(self.ctx, t.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                         self.n_layer, float(gain))
+        if rc != 0:
+            raise EngineError(f"llama_head_predictor_set_density returned {rc} (density control needs the threshold rule)")
 
     def use_head_predictor(self, enabled: bool) -> None:
         """Sparse decode takes its masks from the loaded predictor, computed in the graph (True),
@@ -534,6 +584,18 @@ def _layer_ranges(layers: list[int]) -> str:
             runs.append([il, il])
     word = "layer" if len(layers) == 1 else "layers"
     return word + " " + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+@dataclasses.dataclass
+class SeqState:
+    """A decoded sequence saved by ``Engine.save_state``, with what must match to load it."""
+    data: ctypes.Array
+    size: int
+    n_past: int
+    n_layer: int
+    n_head_kv: int
+    n_embd: int
+    flash_attn: bool
 
 
 @dataclasses.dataclass

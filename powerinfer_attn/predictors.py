@@ -26,8 +26,11 @@ Built-in, by name (``get_predictor``), with what each costs per decode step:
   computed inside the decode graph (``in_graph``): one small matrix-vector product and a
   selection per layer, no Python per step. RULE (threshold, topk, mass) overrides the file's
   rule; ``density=D`` keeps the file's rule at the value that gave density D on the held-out
-  data (0.30, 0.35, ..., 1.00). A file trained with a fill runs with it (named ``...+mean`` or
-  ``...+linear``); ``fill=zero`` turns it off. Its ``hook`` reads back the masks the graph chose (``observed``).
+  data (0.30, 0.35, ..., 1.00), and for the threshold rule turns on density control
+  (``Engine.set_head_density``): the threshold follows the text so that the mean density stays
+  at D, each layer at its held-out share, at any context length (``gain=G`` sets its speed,
+  ``gain=0`` keeps the fixed held-out threshold). A file trained with a fill runs with it
+  (named ``...+mean`` or ``...+linear``); ``fill=zero`` turns it off. Its ``hook`` reads back the masks the graph chose (``observed``).
 """
 
 from __future__ import annotations
@@ -202,8 +205,10 @@ class TrainedHeads(_Shaped):
     in_graph = True
 
     def __init__(self, path: str | Path, rule: str | None = None, value: float | None = None,
-                 fill: str | None = None):
+                 fill: str | None = None, gain: float | None = None):
         self.path, self.rule, self.value = Path(path), rule, value
+        self.targets: list[float] | None = None  # density control's per-layer targets
+        self.gain = 0.0
         if not self.path.is_file():
             raise ValueError(f"trained predictor file not found: {self.path}; run `powerinfer-attn train-predictor`")
         try:
@@ -218,14 +223,25 @@ class TrainedHeads(_Shaped):
         if fill not in (None, "zero", own):
             raise ValueError(f"{self.path} was trained with {own} fill: it runs with that or fill=zero, not {fill}")
         self.fill = fill or own
+        if gain is not None and (rule != "density" or gain < 0):
+            raise ValueError("gain=G (>= 0) goes with density=D")
         self.name = (f"trained:{self.path.name}" + (f":{rule}={value:g}" if rule else "")
+                     + (f":gain={gain:g}" if gain is not None else "")
                      + ("" if self.fill == "zero" else f"+{self.fill}"))
         if rule == "density":
             # the file's rule, at the value that gave this density on the held-out data
-            table = self.meta["training"].get("value_for_density", {})
-            if f"{value:.2f}" not in table:
+            training = self.meta["training"]
+            table = training.get("value_for_density", {})
+            key = f"{value:.2f}"
+            if key not in table:
                 raise ValueError(f"{self.path}: no held-out value for density {value:g}; it has {', '.join(table)}")
-            self.rule, self.value = self.meta["rule"], float(table[f"{value:.2f}"])
+            self.rule, self.value = self.meta["rule"], float(table[key])
+            # and, for the threshold rule, density control holds the mean density there on any text
+            self.gain = DENSITY_GAIN if gain is None else gain
+            if self.rule == "threshold" and self.gain > 0:
+                per_layer = training.get("layer_density_for_density", {}).get(key)
+                n_layer = int(self.meta["n_layer"])
+                self.targets = [min(1.0, max(float(t), 1e-3)) for t in per_layer] if per_layer else [value] * n_layer
         self.hook = _MaskReader()
 
     def bind(self, engine) -> None:
@@ -235,6 +251,8 @@ class TrainedHeads(_Shaped):
         engine.load_head_predictor(self.path)
         if self.rule:
             engine.set_head_rule(self.rule, self.value)
+        if self.targets is not None:
+            engine.set_head_density(self.targets, self.gain)
         engine.use_head_predictor(True)
         engine.set_head_fill(self.fill)
         self.hook.mask = np.zeros((self.n_layer, self.n_head), np.int32)
@@ -248,7 +266,10 @@ class TrainedHeads(_Shaped):
 
 
 NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill=PRED.gguf]", "oracle-topk:K[:fill=PRED.gguf]",
-         "mask-file:PATH", "trained:PRED.gguf[:RULE=VALUE][:fill=zero]")
+         "mask-file:PATH", "trained:PRED.gguf[:RULE=VALUE][:gain=G][:fill=zero]")
+
+# density control's step per layer, in logits per unit of density error (trained:...:density=D)
+DENSITY_GAIN = 0.05
 
 
 def default_calibration_path(model_path: str | Path) -> Path:
@@ -281,17 +302,19 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
             return MaskFile(arg)
         if kind == "trained" and arg:
             path, *opts = arg.split(":")
-            rule = value = fill = None
+            rule = value = fill = gain = None
             for opt in opts:
                 name, eq, val = opt.partition("=")
                 if eq and name == "fill" and fill is None:
                     fill = val
                 elif eq and name in ("threshold", "topk", "mass", "density") and rule is None:
                     rule, value = name, float(val)
+                elif eq and name == "gain" and gain is None:
+                    gain = float(val)
                 else:
                     raise ValueError(f"bad predictor {spec!r}: after the file come at most one rule "
-                                     f"(threshold=V, topk=K, mass=P or density=D) and fill=FILL")
-            return TrainedHeads(path, rule, value, fill)
+                                     f"(threshold=V, topk=K, mass=P or density=D), gain=G and fill=FILL")
+            return TrainedHeads(path, rule, value, fill, gain)
     except ValueError as e:
         if "invalid literal" in str(e) or "could not convert" in str(e):
             raise ValueError(f"bad predictor {spec!r}: {e}; choose from: {', '.join(NAMES)}") from e

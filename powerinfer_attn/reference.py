@@ -20,7 +20,6 @@ import numpy as np
 
 from .engine import TensorHook
 
-
 _KQV_OUT = re.compile(r"^kqv_out-(\d+)$")
 
 

@@ -175,6 +175,9 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
     held_density = [float(select(rule, l, value).mean()) for l in held_logits]
     # the rule's value for other densities, so that one file serves a whole density sweep
     by_density = {f"{d:.2f}": round(value_for_density(rule, held_logits, d), 5) for d in DENSITY_GRID}
+    # what each layer keeps at that value: the targets of density control (Engine.set_head_density)
+    layers_by_density = {k: [round(float(select(rule, l, v).mean()), 4) for l in held_logits]
+                         for k, v in by_density.items()}
     summary = {
         "data": meta["articles"],
         "tokens": meta["tokens"],
@@ -189,6 +192,7 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
         "heldout_density": round(float(np.mean(held_density)), 4),
         "heldout_density_per_layer": [round(d, 4) for d in held_density],
         "value_for_density": by_density,
+        "layer_density_for_density": layers_by_density,
         "layer_budget_strength": float(layer_budget) if use_budget else 0.0,
         "layer_offsets": [round(float(o), 4) for o in offsets] if use_budget else None,
         "layer_sensitivity": sens_key if use_budget else None,

@@ -33,7 +33,7 @@ def test_amdahl_limit():
 def test_profile_accounts_for_the_step(model_path):
     timer = profile.NodeTimer()
     with Engine(model_path, n_ctx=320, n_threads=2, tensor_hook=timer) as eng:
-        toks = bench._filler_tokens(eng, 257)
+        toks = bench._context_tokens(eng, 257, None)
         eng.prefill(toks[:256])
 
         def step():
@@ -105,4 +105,10 @@ def test_show_prints_saved_results(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     out = CliRunner().invoke(main, ["show", str(bad)])
-    assert out.exit_code != 0 and "neither a score nor a bench result" in out.output
+    assert out.exit_code != 0 and "not a score, bench or needle result" in out.output
+    needle_json = tmp_path / "needle.json"
+    needle_json.write_text(json.dumps([
+        {"predictor": p, "haystack": "filler", "length": 1024, "trials": 2, "correct": c, "density": d,
+         "answers": ["1", "2"], "keys": [1, 3], "accuracy": c / 2} for p, c, d in (("dense", 2, 1.0), ("all", 1, 0.7))]))
+    out = CliRunner().invoke(main, ["show", str(needle_json)])
+    assert out.exit_code == 0 and "| filler | 1024 | 2/2 | 1/2 (density 0.70) |" in out.output, out.output

@@ -8,7 +8,7 @@ import pytest
 from powerinfer_attn import compare as cmp
 from powerinfer_attn import predictor_file
 from powerinfer_attn.predictors import get_predictor
-from powerinfer_attn.text import resolve_text_file, text_tokens
+from powerinfer_attn.text import TEXT_ENV, resolve_text_file, text_tokens
 
 TEXT = (
     "The Tiber is the third longest river in Italy. It rises in the Apennine Mountains in Emilia-Romagna "
@@ -38,6 +38,20 @@ def test_score_all_matches_dense(model_path, text_file, tmp_path):
     assert r.ppl_sparse == pytest.approx(r.ppl_dense, rel=1e-5)
     assert r.density == 1.0 and len(r.density_per_layer) == 30
     assert np.load(out).shape == (2, 12, 49152)
+
+
+def test_score_several_prefixes_in_one_run(model_path, text_file):
+    """One run, a table per prefix length; each length scores as it does alone (the dense prefill
+    is shared through a copied KV cache, which must not change a result)."""
+    preds = [get_predictor(s, model_path) for s in ("all", "oracle-topk:6")]
+    both = cmp.score(model_path, text_file, preds, prefix=[24, 40], steps=12, windows=2, threads=2)
+    assert [(r.prefix, r.predictor) for r in both] == [(24, "all"), (24, "oracle-topk:6"), (40, "all"), (40, "oracle-topk:6")]
+    alone = run_score(model_path, text_file, "all", "oracle-topk:6")
+    for a, b in zip(both[:2], alone):
+        assert (a.ppl_sparse, a.kl_mean, a.density) == (b.ppl_sparse, b.kl_mean, b.density)
+    assert both[2].kl_mean < 1e-6 and both[3].density == pytest.approx(6 / 9)
+    table = cmp.format_scores(both)
+    assert "prefix 24 (2 windows x 12 steps)" in table and "prefix 40 (2 windows x 12 steps)" in table
 
 
 def test_score_orders_oracle_static_random(model_path, text_file, tmp_path):
@@ -154,6 +168,6 @@ def test_compare_all_agrees(model_path):
 
 
 def test_text_file_required(monkeypatch):
-    monkeypatch.delenv(cmp.TEXT_ENV, raising=False)
+    monkeypatch.delenv(TEXT_ENV, raising=False)
     with pytest.raises(ValueError, match="--text-file"):
         resolve_text_file(None)

@@ -287,3 +287,46 @@ def test_context_overflow_is_an_error(engine):
         engine.generate([1] * (engine.n_ctx + 1), 4)
     with pytest.raises(EngineError, match="empty"):
         engine.generate([], 4)
+
+
+# --- sequence state: one dense prefill shared by several engines --------------------------
+
+
+def test_sparse_after_copied_prefill_matches_own_prefill(engine, model_path):
+    """A sparse engine loaded with a dense engine's saved prefill decodes exactly as after its own
+    prefill: same logits, masked and dense steps alike."""
+    toks = engine.tokenize(ORACLE_TEXT * 4)
+    prompt, rest = toks[:40], toks[40:56]
+    rng = np.random.default_rng(3)
+    masks = (rng.random((len(rest), engine.n_layer, engine.n_head)) < 0.6).astype(np.int32)
+    masks[:, :, 0] = 1
+    own = teacher_forced_logits(engine, toks[:56], 40, masks)
+    with Engine(model_path, n_ctx=512, n_threads=2) as source, Engine(model_path, n_ctx=512, n_threads=2) as dest:
+        source.prefill(prompt)
+        state = source.save_state()
+        dest.prefill(engine.tokenize("something else entirely, to be replaced"))
+        dest.load_state(state)
+        assert dest.n_past == 40
+        dest.set_sparse(True)
+        copied = []
+        for i, t in enumerate(rest):
+            dest.set_mask(masks[i])
+            copied.append(dest.step(t))
+        dest.set_sparse(False)
+        np.testing.assert_array_equal(np.array(copied), own)
+        # and dense decode after the copy equals the source's own dense decode
+        dest.load_state(state)
+        np.testing.assert_array_equal(dest.step(rest[0]), source.step(rest[0]))
+
+
+def test_load_state_refuses_what_does_not_fit(engine, model_path):
+    engine.reset()
+    engine.prefill(engine.tokenize(ORACLE_TEXT * 30)[:400])
+    state = engine.save_state()
+    with Engine(model_path, n_ctx=256, n_threads=1) as small:
+        assert small.n_ctx < 400
+        with pytest.raises(EngineError, match="does not fit n_ctx"):
+            small.load_state(state)
+    with Engine(model_path, n_ctx=512, n_threads=1, flash_attn=True) as fa:
+        with pytest.raises(EngineError, match="flash-attention"):
+            fa.load_state(state)

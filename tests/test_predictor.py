@@ -264,6 +264,75 @@ def test_in_graph_predictor_matches_numpy(tmp_path, model_path, rule, value):
             np.testing.assert_array_equal(mask, train.select(rule, logits[None], value)[0])
 
 
+def test_density_control_matches_numpy_and_holds_the_target(tmp_path, model_path):
+    """With density control the threshold moves by gain * (share kept - target) after every
+    layer: the masks match that controller run in numpy on the graph's own logits, and the mean
+    density reaches the targets even though the fixed threshold keeps far more heads."""
+    g = _Graph()
+    gain = 0.1
+    with Engine(model_path, n_ctx=256, n_threads=2, tensor_hook=g) as eng:
+        _random_predictor(tmp_path / "p.gguf", model_path, eng)
+        targets = np.full(eng.n_layer, 0.4, np.float32)
+        targets[::2] = 0.6  # per-layer targets, mean 0.5
+        toks = eng.tokenize("The river runs to the sea, and the sea to the rain, and the rain " * 6)
+        eng.prefill(toks[:8])
+        eng.load_head_predictor(tmp_path / "p.gguf")
+        eng.set_head_rule("threshold", -0.5)
+        eng.set_head_density(targets, gain)
+        eng.set_sparse(True)
+        eng.use_head_predictor(True)
+        offset, fixed, kept, masks = np.float32(0.0), [], [], []
+        for t in toks[8:68]:
+            g.t.clear()
+            eng.step(t)
+            for il in range(eng.n_layer):
+                logits = g.t[f"head_logits-{il}"].reshape(-1)
+                mask = g.t[f"head_mask-{il}"].reshape(-1)
+                want = train.select("threshold", logits[None], -0.5 + float(offset))[0]
+                # float rounding of the offset may flip a head sitting right on the threshold
+                close = np.abs(logits - (-0.5 + offset)) < 1e-4
+                np.testing.assert_array_equal(mask[~close], want[~close])
+                offset = np.float32(offset + np.float32(gain) * (np.float32(mask.sum()) / eng.n_head - targets[il]))
+                fixed.append(train.select("threshold", logits[None], -0.5)[0].mean())
+                kept.append(mask.mean())
+            masks.append([g.t[f"head_mask-{il}"].reshape(-1) for il in range(eng.n_layer)])
+        late = np.array(masks[-30:], np.float64)
+        assert np.mean(fixed) > 0.65  # the fixed threshold alone keeps far more
+        assert abs(late.mean() - 0.5) < 0.04
+        assert abs(late[:, ::2].mean() - 0.6) < 0.08 and abs(late[:, 1::2].mean() - 0.4) < 0.08
+        # off again: the fixed threshold, offset back at 0
+        eng.set_head_density(None)
+        g.t.clear()
+        eng.step(toks[68])
+        logits = g.t["head_logits-0"].reshape(-1)
+        np.testing.assert_array_equal(g.t["head_mask-0"].reshape(-1), train.select("threshold", logits[None], -0.5)[0])
+        eng.set_head_rule("topk", 3)
+        with pytest.raises(EngineError, match="threshold rule"):
+            eng.set_head_density(targets, gain)
+        with pytest.raises(ValueError, match="targets"):
+            eng.set_head_density(targets[:3], gain)
+
+
+def test_density_rule_sets_control_targets(tmp_path):
+    """train records what each layer keeps at every density of its grid; trained:...:density=D
+    turns density control on with those targets (gain=0: the fixed held-out threshold)."""
+    from powerinfer_attn.predictors import DENSITY_GAIN
+
+    _fake_data(tmp_path)
+    s = train.train(tmp_path, tmp_path / "p.gguf", density=0.5)
+    table = s["layer_density_for_density"]
+    assert set(table) == set(s["value_for_density"]) and len(table["0.50"]) == 2
+    assert np.mean(table["0.50"]) == pytest.approx(0.5, abs=0.1)
+    pred = TrainedHeads(tmp_path / "p.gguf", "density", 0.5)
+    assert pred.rule == "threshold" and pred.value == pytest.approx(s["value_for_density"]["0.50"])
+    assert pred.targets == pytest.approx([max(t, 1e-3) for t in table["0.50"]]) and pred.gain == DENSITY_GAIN
+    fixed = get_predictor(f"trained:{tmp_path / 'p.gguf'}:density=0.5:gain=0", "m.gguf")
+    assert fixed.targets is None and ":gain=0" in fixed.name
+    assert TrainedHeads(tmp_path / "p.gguf", "threshold", 0.2).targets is None
+    with pytest.raises(ValueError, match="gain=G"):
+        get_predictor(f"trained:{tmp_path / 'p.gguf'}:threshold=0.2:gain=0.1", "m.gguf")
+
+
 def test_in_graph_predictor_with_every_head_gives_dense_tokens(tmp_path, model_path, engine):
     dense = engine.generate("Once upon a time", 16, stop_at_eog=False).tokens
     _random_predictor(tmp_path / "p.gguf", model_path, engine, value=-1e9)  # every head above threshold

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from powerinfer_attn.bench import heads_for_density
-from powerinfer_attn.compare import _log_softmax, window_starts
 from powerinfer_attn.importance import mass_mask, topk_mask
+from powerinfer_attn.text import log_softmax, window_starts
 
 
 def test_mass_mask_keeps_fewest_heads_covering_fraction():
@@ -66,6 +66,6 @@ def test_window_starts():
 
 def test_log_softmax():
     x = np.array([[1.0, 2.0, 3.0], [1000.0, 1000.0, 0.0]])
-    ls = _log_softmax(x)
+    ls = log_softmax(x)
     np.testing.assert_allclose(np.exp(ls).sum(1), 1.0)
     np.testing.assert_allclose(ls[1, 0], np.log(0.5))
