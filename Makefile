@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PY      = $(BIN)/python
 
-.PHONY: setup demo test test-fast sanitize figures budget-sweep clean
+.PHONY: setup demo test test-fast sanitize figures budget-sweep long-context clean
 
 $(BIN)/powerinfer-attn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,13 @@ test: setup
 TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 figures: setup
 	BIN=$(BIN) TEXT=$(TEXT) scripts/figures.sh
+	BIN=$(BIN) TEXT=$(TEXT) scripts/long-context.sh
 
 budget-sweep: setup
 	BIN=$(BIN) TEXT=$(TEXT) scripts/budget-sweep.sh
+
+long-context: setup
+	BIN=$(BIN) TEXT=$(TEXT) scripts/long-context.sh
 
 # the pure-Python tests, no build needed
 test-fast: $(BIN)/powerinfer-attn

@@ -30,19 +30,22 @@ FILL_IDS = {"zero": 0, "mean": 1, "linear": 2}
 OP_WQ, OP_KQV, OP_WO = 1, 2, 4
 OP_UNSUPPORTED = -1  # every layer of an architecture the sparse ops do not serve
 
+# ggml_type ids of the KV cache types a context can be given (cparams.type_k, type_v)
+CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+
 # llama_set_activated_heads's return codes
 SET_HEADS_ERRORS = {
     -1: "no mask or no context",
     -2: "wrong number of values",
     -3: "a value other than 0 or 1",
-    -4: "sparse attention does not support this model's architecture (llama only)",
+    -4: "sparse attention does not support this model's architecture (llama, qwen2 and qwen3 only)",
 }
 
 # llama_head_predictor_load's return codes
 PREDICTOR_LOAD_ERRORS = {
     -1: "not a readable head predictor file (see the log above)",
     -2: "it was trained for a model of another shape",
-    -4: "sparse attention does not support this model's architecture (llama only)",
+    -4: "sparse attention does not support this model's architecture (llama, qwen2 and qwen3 only)",
 }
 
 _llama = None

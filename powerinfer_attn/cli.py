@@ -354,6 +354,20 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
     click.echo(nd.format_table(results))
 
 
+@main.command("stdlib-text")
+@click.argument("out", type=click.Path(dir_okay=False))
+def stdlib_text(out) -> None:
+    """Write a text of another kind than WikiText (Python source of a fixed list of standard-library
+    modules of this interpreter) to OUT, for `score --text-file`, `needle` and `bench`."""
+    from pathlib import Path
+
+    from .text import stdlib_text as make
+
+    text, found = make()
+    Path(out).write_text(text, encoding="utf-8")
+    click.echo(f"wrote {out}: {len(text)} characters from {len(found)} modules ({', '.join(found)})")
+
+
 def resolve_n_layer(model_path) -> int:
     from gguf import GGUFReader
 

@@ -132,9 +132,11 @@ def _load_error(path: Path) -> str:
 class Engine:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  flash_attn: bool = False, n_batch: int = 512, repack: bool = True,
-                 tensor_hook: TensorHook | None = None):
+                 tensor_hook: TensorHook | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16"):
         """``repack``: let the CPU backend repack weights it knows how to (Q4_0, Q8_0, ... on
         AVX2); repacked wq/wo are read by the dense op even in sparse mode (see ``layer_ops``).
+        ``cache_type_k``/``cache_type_v``: the KV cache's types (``bindings.CACHE_TYPES``); a
+        quantized V cache needs flash attention, as in llama.cpp.
         ``tensor_hook``: observe (and possibly modify in place) graph tensors as they are
         computed, through llama.cpp's eval callback; see ``TensorHook``."""
         C = bindings()
@@ -144,6 +146,12 @@ class Engine:
         self.n_threads = n_threads or min(os.cpu_count() or 1, 16)
         self.flash_attn = flash_attn
         self.repack = repack
+        for kind, t in (("K", cache_type_k), ("V", cache_type_v)):
+            if t not in B.CACHE_TYPES:
+                raise EngineError(f"unknown {kind} cache type {t!r}; choose from {', '.join(B.CACHE_TYPES)}")
+        if cache_type_v not in ("f32", "f16", "bf16") and not flash_attn:
+            raise EngineError(f"a {cache_type_v} V cache needs flash attention (llama.cpp quantizes V only with it)")
+        self.cache_types = (cache_type_k, cache_type_v)
 
         mparams = C.llama_model_default_params()
         mparams.use_extra_bufts = repack
@@ -160,6 +168,8 @@ class Engine:
         cparams.n_threads = self.n_threads
         cparams.n_threads_batch = self.n_threads
         cparams.flash_attn_type = 1 if flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
+        cparams.type_k = B.CACHE_TYPES[cache_type_k]
+        cparams.type_v = B.CACHE_TYPES[cache_type_v]
         cparams.no_perf = True
         self._hook = tensor_hook
         self._hook_errors = []
@@ -336,18 +346,18 @@ class Engine:
         n = C.llama_state_seq_get_data(self.ctx, buf, size, 0)
         if n == 0 and self.n_past > 0:
             raise EngineError("llama_state_seq_get_data wrote nothing")
-        return SeqState(buf, n, self.n_past, self.n_layer, self.n_head_kv, self.n_embd, self.flash_attn)
+        return SeqState(buf, n, self.n_past, self.n_layer, self.n_head_kv, self.n_embd, self.flash_attn, self.cache_types)
 
     def load_state(self, state: "SeqState") -> None:
         """Replace this engine's sequence with ``state`` (from ``save_state`` of an engine of the
         same model and flash-attention setting, whose V cache has the same layout). Decoding then
         goes on exactly as after the prefill that made it."""
         self._check_open()
-        shape = (self.n_layer, self.n_head_kv, self.n_embd, self.flash_attn)
-        if (state.n_layer, state.n_head_kv, state.n_embd, state.flash_attn) != shape:
-            raise EngineError(f"sequence state of another model or flash-attention setting: "
-                              f"(n_layer, n_head_kv, n_embd, flash_attn) {shape} here, "
-                              f"{(state.n_layer, state.n_head_kv, state.n_embd, state.flash_attn)} in the state")
+        shape = (self.n_layer, self.n_head_kv, self.n_embd, self.flash_attn, self.cache_types)
+        theirs = (state.n_layer, state.n_head_kv, state.n_embd, state.flash_attn, state.cache_types)
+        if theirs != shape:
+            raise EngineError(f"sequence state of another model, flash-attention setting or cache type: "
+                              f"(n_layer, n_head_kv, n_embd, flash_attn, cache types) {shape} here, {theirs} in the state")
         if state.n_past > self.n_ctx:
             raise EngineError(f"sequence state of {state.n_past} positions does not fit n_ctx {self.n_ctx}")
         self.reset()
@@ -360,7 +370,7 @@ class Engine:
     def set_sparse(self, enabled: bool) -> None:
         """Build single-token decode with the sparse attention ops (prefill stays dense).
 
-        Other architectures than llama are refused (EngineError). Parts of layers that the sparse
+        Other architectures than llama, qwen2 and qwen3 are refused (EngineError). Parts of layers that the sparse
         ops cannot serve stay on the dense op, which is exact but skips nothing: the first time
         that happens a ``SparseFallbackWarning`` says which (see ``layer_ops``)."""
         self._check_open()
@@ -371,7 +381,7 @@ class Engine:
         rc = self.C.llama_set_sparse_attn(self.ctx, bool(enabled))
         if rc != 0:
             raise EngineError(f"sparse attention is not supported for {self.model_path.name} "
-                              f"(llama architecture only; llama_set_sparse_attn returned {rc})")
+                              f"(llama, qwen2 and qwen3 architectures only; llama_set_sparse_attn returned {rc})")
         if enabled and not self._warned_fallback:
             self._warned_fallback = True
             msg = self.fallback_summary()
@@ -485,7 +495,7 @@ class Engine:
 
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo; -1 for every
-        layer of a model the sparse ops do not support (another architecture than llama)."""
+        layer of a model the sparse ops do not support (an architecture other than llama, qwen2, qwen3)."""
         self._check_open()
         return [int(self.C.llama_sparse_attn_layer_ops(self.ctx, il)) for il in range(self.n_layer)]
 
@@ -596,6 +606,7 @@ class SeqState:
     n_head_kv: int
     n_embd: int
     flash_attn: bool
+    cache_types: tuple[str, str]
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,13 @@ TEXT_ENV = "POWERINFER_ATTN_TEXT"
 TRAIN_FRACTION = 0.45
 
 _HEADING = re.compile(r"^ = [^=].* = $")
+
+# A text of another kind than WikiText, present on every machine: these modules of the running
+# interpreter's standard library (Python source), in this order.
+STDLIB_MODULES = ("argparse", "ast", "calendar", "configparser", "csv", "dataclasses", "difflib", "enum",
+                  "fractions", "functools", "gettext", "heapq", "inspect", "ipaddress", "pathlib", "pickle",
+                  "pprint", "random", "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap",
+                  "threading", "tokenize", "typing", "uuid", "zipfile")
 
 
 def split_articles(text: str) -> list[tuple[int, int, str]]:
@@ -85,3 +93,18 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def stdlib_text(modules: tuple[str, ...] = STDLIB_MODULES) -> tuple[str, list[str]]:
+    """The source of ``modules`` of this interpreter's standard library, one after another, and
+    the modules found (a module that is a package or absent in this version is left out)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, found = [], []
+    for m in modules:
+        f = root / (m.replace(".", "/") + ".py")
+        if f.is_file():
+            parts.append(f"# ---- {m}.py\n" + f.read_text(encoding="utf-8", errors="replace"))
+            found.append(m)
+    if not found:
+        raise ValueError(f"none of the modules {', '.join(modules)} is a file under {root}")
+    return "".join(parts), found

@@ -177,7 +177,7 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
     by_density = {f"{d:.2f}": round(value_for_density(rule, held_logits, d), 5) for d in DENSITY_GRID}
     # what each layer keeps at that value: the targets of density control (Engine.set_head_density)
     layers_by_density = {k: [round(float(select(rule, l, v).mean()), 4) for l in held_logits]
-                         for k, v in by_density.items()}
+                         for k, v in by_density.items()} if rule == "threshold" else None
     summary = {
         "data": meta["articles"],
         "tokens": meta["tokens"],

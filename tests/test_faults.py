@@ -58,6 +58,7 @@ def write_tiny_llama(path, arch="llama", n_head=4, n_head_kv=2, head_dim=64, n_l
                      n_vocab=64, types=None, seed=0):
     """A small random model of the llama layout (or another architecture's name on it), F32
     except the tensors ``types`` names by their short name (``{"attn_output": "Q4_K"}``).
+    ``qwen2`` adds q/k/v biases, ``qwen3`` per-head q/k RMS norms (random, not ones).
     No tokenizer ("no_vocab"): decode it from token ids."""
     import gguf
 
@@ -78,8 +79,11 @@ def write_tiny_llama(path, arch="llama", n_head=4, n_head_kv=2, head_dim=64, n_l
     w.add_vocab_size(n_vocab)
     w.add_tokenizer_model("no_vocab")
 
-    def add(name, shape, norm=False):
-        a = np.ones(shape, np.float32) if norm else (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+    def add(name, shape, norm=False, scale=None):
+        if norm:
+            a = np.ones(shape, np.float32) if scale is None else (1 + scale * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            a = (rng.standard_normal(shape) / np.sqrt(shape[-1] if scale is None else 1 / scale)).astype(np.float32)
         t = types.get(name.split(".")[-2], "F32")
         if t == "F32":
             w.add_tensor(name, a)
@@ -96,6 +100,13 @@ def write_tiny_llama(path, arch="llama", n_head=4, n_head_kv=2, head_dim=64, n_l
         add(f"blk.{i}.attn_k.weight", (n_head_kv * head_dim, n_embd))
         add(f"blk.{i}.attn_v.weight", (n_head_kv * head_dim, n_embd))
         add(f"blk.{i}.attn_output.weight", (n_embd, n_head * head_dim))
+        if arch == "qwen2":
+            add(f"blk.{i}.attn_q.bias", (n_head * head_dim,), scale=0.5)
+            add(f"blk.{i}.attn_k.bias", (n_head_kv * head_dim,), scale=0.5)
+            add(f"blk.{i}.attn_v.bias", (n_head_kv * head_dim,), scale=0.5)
+        if arch == "qwen3":
+            add(f"blk.{i}.attn_q_norm.weight", (head_dim,), norm=True, scale=0.2)
+            add(f"blk.{i}.attn_k_norm.weight", (head_dim,), norm=True, scale=0.2)
         add(f"blk.{i}.ffn_norm.weight", (n_embd,), norm=True)
         add(f"blk.{i}.ffn_gate.weight", (n_ff, n_embd))
         add(f"blk.{i}.ffn_up.weight", (n_ff, n_embd))
@@ -271,7 +282,7 @@ def test_other_architecture_is_refused_cleanly(tiny_dir):
         print(json.dumps(out))
         """, path)
     assert res["dense_ok"] and res["dense_after"]
-    assert "not supported for refact.gguf (llama architecture only" in res["set_sparse"]
+    assert "not supported for refact.gguf (llama, qwen2 and qwen3 architectures only" in res["set_sparse"]
     assert "returned -4" in res["set_mask"] and "architecture" in res["set_mask"]
     assert res["rc"] == -4
     assert res["layer_ops"] == [-1, -1] and res["sparse"] is False

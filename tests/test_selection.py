@@ -69,3 +69,14 @@ def test_log_softmax():
     ls = log_softmax(x)
     np.testing.assert_allclose(np.exp(ls).sum(1), 1.0)
     np.testing.assert_allclose(ls[1, 0], np.log(0.5))
+
+
+def test_stdlib_text_is_fixed_code():
+    from powerinfer_attn.text import STDLIB_MODULES, stdlib_text
+
+    text, found = stdlib_text()
+    assert found == [m for m in STDLIB_MODULES if m in found] and len(found) >= 20
+    assert text.startswith(f"# ---- {found[0]}.py\n") and "def " in text and len(text) > 500_000
+    assert stdlib_text(("argparse", "no_such_module"))[1] == ["argparse"]
+    with pytest.raises(ValueError, match="none of the modules"):
+        stdlib_text(("no_such_module",))

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Quality and speed at long context, where sparse decode pays: a predictor trained on long
+# sequences (collect --seq-len 8192), scored after 4096 and 8192 tokens of held-out WikiText
+# against the short-context predictor and the oracle; the density that density=D gives on three
+# texts at 128 and 8192 tokens; pass-key retrieval up to 8192; decode speed at 8192 on real text.
+# Needs scripts/figures.sh's predictor (vendor/predictor/pred.gguf). About 2.5 h on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+TEXT=${TEXT:-../shared/data/wikitext-2-raw/wiki.test.raw}
+PIA="$BIN/powerinfer-attn"
+D=vendor/predictor
+PRED=$D/pred.gguf PRED_LONG=$D/pred-long.gguf CODE=$D/stdlib.txt
+WINDOWS=${WINDOWS:-16}
+
+mkdir -p figures "$D"
+[ -f "$PRED" ] || { echo "no $PRED: run scripts/figures.sh first" >&2; exit 1; }
+if [ "${SKIP_COLLECT:-}" != 1 ]; then  # SKIP_COLLECT=1: reuse data-long and pred-long.gguf
+	"$PIA" collect --text-file "$TEXT" --out "$D/data-long" --seq-len 8192 -t 2
+	"$PIA" train-predictor "$D/data-long" --out "$PRED_LONG"
+fi
+"$PIA" stdlib-text "$CODE"
+
+# quality after 4096 and 8192 tokens, WINDOWS windows x 128 steps of the held-out half
+"$PIA" score --text-file "$TEXT" --prefix 4096,8192 --windows "$WINDOWS" -t 2 --json --plot figures/pareto-long.png \
+	--predictor oracle:0.8:fill=$PRED_LONG \
+	--predictor trained:$PRED:density=0.7 \
+	--predictor trained:$PRED_LONG:density=0.6 --predictor trained:$PRED_LONG:density=0.7 \
+	--predictor trained:$PRED_LONG:density=0.7:gain=0 --predictor trained:$PRED_LONG:density=0.8 \
+	> figures/score-long.json
+# the density asked for against the density kept: WikiText and standard-library source at 128 and 8192
+"$PIA" score --text-file "$TEXT" --prefix 128 --windows "$WINDOWS" -t 2 --json \
+	--predictor trained:$PRED:density=0.7 --predictor trained:$PRED_LONG:density=0.7 \
+	--predictor trained:$PRED_LONG:density=0.7:gain=0 > figures/score-long-128.json
+"$PIA" score --text-file "$CODE" --prefix 128,8192 --windows 4 --steps 64 -t 2 --json \
+	--predictor trained:$PRED_LONG:density=0.7 --predictor trained:$PRED_LONG:density=0.7:gain=0 \
+	> figures/score-code.json
+# retrieval: dense against the long-context predictor, filler and real text
+"$PIA" needle --lengths 1024,2048,4096,8192 --trials 10 --haystack filler,text --text-file "$TEXT" -t 2 --json \
+	--predictor trained:$PRED_LONG:density=0.7 > figures/needle.json
+# speed at 8192 with the predictor's cost, on real text and on bench's filler
+"$PIA" bench --ctx 128,8192 --density 0.7 --predictor trained:$PRED_LONG:density=0.7 --text-file "$TEXT" \
+	--reps 10 -t 2 --no-profile --json > figures/bench-trained-8192-text.json
+"$PIA" bench --ctx 128,8192 --density 0.7 --predictor trained:$PRED_LONG:density=0.7 \
+	--reps 10 -t 2 --no-profile --json > figures/bench-trained-8192-filler.json
+
+for f in score-long score-long-128 score-code needle bench-trained-8192-text bench-trained-8192-filler; do
+	"$PIA" show figures/$f.json
+done
