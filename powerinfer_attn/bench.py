@@ -66,6 +66,7 @@ class BenchRow:
     limit: float | None  # Amdahl limit of the ratio at this kept fraction (None: not profiled)
     flash_attn: bool
     repack: bool
+    cache: str = "f16"   # K and V cache type
 
 
 # weight types the CPU backend may repack into its own layout (ggml-cpu/repack.cpp)
@@ -112,7 +113,7 @@ def _context_tokens(eng: Engine, n: int, text_file: Path | None) -> list[int]:
     return half[start:start + n]
 
 
-def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp: bool) -> Engine:
+def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp: bool, cache: str = "f16") -> Engine:
     """A context whose sparse decode takes its masks from the in-graph predictor ``spec``, with
     its fill (no tensor hook: nothing slows the timed steps)."""
     from .predictors import TrainedHeads, get_predictor
@@ -120,7 +121,8 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
     pred = get_predictor(spec, model_path)
     if not isinstance(pred, TrainedHeads):
         raise ValueError(f"bench --predictor takes a trained:PRED.gguf predictor, not {spec!r}")
-    eng = Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp)
+    eng = Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp,
+                 cache_type_k=cache, cache_type_v=cache)
     try:
         # its rule, density control and fill (part of what the predictor costs), without the
         # hook that reads its masks back
@@ -132,29 +134,36 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
 
 
 def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, repack_options, say,
-                   text_file: Path | None = None) -> tuple[bool, bool]:
-    """The stock configuration (flash attention, repack) with the fastest decode at ``ctx``."""
+                   text_file: Path | None = None, caches=("f16",)) -> tuple[bool, bool, str]:
+    """The stock configuration (flash attention, repack, KV cache type) with the fastest decode
+    at ``ctx``; a quantized cache is tried with flash attention only (llama.cpp quantizes V only
+    with it)."""
     best = None
     for fa in fa_options:
         for rp in repack_options:
-            with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp) as eng:
-                toks = _context_tokens(eng, ctx + 1, text_file)
-                label = f"flash attention {'on' if fa else 'off'}, repack {'on' if rp else 'off'}"
-                say(f"ctx {ctx}: dense, {label}: filling the cache")
-                _fill(eng, ctx, toks)
-                _timed_step(eng, toks[ctx], ctx)  # warm-up
-                med = statistics.median(_timed_step(eng, toks[ctx], ctx) for _ in range(max(3, reps // 4)))
-            say(f"ctx {ctx}: dense, {label}: {1 / med:.1f} tok/s")
-            if best is None or med < best[2]:
-                best = (fa, rp, med)
-    return best[0], best[1]
+            for cache in caches:
+                if cache not in ("f16", "f32", "bf16") and not fa:
+                    continue
+                with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp,
+                            cache_type_k=cache, cache_type_v=cache) as eng:
+                    toks = _context_tokens(eng, ctx + 1, text_file)
+                    label = f"flash attention {'on' if fa else 'off'}, repack {'on' if rp else 'off'}, {cache} cache"
+                    say(f"ctx {ctx}: dense, {label}: filling the cache")
+                    _fill(eng, ctx, toks)
+                    _timed_step(eng, toks[ctx], ctx)  # warm-up
+                    med = statistics.median(_timed_step(eng, toks[ctx], ctx) for _ in range(max(3, reps // 4)))
+                say(f"ctx {ctx}: dense, {label}: {1 / med:.1f} tok/s")
+                if best is None or med < best[3]:
+                    best = (fa, rp, cache, med)
+    return best[0], best[1], best[2]
 
 
 def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say,
-             text_file: Path | None = None) -> dict:
+             text_file: Path | None = None, cache: str = "f16") -> dict:
     """Per-part profile of the dense step and of the sparse step at each density."""
     timer = NodeTimer()
-    with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp, tensor_hook=timer) as eng:
+    with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp, tensor_hook=timer,
+                cache_type_k=cache, cache_type_v=cache) as eng:
         toks = _context_tokens(eng, ctx + 1, text_file)
         say(f"ctx {ctx}: profiling, filling the cache")
         _fill(eng, ctx, toks)
@@ -172,14 +181,15 @@ def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict
     return out
 
 
-def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spec: str, toks: list[int]) -> float:
+def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spec: str, toks: list[int],
+                     cache: str = "f16") -> float:
     """Mean density the in-graph predictor chooses over the ``DENSITY_STEPS`` tokens that follow
     the context (teacher-forced, so the steps see the text go on)."""
     from .predictors import get_predictor
 
     pred = get_predictor(spec, model_path)
     with open_engine(model_path, pred, n_ctx=ctx + DENSITY_STEPS + 16, n_threads=threads, flash_attn=fa,
-                     repack=rp) as eng:
+                     repack=rp, cache_type_k=cache, cache_type_v=cache) as eng:
         _fill(eng, ctx, toks)
         eng.set_sparse(True)
         masks = []
@@ -191,9 +201,12 @@ def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spe
 
 def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
-        progress: Callable[[str], None] | None = None, text_file: Path | None = None) -> dict:
+        progress: Callable[[str], None] | None = None, text_file: Path | None = None,
+        caches: tuple[str, ...] = ("f16", "q8_0")) -> dict:
     """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up). With
-    ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence."""
+    ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence.
+    ``caches``: the KV cache types the fastest-stock search tries (quantized ones with flash
+    attention); sparse runs in the winner's configuration."""
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
     repack_types = repackable_types(model_path)
@@ -205,10 +218,11 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     for ctx in ctxs:
         n_ctx = ctx + 16
         # the dense baseline is the fastest stock configuration on this machine
-        fa, rp = _fastest_dense(model_path, ctx, threads, reps, fa_options, repack_options, say, text_file)
-        choices[ctx] = {"flash_attn": "on" if fa else "off", "repack": "on" if rp else "off"}
-        with Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp) as dense, \
-                Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp) as sparse:
+        fa, rp, cache = _fastest_dense(model_path, ctx, threads, reps, fa_options, repack_options, say, text_file,
+                                       caches)
+        choices[ctx] = {"flash_attn": "on" if fa else "off", "repack": "on" if rp else "off", "cache": cache}
+        kw = dict(n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp, cache_type_k=cache, cache_type_v=cache)
+        with Engine(model_path, **kw) as dense, Engine(model_path, **kw) as sparse:
             toks = _context_tokens(dense, ctx + 1 + DENSITY_STEPS, text_file)
             say(f"ctx {ctx}: filling two caches (dense, sparse), flash attention {'on' if fa else 'off'}")
             _fill(dense, ctx, toks)
@@ -224,7 +238,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             ratios = {d: [] for d in densities}
             t_eng = None
             if trained:
-                t_eng = stack_trained(model_path, trained, n_ctx, threads, fa, rp)
+                t_eng = stack_trained(model_path, trained, n_ctx, threads, fa, rp, cache)
                 _fill(t_eng, ctx, toks)
                 t_eng.set_sparse(True)
                 _timed_step(t_eng, toks[ctx], ctx)
@@ -249,27 +263,27 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
                 t_eng.close()
         share = None
         if profile:
-            profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say, text_file)
+            profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say, text_file, cache)
             if trustworthy(profiles[ctx]["dense"]):
                 share = profiles[ctx]["dense"]["skippable_share"]
             else:
                 say(f"ctx {ctx}: the profile accounts for {profiles[ctx]['dense']['accounted']:.2f} of the step: "
                     "no Amdahl limit (node-by-node timing is not faithful at this thread count)")
         dense_med = statistics.median(times["dense"])
-        rows.append(BenchRow(ctx, "dense", 1.0, 1.0, 1 / dense_med, dense_med * 1e3, None, None, fa, rp))
+        rows.append(BenchRow(ctx, "dense", 1.0, 1.0, 1 / dense_med, dense_med * 1e3, None, None, fa, rp, cache))
         for d in densities:
             med = statistics.median(times[d])
             ratio = statistics.median(ratios[d])
             kept = float(masks[d].mean())
             limit = amdahl_limit(share, kept) if share is not None else None
-            rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, fa, rp))
+            rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, fa, rp, cache))
             say(f"ctx {ctx}: sparse density {d:g}: {1 / med:.1f} tok/s ({ratio:.3f}x dense {1 / dense_med:.1f}"
                 + (f", limit {limit:.3f}x)" if limit else ")"))
         if trained:
-            kept = _trained_density(model_path, ctx, threads, fa, rp, trained, toks)
+            kept = _trained_density(model_path, ctx, threads, fa, rp, trained, toks, cache)
             med, ratio = statistics.median(times["trained"]), statistics.median(ratios["trained"])
             limit = amdahl_limit(share, kept) if share is not None else None
-            rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, fa, rp))
+            rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, fa, rp, cache))
             say(f"ctx {ctx}: {trained} (density {kept:.3f} here, predictor included): {1 / med:.1f} tok/s "
                 f"({ratio:.3f}x dense {1 / dense_med:.1f})")
     return {
@@ -311,6 +325,8 @@ def format_table(result: dict) -> str:
             elif r["mode"] == "trained":
                 cells.append(f"{r['tok_s']:.1f} ({r['ratio']:.2f}x, density {r['kept']:.2f})")
         cfg = f"FA {'on' if dense['flash_attn'] else 'off'}, repack {'on' if dense['repack'] else 'off'}"
+        if dense.get("cache", "f16") != "f16":
+            cfg += f", {dense['cache']} cache"
         lines.append(f"| {ctx} | {cfg} | {dense['tok_s']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

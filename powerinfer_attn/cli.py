@@ -13,10 +13,26 @@ from . import build as build_mod
 from .model import default_model_path, resolve_model
 from .text import resolve_text_file
 
-model_option = click.option("--model", "model", type=click.Path(dir_okay=False), default=None,
-                            help="GGUF model (llama architecture); default: SmolLM2-135M-Instruct Q4_1.")
+model_option = click.option("--model", "-m", "model", type=click.Path(dir_okay=False), default=None,
+                            help="GGUF model (llama, qwen2 or qwen3 architecture for sparse decode); "
+                                 "default: SmolLM2-135M-Instruct Q4_1.")
 threads_option = click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores, at most 16).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def cache_options(f):
+    """--cache-type-k/--cache-type-v (and --flash-attn, which a quantized V cache needs)."""
+    from .bindings import CACHE_TYPES
+
+    f = click.option("--cache-type-v", "cache_v", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
+                     help="V cache type (quantized types need --flash-attn).")(f)
+    f = click.option("--cache-type-k", "cache_k", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
+                     help="K cache type.")(f)
+    return f
+
+
+def _engine_kw(flash_attn: bool, cache_k: str, cache_v: str) -> dict:
+    return dict(flash_attn=flash_attn, cache_type_k=cache_k, cache_type_v=cache_v)
 
 
 def _fail(e: Exception) -> None:
@@ -73,16 +89,17 @@ def model() -> None:
 @main.command()
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
 @click.option("-n", "n_tokens", type=click.IntRange(1), default=32, show_default=True, help="Tokens to generate.")
-@click.option("--ctx", "n_ctx", type=click.IntRange(16), default=2048, show_default=True, help="Context size.")
+@click.option("--ctx", "--ctx-size", "-c", "n_ctx", type=click.IntRange(16), default=2048, show_default=True, help="Context size.")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
 @click.option("--sparse", is_flag=True, help="Decode with sparse attention heads.")
 @click.option("--predictor", default=None,
               help="Head predictor for --sparse: all, random:K[:SEED], static:K[:FILE], oracle:P, oracle-topk:K, mask-file:PATH, "
                    "trained:PRED.gguf[:RULE=VALUE].")
+@cache_options
 @model_option
 @threads_option
 @json_option
-def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, model, threads, as_json) -> None:
+def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, cache_k, cache_v, model, threads, as_json) -> None:
     """Greedy generation through the patched bindings, with decode speed."""
     from .engine import EngineError, open_engine
     from .predictors import get_predictor
@@ -92,7 +109,7 @@ def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, model, thre
     try:
         path = resolve_model(model)
         pred = get_predictor(predictor or "all", path) if sparse else None
-        with open_engine(path, pred, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn) as eng:
+        with open_engine(path, pred, n_ctx=n_ctx, n_threads=threads, **_engine_kw(flash_attn, cache_k, cache_v)) as eng:
             g = eng.generate(prompt, n_tokens, predictor=pred)
             threads_used = eng.n_threads
             layer_ops = eng.layer_ops() if sparse else None
@@ -167,10 +184,13 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @click.option("--dump-logits", type=click.Path(dir_okay=False), default=None,
               help="Write the (first) sparse logits ([steps, n_vocab], or [windows, steps, n_vocab]) as float32 .npy.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a density vs perplexity plot (PNG).")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@cache_options
 @model_option
 @threads_option
 @json_option
-def score(text_file, prefixes, steps, windows, training, predictors, mask_file, dump_logits, plot_path, model, threads, as_json) -> None:
+def score(text_file, prefixes, steps, windows, training, predictors, mask_file, dump_logits, plot_path, flash_attn,
+          cache_k, cache_v, model, threads, as_json) -> None:
     """Teacher-forced quality of sparse decode against dense: perplexity, KL, top-1 agreement."""
     from pathlib import Path
 
@@ -190,7 +210,8 @@ def score(text_file, prefixes, steps, windows, training, predictors, mask_file, 
         with click.progressbar(length=(1 + len(preds)) * steps * windows * len(prefix), label="scoring",
                                file=sys.stderr) as bar:
             results = cmp.score(path, text, preds, prefix, steps, windows, threads,
-                                Path(dump_logits) if dump_logits else None, bar.update, training)
+                                Path(dump_logits) if dump_logits else None, bar.update, training,
+                                engine_kw=_engine_kw(flash_attn, cache_k, cache_v))
         if plot_path:
             cmp.plot_pareto([r.to_json() for r in results], plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
@@ -376,6 +397,16 @@ def resolve_n_layer(model_path) -> int:
     return int(r.fields[f"{arch}.block_count"].contents())
 
 
+def _cache_list(text: str) -> tuple[str, ...]:
+    from .bindings import CACHE_TYPES
+
+    out = tuple(c for c in text.split(",") if c)
+    bad = [c for c in out if c not in CACHE_TYPES]
+    if bad or not out:
+        raise ValueError(f"--cache-types: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(CACHE_TYPES)}")
+    return out
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
@@ -399,9 +430,12 @@ def _ints(text: str) -> list[int]:
               help="Also time sparse decode with this trained:PRED.gguf[:RULE=VALUE] predictor, computed in the graph.")
 @click.option("--text-file", type=click.Path(dir_okay=False), default=None,
               help="Fill the caches with real text from this file's held-out half (default: a repeated sentence).")
+@click.option("--cache-types", "caches", default="f16,q8_0", show_default=True,
+              help="KV cache types the fastest-dense search tries (quantized ones with flash attention), comma-separated.")
 @threads_option
 @json_option
-def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, threads, as_json) -> None:
+def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, caches, threads,
+          as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
@@ -411,7 +445,8 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
     try:
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
                                threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained,
-                               text_file=resolve_text_file(text_file) if text_file else None)
+                               text_file=resolve_text_file(text_file) if text_file else None,
+                               caches=_cache_list(caches))
         if plot_path:
             bench_mod.plot(result, plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:

@@ -51,7 +51,7 @@ class ScoreResult:
 
 def score(model_path: Path, text_file: Path, predictors: list[Predictor], prefix: int | list[int] = 128,
           steps: int = 128, windows: int = 8, threads: int | None = None, dump_logits: Path | None = None,
-          progress: Progress | None = None, training: bool = False) -> list[ScoreResult]:
+          progress: Progress | None = None, training: bool = False, engine_kw: dict | None = None) -> list[ScoreResult]:
     """Score each predictor on the same windows against one dense pass, for each prefix length
     (``prefix``: one length or several; one result per predictor and length, in that order).
 
@@ -60,15 +60,17 @@ def score(model_path: Path, text_file: Path, predictors: list[Predictor], prefix
     not one per predictor. ``dump_logits`` writes the first predictor's sparse logits at the first
     prefix length. The windows lie in the text's second half, which no predictor is trained or
     calibrated on; with ``training`` they are spread over the articles that ``collect`` trains
-    on instead (to tune a predictor's settings without looking at the held-out text)."""
+    on instead (to tune a predictor's settings without looking at the held-out text).
+    ``engine_kw`` goes to every engine (flash attention, cache types)."""
+    kw = engine_kw or {}
     prefixes = [prefix] if isinstance(prefix, int) else list(prefix)
     if not prefixes or min(prefixes) < 1:
         raise ValueError(f"prefix lengths must be >= 1, got {prefixes}")
     n_ctx = max(prefixes) + steps + 8
     results = []
     with contextlib.ExitStack() as stack:
-        dense = stack.enter_context(Engine(model_path, n_ctx=n_ctx, n_threads=threads))
-        sparse_engines = [stack.enter_context(open_engine(model_path, p, n_ctx=n_ctx, n_threads=threads))
+        dense = stack.enter_context(Engine(model_path, n_ctx=n_ctx, n_threads=threads, **kw))
+        sparse_engines = [stack.enter_context(open_engine(model_path, p, n_ctx=n_ctx, n_threads=threads, **kw))
                           for p in predictors]
         toks = text_tokens(dense, text_file, training)
         for k, pre in enumerate(prefixes):
