@@ -14,8 +14,8 @@ from .model import default_model_path, resolve_model
 from .text import resolve_text_file
 
 model_option = click.option("--model", "-m", "model", type=click.Path(dir_okay=False), default=None,
-                            help="GGUF model (llama, qwen2 or qwen3 architecture for sparse decode); "
-                                 "default: SmolLM2-135M-Instruct Q4_1.")
+                            help="GGUF model path (llama, qwen2 or qwen3 architecture for sparse decode) or a known "
+                                 "model's name (`model --list`); default: SmolLM2-135M-Instruct Q4_1.")
 threads_option = click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores, at most 16).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
@@ -78,11 +78,19 @@ def build(check: bool, force: bool, stock: bool, as_json: bool) -> None:
 
 
 @main.command()
-def model() -> None:
-    """Print the path of the default model, fetching it on first use."""
+@click.argument("name", required=False)
+@click.option("--list", "list_models", is_flag=True, help="List the models known by name.")
+def model(name, list_models) -> None:
+    """Print the path of the default model, or of the known model NAME, fetching it on first use."""
+    from .model import KNOWN_MODELS, known_model_path
+
+    if list_models:
+        for m in KNOWN_MODELS.values():
+            click.echo(f"{m.name}: {m.about}")
+        return
     try:
-        click.echo(str(default_model_path()))
-    except build_mod.BuildError as e:
+        click.echo(str(known_model_path(name) if name else default_model_path()))
+    except (build_mod.BuildError, ValueError) as e:
         _fail(e)
 
 

