@@ -1,6 +1,8 @@
 """Text shared by training and scoring: WikiText articles, the train/held-out split, windows.
 
-A text file is split into articles (top-level `` = Title = `` headings). ``collect`` trains on the
+A text file is split into articles: WikiText's top-level `` = Title = `` headings, or the
+``# ---- module.py`` lines that start each module of ``stdlib_text`` (so code is split by
+module). ``collect`` trains on the
 whole articles that end in its first ``TRAIN_FRACTION``; ``score`` reads windows from the second
 half of its tokens (``window_starts``), so no predictor is scored on what it was trained on.
 """
@@ -17,7 +19,7 @@ import numpy as np
 TEXT_ENV = "POWERINFER_ATTN_TEXT"
 TRAIN_FRACTION = 0.45
 
-_HEADING = re.compile(r"^ = [^=].* = $")
+_HEADING = re.compile(r"^ = [^=].* = $|^# ---- \S+\.py$")
 
 # A text of another kind than WikiText, present on every machine: these modules of the running
 # interpreter's standard library (Python source), in this order.
@@ -28,12 +30,12 @@ STDLIB_MODULES = ("argparse", "ast", "calendar", "configparser", "csv", "datacla
 
 
 def split_articles(text: str) -> list[tuple[int, int, str]]:
-    """``(start, end, title)`` character spans of the WikiText articles in ``text``."""
+    """``(start, end, title)`` character spans of the articles (WikiText) or modules (``stdlib_text``) in ``text``."""
     starts: list[tuple[int, str]] = []
     pos = 0
     for line in text.splitlines(keepends=True):
         if _HEADING.match(line.rstrip("\n")):
-            starts.append((pos, line.strip(" =\n")))
+            starts.append((pos, line.strip(" =\n").removeprefix("# ---- ")))
         pos += len(line)
     if not starts:
         return [(0, len(text), "")]

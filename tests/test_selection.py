@@ -78,5 +78,12 @@ def test_stdlib_text_is_fixed_code():
     assert found == [m for m in STDLIB_MODULES if m in found] and len(found) >= 20
     assert text.startswith(f"# ---- {found[0]}.py\n") and "def " in text and len(text) > 500_000
     assert stdlib_text(("argparse", "no_such_module"))[1] == ["argparse"]
+    # split by module, as WikiText is split by article
+    from powerinfer_attn.text import split_articles, training_articles
+
+    arts = split_articles(text)
+    assert [a[2] for a in arts] == [f"{m}.py" for m in found] and arts[0][0] == 0 and arts[-1][1] == len(text)
+    train = training_articles(text)
+    assert 0 < len(train) < len(found) and train[-1][1] <= 0.45 * len(text)
     with pytest.raises(ValueError, match="none of the modules"):
         stdlib_text(("no_such_module",))
