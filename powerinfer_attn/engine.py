@@ -183,6 +183,29 @@ class Engine:
             self.model = None
             raise EngineError(f"llama.cpp could not create a context (n_ctx={n_ctx})")
 
+        self._owns = True
+        self._read_shape()
+
+    @classmethod
+    def attach(cls, model_path: str | os.PathLike, model, ctx, flash_attn: bool = False) -> "Engine":
+        """An engine over a model and context that someone else made and frees (a
+        ``llama_cpp.Llama``'s ``model`` and ``ctx``): the sparse switch, masks, predictor files
+        and fills work on it; ``close`` only lets go of the pointers."""
+        eng = cls.__new__(cls)
+        eng.C = bindings()
+        eng.model_path = Path(model_path)
+        eng.model, eng.ctx = model, ctx
+        eng.vocab = eng.C.llama_model_get_vocab(model)
+        eng.n_threads = int(eng.C.llama_n_threads(ctx))
+        eng.flash_attn, eng.repack = flash_attn, True
+        eng.cache_types = ("f16", "f16")
+        eng._hook, eng._hook_errors = None, []
+        eng._owns = False
+        eng._read_shape()
+        return eng
+
+    def _read_shape(self) -> None:
+        C = self.C
         self.n_ctx = C.llama_n_ctx(self.ctx)
         self.n_layer = C.llama_model_n_layer(self.model)
         self.n_head = C.llama_model_n_head(self.model)
@@ -196,12 +219,16 @@ class Engine:
     # --- lifetime -------------------------------------------------------
 
     def close(self) -> None:
-        """Free the context and the model; every later call raises EngineError."""
+        """Free the context and the model (unless attached to someone else's); every later call
+        raises EngineError."""
+        owns = getattr(self, "_owns", True)
         if getattr(self, "ctx", None):
-            self.C.llama_free(self.ctx)
+            if owns:
+                self.C.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
-            self.C.llama_model_free(self.model)
+            if owns:
+                self.C.llama_model_free(self.model)
             self.model = None
         self.vocab = None
 
@@ -464,6 +491,16 @@ class Engine:
                                                          self.n_layer, float(gain))
         if rc != 0:
             raise EngineError(f"llama_head_predictor_set_density returned {rc} (density control needs the threshold rule)")
+
+    def head_stats(self, reset: bool = True) -> tuple[int, int]:
+        """(heads kept, heads chosen among) by the loaded in-graph predictor since it was loaded
+        or last reset: their ratio is the density of those steps, with no eval callback."""
+        self._check_open()
+        kept, total = ctypes.c_int64(0), ctypes.c_int64(0)
+        if self._head_predictor is None or \
+                self.C.llama_head_predictor_stats(self.ctx, ctypes.byref(kept), ctypes.byref(total), bool(reset)) != 0:
+            raise EngineError("no head predictor loaded (load_head_predictor)")
+        return int(kept.value), int(total.value)
 
     def use_head_predictor(self, enabled: bool) -> None:
         """Sparse decode takes its masks from the loaded predictor, computed in the graph (True),

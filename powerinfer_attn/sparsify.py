@@ -1,0 +1,84 @@
+"""Sparse decode for an existing ``llama_cpp.Llama``: the installed ``llama_cpp`` is our patched
+build, so its context can take the sparse switch, a predictor file and a fill.
+
+    from llama_cpp import Llama
+    from powerinfer_attn import sparsify
+
+    llm = Llama("model.gguf", n_ctx=4096)
+    sparsify.sparsify(llm, "trained:pred.gguf:density=0.7")
+    out = llm.create_completion("...", max_tokens=64)       # or create_chat_completion, stream=True
+    print(sparsify.head_density(llm))                       # of the decode steps since the last call
+    sparsify.unsparsify(llm)                                # dense again
+
+Prompt evaluation stays dense (batches of more than one token); every generated token is one
+sparse decode step. Predictors that choose in the graph (``trained:``) or keep one mask
+(``all``, ``static:K``) work here; predictors that run Python before each step (``oracle``,
+``random``, ``mask-file``) need the ``Engine``, which owns the decode loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .engine import Engine, EngineError
+from .predictors import AllHeads, StaticHeads, TrainedHeads, get_predictor
+
+_STATE = "_powerinfer_attn"
+
+
+def sparsify(llm, predictor: str = "all") -> str:
+    """Turn sparse decode on for ``llm`` with ``predictor`` (a name as ``--predictor`` takes);
+    returns the predictor's full name. Calling it again replaces the predictor."""
+    unsparsify(llm)
+    eng = Engine.attach(llm.model_path, llm.model, llm.ctx,
+                        flash_attn=getattr(llm.context_params, "flash_attn_type", 0) == 1)
+    pred = get_predictor(predictor, llm.model_path)
+    if not isinstance(pred, (TrainedHeads, AllHeads, StaticHeads)):
+        raise ValueError(f"{pred.name}: sparsify takes trained:..., all or static:K; a predictor that runs "
+                         f"Python before every step needs powerinfer_attn.engine.Engine")
+    pred.bind(eng)  # shapes, the model it was made for; a trained file is loaded with its rule and fill
+    mask = None
+    if isinstance(pred, TrainedHeads):
+        eng.use_head_predictor(True)
+        eng.head_stats(reset=True)
+    else:
+        mask = eng.check_mask(pred.predict(None))
+        eng.set_mask(mask)
+    eng.set_sparse(True)
+    setattr(llm, _STATE, {"engine": eng, "predictor": pred.name, "mask": mask})
+    return pred.name
+
+
+def unsparsify(llm) -> None:
+    """Dense decode again (the stock graph); a no-op on a dense ``llm``."""
+    state = getattr(llm, _STATE, None)
+    if state is None:
+        return
+    eng = state["engine"]
+    if not eng.closed and llm.ctx is not None:
+        eng.set_sparse(False)
+        if eng._head_predictor is not None:
+            eng.use_head_predictor(False)
+    eng.close()  # lets go of the pointers only
+    delattr(llm, _STATE)
+
+
+def predictor_name(llm) -> str | None:
+    """The predictor ``llm`` decodes with, or None when dense."""
+    state = getattr(llm, _STATE, None)
+    return state["predictor"] if state else None
+
+
+def head_density(llm, reset: bool = True) -> float | None:
+    """Mean head density of the sparse decode steps since ``sparsify`` or the last call (with
+    ``reset``); None when ``llm`` is dense or decoded no token since."""
+    state = getattr(llm, _STATE, None)
+    if state is None:
+        return None
+    if state["mask"] is not None:
+        return float(np.mean(state["mask"]))
+    kept, total = state["engine"].head_stats(reset)
+    return kept / total if total else None
+
+
+__all__ = ["sparsify", "unsparsify", "head_density", "predictor_name", "EngineError"]
