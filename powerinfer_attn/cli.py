@@ -397,6 +397,32 @@ def stdlib_text(out) -> None:
     click.echo(f"wrote {out}: {len(text)} characters from {len(found)} modules ({', '.join(found)})")
 
 
+@main.command()
+@model_option
+@click.option("--predictor", default="none", show_default=True,
+              help="trained:PRED.gguf[:RULE=VALUE], all or static:K; none serves dense.")
+@click.option("--density", type=float, default=None, help="With a trained predictor: its density=D (density control).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(64), default=4096, show_default=True, help="Context size.")
+@threads_option
+def serve(model, predictor, density, host, port, n_ctx, threads) -> None:
+    """OpenAI-compatible server (llama-cpp-python's) with sparse decode: /v1/completions,
+    /v1/chat/completions (SSE streaming), /v1/models, /health; a log line per request."""
+    from . import serve as serve_mod
+    from .engine import EngineError
+
+    spec = None if predictor == "none" else predictor
+    if density is not None:
+        if spec is None or not spec.startswith("trained:"):
+            _fail(ValueError("--density goes with a trained:PRED.gguf predictor"))
+        spec += f":density={density:g}"
+    try:
+        serve_mod.serve(resolve_model(model), spec, host, port, n_ctx, threads)
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+
+
 def resolve_n_layer(model_path) -> int:
     from gguf import GGUFReader
 
