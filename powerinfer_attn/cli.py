@@ -103,12 +103,21 @@ def model(name, list_models) -> None:
 @click.option("--predictor", default=None,
               help="Head predictor for --sparse: all, random:K[:SEED], static:K[:FILE], oracle:P, oracle-topk:K, mask-file:PATH, "
                    "trained:PRED.gguf[:RULE=VALUE].")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature; 0 is greedy (for comparisons).")
+@click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="Top-k when sampling (0: all).")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
+              help="Top-p (nucleus) when sampling.")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the GGUF's chat template.")
 @cache_options
 @model_option
 @threads_option
 @json_option
-def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, cache_k, cache_v, model, threads, as_json) -> None:
-    """Greedy generation through the patched bindings, with decode speed."""
+def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, temp, top_k, top_p, seed, chat, cache_k, cache_v,
+             model, threads, as_json) -> None:
+    """Generation through the patched bindings (greedy by default), streamed, with decode speed."""
+    from .sampling import Sampler
+
     from .engine import EngineError, open_engine
     from .predictors import get_predictor
 
@@ -117,8 +126,24 @@ def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, cache_k, ca
     try:
         path = resolve_model(model)
         pred = get_predictor(predictor or "all", path) if sparse else None
+        sampler = Sampler(temp, top_k, top_p, seed)
         with open_engine(path, pred, n_ctx=n_ctx, n_threads=threads, **_engine_kw(flash_attn, cache_k, cache_v)) as eng:
-            g = eng.generate(prompt, n_tokens, predictor=pred)
+            text = eng.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
+            stream = None
+            if not as_json:
+                click.echo(text, nl=False)
+                pending = []
+
+                def stream(tok):
+                    # a token may end inside a UTF-8 character: print what decodes whole
+                    pending.append(eng.token_piece(tok))
+                    try:
+                        piece = b"".join(pending).decode("utf-8")
+                    except UnicodeDecodeError:
+                        return
+                    pending.clear()
+                    click.echo(piece, nl=False)
+            g = eng.generate(text, n_tokens, predictor=pred, sample=sampler, on_token=stream)
             threads_used = eng.n_threads
             layer_ops = eng.layer_ops() if sparse else None
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
@@ -127,7 +152,8 @@ def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, cache_k, ca
     density = float(np.mean(g.masks)) if g.masks else (1.0 if sparse else None)
     if as_json:
         click.echo(json.dumps({
-            "model": str(path), "prompt": prompt, "prompt_tokens": len(g.prompt_tokens),
+            "model": str(path), "prompt": prompt, "chat": chat, "prompt_tokens": len(g.prompt_tokens),
+            "sampling": {"temp": temp, "top_k": top_k, "top_p": top_p, "seed": seed},
             "tokens": g.tokens, "text": g.text, "n_generated": len(g.tokens),
             "prefill_s": g.prefill_s, "decode_s": g.decode_s, "decode_tok_s": g.decode_tok_s,
             "threads": threads_used, "flash_attn": flash_attn, "mode": "sparse" if sparse else "dense",
@@ -135,7 +161,7 @@ def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, cache_k, ca
             "sparse_layer_ops": layer_ops,
         }, indent=1))
     else:
-        click.echo(prompt + g.text)
+        click.echo("")
         click.echo(f"\n[{mode}] {len(g.tokens)} tokens, decode {g.decode_tok_s:.1f} tok/s, "
                    f"prefill {len(g.prompt_tokens)} tokens in {g.prefill_s * 1000:.0f} ms, "
                    f"{threads_used} threads"

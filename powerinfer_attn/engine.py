@@ -17,7 +17,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -277,6 +277,27 @@ class Engine:
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.token_piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def chat_prompt(self, messages: Sequence[dict]) -> str:
+        """The prompt for ``messages`` (``{"role", "content"}``) by the model's own chat template
+        (``tokenizer.chat_template`` in the GGUF), ending where the assistant's answer starts."""
+        self._check_open()
+        C = self.C
+        tmpl = C.llama_model_chat_template(self.model, None)
+        if not tmpl:
+            raise EngineError(f"{self.model_path.name} has no chat template")
+        msgs = (C.llama_chat_message * len(messages))(
+            *[C.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages])
+        size = 1024 + 2 * sum(len(m["content"].encode()) for m in messages)
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = C.llama_chat_apply_template(tmpl, msgs, len(messages), True, buf, size)
+            if n < 0:
+                raise EngineError(f"llama.cpp does not know {self.model_path.name}'s chat template")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n
+        raise EngineError("chat template output did not fit")
 
     def is_eog(self, token: int) -> bool:
         self._check_open()
@@ -577,8 +598,11 @@ class Engine:
         return self.step(token), mask
 
     def generate(self, prompt: str | Sequence[int], n: int, predictor: Predictor | None = None,
-                 stop_at_eog: bool = True) -> Generation:
-        """Greedy generation of up to n tokens; sparse decode when a predictor is given.
+                 stop_at_eog: bool = True, sample: Callable[[np.ndarray], int] | None = None,
+                 on_token: Callable[[int], None] | None = None) -> Generation:
+        """Generation of up to n tokens, greedy unless ``sample`` (logits -> token, e.g. a
+        ``sampling.Sampler``) is given; sparse decode when a predictor is given. ``on_token`` is
+        called with each token as soon as it is chosen (streaming).
 
         The prompt is always prefilled densely. Before each decode step the predictor
         gives the mask for that step.
@@ -593,9 +617,12 @@ class Engine:
         self.set_sparse(predictor is not None)
         try:
             for i in range(n):
-                tok = int(np.argmax(logits))
+                tok = int(np.argmax(logits)) if sample is None else sample(logits)
                 out.append(tok)
-                if (stop_at_eog and self.is_eog(tok)) or i == n - 1:
+                eog = stop_at_eog and self.is_eog(tok)
+                if on_token is not None and not eog:
+                    on_token(tok)
+                if eog or i == n - 1:
                     break
                 if predictor is not None:
                     logits, mask = self.predicted_step(predictor, i, tok)

@@ -330,3 +330,17 @@ def test_load_state_refuses_what_does_not_fit(engine, model_path):
     with Engine(model_path, n_ctx=512, n_threads=1, flash_attn=True) as fa:
         with pytest.raises(EngineError, match="flash-attention"):
             fa.load_state(state)
+
+
+def test_generate_streams_and_samples(engine):
+    from powerinfer_attn.sampling import Sampler
+
+    seen = []
+    g = engine.generate("The capital of France is", 8, on_token=seen.append)
+    assert seen == [t for t in g.tokens if not engine.is_eog(t)]
+    a = engine.generate("Once upon a time", 12, sample=Sampler(temp=0.9, seed=5), stop_at_eog=False)
+    b = engine.generate("Once upon a time", 12, sample=Sampler(temp=0.9, seed=5), stop_at_eog=False)
+    greedy = engine.generate("Once upon a time", 12, stop_at_eog=False)
+    assert a.tokens == b.tokens and a.tokens != greedy.tokens
+    prompt = engine.chat_prompt([{"role": "user", "content": "Hello"}])
+    assert "Hello" in prompt and prompt.index("Hello") > 0  # wrapped in the GGUF's template

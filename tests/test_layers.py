@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "powerinfer_attn"
 
 LAYERS = {
     # 0: building the library, pure helpers that import nothing of ours but the build
-    "__init__": 0, "build": 0, "kernels": 0, "text": 0,
+    "__init__": 0, "build": 0, "kernels": 0, "text": 0, "sampling": 0,
     # 1: the bindings and the C API's constants; the model files
     "bindings": 1, "model": 1,
     # 2: decode with masks and predictor files

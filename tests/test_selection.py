@@ -87,3 +87,19 @@ def test_stdlib_text_is_fixed_code():
     assert 0 < len(train) < len(found) and train[-1][1] <= 0.45 * len(text)
     with pytest.raises(ValueError, match="none of the modules"):
         stdlib_text(("no_such_module",))
+
+
+def test_sampler():
+    from powerinfer_attn.sampling import Sampler
+
+    logits = np.array([0.0, 3.0, 2.9, -1.0, 2.0])
+    assert Sampler()(logits) == 1  # temperature 0: greedy
+    assert Sampler(temp=1.0, top_k=1)(logits) == 1
+    assert Sampler(temp=1.0, top_p=0.01)(logits) == 1  # the nucleus is the top token
+    draws = [Sampler(temp=1.0, seed=s)(logits) for s in range(200)]
+    assert set(draws) <= {0, 1, 2, 3, 4} and {1, 2, 4} <= set(draws)
+    assert set(Sampler(temp=1.0, top_k=2, seed=0)(logits) for _ in range(50)) <= {1, 2}
+    a, b = Sampler(temp=0.8, seed=7), Sampler(temp=0.8, seed=7)
+    assert [a(logits) for _ in range(20)] == [b(logits) for _ in range(20)]
+    with pytest.raises(ValueError, match="top_p"):
+        Sampler(top_p=0.0)
