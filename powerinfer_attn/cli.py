@@ -116,10 +116,9 @@ def model(name, list_models) -> None:
 def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, temp, top_k, top_p, seed, chat, cache_k, cache_v,
              model, threads, as_json) -> None:
     """Generation through the patched bindings (greedy by default), streamed, with decode speed."""
-    from .sampling import Sampler
-
     from .engine import EngineError, open_engine
     from .predictors import get_predictor
+    from .sampling import Sampler
 
     if predictor and not sparse:
         _fail(ValueError("--predictor needs --sparse"))
@@ -449,6 +448,32 @@ def serve(model, predictor, density, host, port, n_ctx, threads) -> None:
         _fail(e)
 
 
+@main.command("bench-serve")
+@model_option
+@click.option("--predictor", required=True, help="The sparse server's predictor (trained:PRED.gguf[:density=D], ...).")
+@click.option("--text-file", type=click.Path(dir_okay=False), default=None,
+              help="Prompts from this file's held-out half (default: $POWERINFER_ATTN_TEXT).")
+@click.option("--prompt-tokens", type=click.IntRange(16), default=4096, show_default=True)
+@click.option("--gen-tokens", type=click.IntRange(2), default=128, show_default=True)
+@click.option("--requests", type=click.IntRange(1), default=3, show_default=True, help="Requests per server (medians).")
+@threads_option
+@json_option
+def bench_serve(model, predictor, text_file, prompt_tokens, gen_tokens, requests, threads, as_json) -> None:
+    """End to end through HTTP: dense server against sparse server, long prompts, streamed answers."""
+    from . import bench_serve as bs
+    from .engine import EngineError
+
+    try:
+        result = bs.run(resolve_model(model), predictor, resolve_text_file(text_file), prompt_tokens, gen_tokens,
+                        requests, threads)
+    except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(bs.format_table(result))
+
+
 def resolve_n_layer(model_path) -> int:
     from gguf import GGUFReader
 
@@ -546,6 +571,10 @@ def show(result) -> None:
 
         fields = {f.name for f in dataclasses.fields(nd.NeedleResult)}
         click.echo(nd.format_table([nd.NeedleResult(**{k: v for k, v in r.items() if k in fields}) for r in data]))
+    elif isinstance(data, dict) and "servers" in data:
+        from . import bench_serve as bs
+
+        click.echo(bs.format_table(data))
     elif isinstance(data, dict) and "rows" in data:
         click.echo(f"{Path(data['model']).name}, {data['threads']} threads, median of {data['reps']} paired steps"
                    + (", GQA-group masks" if data.get("gqa_masks") else ""))

@@ -9,6 +9,8 @@ request waits for the running one instead of interrupting it.
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -111,3 +113,48 @@ def serve(model_path: Path, predictor: str | None, host: str, port: int, n_ctx: 
     import uvicorn
 
     uvicorn.run(make_app(model_path, predictor, n_ctx, threads), host=host, port=port, log_level="warning")
+
+
+class ServerProcess:
+    """``powerinfer-attn serve`` in a subprocess on a free local port, up once ``/health``
+    answers; ``stop`` ends it and returns what it logged."""
+
+    def __init__(self, model_path, *args: str, n_ctx: int = 4096, threads: int | None = None, timeout: float = 180):
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "powerinfer_attn.cli", "serve", "--model", str(model_path),
+               "--port", str(self.port), "-c", str(n_ctx), *args]
+        if threads:
+            cmd += ["-t", str(threads)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.stderr.read()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -4,7 +4,6 @@ is talked to with the openai client and with raw HTTP streaming."""
 import concurrent.futures
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,43 +13,16 @@ import numpy as np
 import pytest
 
 from powerinfer_attn import predictor_file
+from powerinfer_attn.serve import ServerProcess
 
 PROMPTS = ["The capital of France is", "Once upon a time, a small", "The river Tiber flows",
            "In 1492, Columbus", "A good recipe for bread", "The first law of motion",
            "Python is a programming language", "The moon orbits"]
 
 
-class Server:
-    def __init__(self, model_path, *args, n_ctx=512):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "powerinfer_attn.cli", "serve", "--model", str(model_path), "--port", str(self.port),
-             "-c", str(n_ctx), "-t", "2", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("server did not come up in 120 s")
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.stderr.read()
+class Server(ServerProcess):
+    def __init__(self, model_path, *args):
+        super().__init__(model_path, *args, n_ctx=512, threads=2)
 
     def client(self):
         from openai import OpenAI
@@ -145,3 +117,21 @@ def test_density_needs_a_trained_predictor(model_path):
     r = subprocess.run([sys.executable, "-m", "powerinfer_attn.cli", "serve", "--model", str(model_path),
                         "--predictor", "all", "--density", "0.5"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "--density goes with a trained" in r.stderr
+
+
+def test_bench_serve_end_to_end(model_path, tmp_path):
+    """A small run of bench-serve: both servers answer every request, the dense one at density 1,
+    the sparse one (all heads) at 1 too, with the table printed."""
+    from powerinfer_attn import bench_serve
+
+    text = tmp_path / "t.txt"
+    text.write_text("The river flows through the valley and reaches the sea after many miles. " * 300)
+    res = bench_serve.run(model_path, "all", text, prompt_tokens=200, gen_tokens=8, requests=2, threads=2,
+                          say=lambda m: None)
+    dense, sparse = res["servers"]
+    assert dense["mode"] == "dense" and sparse["mode"] == "sparse"
+    for s in (dense, sparse):
+        assert len(s["requests"]) == 2 and s["tokens"] >= 2 and s["gen_tok_s"] > 0 and s["ttft_s"] > 0
+    assert dense["head_density"] == 1.0 and sparse["head_density"] == 1.0
+    assert res["gen_speedup"] > 0
+    assert "| sparse, all | 1.000 |" in bench_serve.format_table(res)
