@@ -34,6 +34,7 @@ TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 figures: setup
 	BIN=$(BIN) TEXT=$(TEXT) scripts/figures.sh
 	BIN=$(BIN) TEXT=$(TEXT) scripts/long-context.sh
+	BIN=$(BIN) TEXT=$(TEXT) scripts/serve.sh
 
 budget-sweep: setup
 	BIN=$(BIN) TEXT=$(TEXT) scripts/budget-sweep.sh

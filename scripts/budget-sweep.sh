@@ -3,13 +3,8 @@
 # A*log(sensitivity) for several A (defaults otherwise: linear fill, level label), scored at
 # density 0.7 on windows of the *training* articles (the held-out half is not looked at to
 # choose A). Needs the data `scripts/figures.sh` collects (vendor/predictor/data).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN=${BIN:-.venv/bin}
-TEXT=${TEXT:-../shared/data/wikitext-2-raw/wiki.test.raw}
+source "$(dirname "$0")/common.sh"
 BUDGETS=${BUDGETS:-0 0.5 1 2}
-PIA="$BIN/powerinfer-attn"
-D=vendor/predictor
 
 preds=()
 for a in $BUDGETS; do

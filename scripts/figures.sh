@@ -3,15 +3,9 @@
 # speed at 2 threads (about 75 min on 2 cores). `powerinfer-attn show figures/FILE.json` prints
 # a result's tables again. The predictor data and files go to vendor/predictor (git-ignored).
 # Run through `make figures` (which sets up the environment first), or directly once it is set up.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-BIN=${BIN:-.venv/bin}
-TEXT=${TEXT:-../shared/data/wikitext-2-raw/wiki.test.raw}
-PIA="$BIN/powerinfer-attn"
-D=vendor/predictor
+source "$(dirname "$0")/common.sh"
 PRED=$D/pred.gguf PRED_MEAN=$D/pred-mean.gguf PRED_ZERO=$D/pred-zero.gguf PRED_SHARE=$D/pred-share.gguf
 
-mkdir -p figures "$D"
 "$PIA" calibrate --text-file "$TEXT" -t 2
 "$PIA" collect --text-file "$TEXT" --out "$D/data" -t 2
 "$PIA" train-predictor "$D/data" --out "$PRED"
