@@ -178,7 +178,7 @@ def test_fill_training_uses_deviations_and_stores_the_fill(tmp_path, fill):
         get_predictor(f"trained:{out}:fill=half", "m.gguf")
     with pytest.raises(ValueError, match="at most one rule"):
         get_predictor(f"trained:{out}:topk=2:mass=0.5", "m.gguf")
-    assert compare.family(f"oracle:0.8+{fill}") == f"oracle+{fill}" and compare.family(p.name) == "trained"
+    assert compare.family(f"oracle:0.8+{fill}") == f"oracle+{fill}" and compare.family(p.name) == f"trained:{out.name}"
     with pytest.raises(ValueError, match="one fill"):
         predictor_file.write_predictor(tmp_path / "two.gguf", [w], [b], "m.gguf", "threshold", 0.0, {},
                               means=[np.zeros((8, 3), np.float32)], linear=(want.w, want.b))
@@ -523,4 +523,6 @@ def test_pareto_plot(tmp_path):
                            ("oracle:0.8", 0.69, 10.8), ("random:7", 0.78, 30.0)]]
     compare.plot_pareto(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
-    assert compare.family("trained:p.gguf:density=0.6") == "trained"
+    assert compare.family("trained:p.gguf:density=0.6") == "trained:p.gguf"
+    assert compare.family("trained:p.gguf:density=0.7:gain=0+linear") == "trained:p.gguf:fixed+linear"
+    assert compare.family("trained:q.gguf:density=0.7+linear") == "trained:q.gguf+linear"
