@@ -71,19 +71,14 @@ def build_prompt(tokenize: Callable[[str], list[int]], length: int, depth: float
     return head + hay[:cut] + needle + hay[cut:] + tail
 
 
-def _haystacks(eng: Engine, kind: str, n: int, trials: int, text_file: Path | None) -> list[list[int]]:
-    """One haystack of ``n`` tokens per trial."""
+def _haystacks(eng: Engine, kind: str, n: int, trials: int, text: list[int] | None) -> list[list[int]]:
+    """One haystack of ``n`` tokens per trial; ``text``: the text file's tokens (the text haystack)."""
     if kind == "filler":
         base = eng.tokenize(FILLER, add_bos=False)
         hay = (base * (n // len(base) + 1))[:n]
         return [hay] * trials
-    if kind != "text":
-        raise ValueError(f"unknown haystack {kind!r}; choose from {', '.join(HAYSTACKS)}")
-    if text_file is None:
-        raise ValueError("the text haystack needs a text file (--text-file or $POWERINFER_ATTN_TEXT)")
-    toks = eng.tokenize(text_file.read_text(encoding="utf-8", errors="replace"), add_bos=False)
     # runs of the held-out second half, one per trial, spread over it
-    return [toks[s:s + n] for s in window_starts(len(toks), n, trials)]
+    return [text[s:s + n] for s in window_starts(len(text), n, trials)]
 
 
 def _answer(eng: Engine, first: int, n: int, pred: Predictor | None) -> tuple[str, list[np.ndarray]]:
@@ -116,6 +111,8 @@ def run(model_path: Path, lengths: list[int], trials: int, predictors: list[Pred
     for h in haystacks:
         if h not in HAYSTACKS:
             raise ValueError(f"unknown haystack {h!r}; choose from {', '.join(HAYSTACKS)}")
+    if "text" in haystacks and text_file is None:
+        raise ValueError("the text haystack needs a text file (--text-file or $POWERINFER_ATTN_TEXT)")
     n_ctx = max(lengths) + answer_tokens + 8
     results = []
     with contextlib.ExitStack() as stack:
@@ -125,11 +122,14 @@ def run(model_path: Path, lengths: list[int], trials: int, predictors: list[Pred
         def tokenize(s):
             return dense.tokenize(s, add_bos=False)
 
+        # the text file is tokenized once, not once per length
+        text_toks = tokenize(text_file.read_text(encoding="utf-8", errors="replace")) if "text" in haystacks else None
+
         for hay_kind in haystacks:
             for length in lengths:
                 rng = np.random.default_rng([seed, length])
                 keys = [int(k) for k in rng.integers(10000, 100000, size=trials)]
-                hays = _haystacks(dense, hay_kind, length, trials, text_file)
+                hays = _haystacks(dense, hay_kind, length, trials, text_toks)
                 per = [dict(answers=[], correct=0, masks=[]) for _ in range(1 + len(predictors))]
                 for t in range(trials):
                     depth = t / (trials - 1) if trials > 1 else 0.5
