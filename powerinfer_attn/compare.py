@@ -153,13 +153,14 @@ def format_scores(results: list[ScoreResult]) -> str:
 def family(name: str) -> str:
     """The predictor family of a result name, one line of a Pareto plot: ``oracle:0.8+mean`` ->
     ``oracle+mean``; a trained predictor's file stays in it, and a fixed threshold (``gain=0``)
-    is a family of its own: ``trained:p.gguf:density=0.6`` -> ``trained:p.gguf``."""
-    base, plus, fill = name.rpartition("+")
-    parts = (base if plus else name).split(":")
+    is a family of its own: ``trained:p.gguf:density=0.6`` -> ``trained:p.gguf``; so is each
+    fill, window fill with its sizes (``...+window:4+60``)."""
+    base, plus, fill = name.partition("+")
+    parts = base.split(":")
     head = parts[0] + (f":{parts[1]}" if parts[0] == "trained" and len(parts) > 1 else "")
     if parts[0] == "trained" and "gain=0" in parts:
         head += ":fixed"
-    return head + (f"+{fill}" if plus and fill in ("mean", "linear") else "")
+    return head + (f"+{fill}" if plus and (fill in ("mean", "linear") or fill.startswith("window:")) else "")
 
 
 def plot_pareto(results: list[dict], path) -> None:

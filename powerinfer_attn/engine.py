@@ -551,6 +551,19 @@ class Engine:
         if rc != 0:
             raise EngineError(f"llama_set_head_fill returned {rc}")
 
+    def set_head_window(self, n_sink: int, n_recent: int) -> None:
+        """Window fill: a head that sparse decode skips still attends, over the first ``n_sink``
+        and the last ``n_recent`` KV cells only (wq and wo then run dense). Replaces the fill of
+        ``set_head_fill``; ``set_head_fill("zero")`` turns it off. Needs no predictor file."""
+        self._check_open()
+        if n_sink < 0 or n_recent < 0 or n_sink + n_recent == 0:
+            raise ValueError(f"window fill needs n_sink, n_recent >= 0, not both 0 (got {n_sink}, {n_recent})")
+        if not hasattr(self.C, "llama_set_head_window"):
+            raise EngineError("this library has no window fill (rebuild: powerinfer-attn build)")
+        rc = self.C.llama_set_head_window(self.ctx, int(n_sink), int(n_recent))
+        if rc != 0:
+            raise EngineError(f"llama_set_head_window returned {rc}")
+
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo; -1 for every
         layer of a model the sparse ops do not support (an architecture other than llama, qwen2, qwen3)."""

@@ -95,6 +95,14 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_mul_mat_sparse_attn_v2"): ([P, P, P, P], P),
         (g, "ggml_mul_mat_sparse_attn_v3"): ([P, P, P, P], P),
         (g, "ggml_sparse_attn_cols_ok"): ([I32, I64], ctypes.c_bool),
+        (g, "ggml_mul_mat_sparse_attn_set_window"): ([P, P, I32, I32, ctypes.c_bool], None),
+        (g, "ggml_soft_max_ext"): ([P, P, P, ctypes.c_float, ctypes.c_float], P),
+        (g, "ggml_soft_max_ext_inplace"): ([P, P, P, ctypes.c_float, ctypes.c_float], P),
+        (g, "ggml_soft_max_ext_set_heads"): ([P, P], None),
+        (g, "ggml_soft_max_ext_set_window"): ([P, I32, I32], None),
+        (g, "ggml_flash_attn_ext"): ([P, P, P, P, P, ctypes.c_float, ctypes.c_float, ctypes.c_float], P),
+        (g, "ggml_flash_attn_ext_set_heads"): ([P, P], None),
+        (g, "ggml_flash_attn_ext_set_window"): ([P, I32, I32], None),
         (g, "ggml_new_graph"): ([P], P),
         (g, "ggml_build_forward_expand"): ([P, P], None),
         (g, "ggml_quantize_chunk"): ([I32, P, P, I64, I64, I64, P], ctypes.c_size_t),
@@ -302,5 +310,56 @@ def mul_mat(mode: str | None, a: bytes, a_type: str, a_ne: tuple[int, ...], b: n
             th = c.tensor(GGML_TYPE_I32, (h.size,), h.tobytes())
             t = getattr(g, f"ggml_mul_mat_sparse_attn_{mode}")(c.ctx, ta, tb, th)
         return c.compute(t, n_threads, out_shape)
+    finally:
+        c.close()
+
+
+def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, heads: np.ndarray,
+              window: tuple[int, int] | None = None, n_threads: int = 1, flash: bool = False,
+              inplace: bool = False) -> np.ndarray:
+    """One decode token's attention as llama builds it with a head mask, optionally with window
+    fill: ``k``, ``v`` ``(n_head_kv, n_kv, d)`` (stored F16), ``q`` ``(n_head, d)``, ``mask``
+    ``(n_kv,)`` (0 or -inf), scale 1/sqrt(d). Without ``flash``: v2 K*q, the head-masked softmax,
+    v2 softmax*V (V transposed, as in the cache), the softmax ``inplace`` over K*q's result if
+    asked (llama's graph allocator may do that); with ``flash``: flash attention with the head
+    mask. Returns ``(n_head, d)``."""
+    n_head_kv, n_kv, d = k.shape
+    n_head = q.shape[0]
+    heads = np.ascontiguousarray(heads, dtype=np.int32)
+    if heads.shape != (n_head,) or n_head % n_head_kv or v.shape != k.shape or mask.shape != (n_kv,):
+        raise ValueError("attention: shapes do not agree")
+    c = _Ctx()
+    g = c.g
+    f16 = GGML_TYPE["F16"]
+    try:
+        th = c.tensor(GGML_TYPE_I32, (n_head,), heads.tobytes())
+        tq = c.tensor(GGML_TYPE["F32"], (d, 1, n_head), np.ascontiguousarray(q, np.float32).tobytes())
+        scale = 1.0 / np.sqrt(d)
+        if flash:
+            tk = c.tensor(f16, (d, n_kv, n_head_kv), k.astype(np.float16).tobytes())
+            tv = c.tensor(f16, (d, n_kv, n_head_kv), v.astype(np.float16).tobytes())
+            tm = c.tensor(f16, (n_kv, 1), mask.astype(np.float16).tobytes())
+            t = g.ggml_flash_attn_ext(c.ctx, tq, tk, tv, tm, scale, 0.0, 0.0)
+            g.ggml_flash_attn_ext_set_heads(t, th)
+            if window:
+                g.ggml_flash_attn_ext_set_window(t, *window)
+            return c.compute(t, n_threads, (1, n_head, d))[0]
+        tk = c.tensor(f16, (d, n_kv, n_head_kv), k.astype(np.float16).tobytes())
+        tvt = c.tensor(f16, (n_kv, d, n_head_kv), np.ascontiguousarray(v.transpose(0, 2, 1)).astype(np.float16).tobytes())
+        tm = c.tensor(GGML_TYPE["F32"], (n_kv, 1), mask.astype(np.float32).tobytes())
+        kq = g.ggml_mul_mat_sparse_attn_v2(c.ctx, tk, tq, th)
+        if window:
+            g.ggml_mul_mat_sparse_attn_set_window(kq, tm, window[0], window[1], True)
+        c.allocate(kq)
+        sm = (g.ggml_soft_max_ext_inplace if inplace else g.ggml_soft_max_ext)(c.ctx, kq, tm, scale, 0.0)
+        g.ggml_soft_max_ext_set_heads(sm, th)
+        if window:
+            g.ggml_soft_max_ext_set_window(sm, *window)
+        if not inplace:  # in place, sm is a view of kq's data
+            c.allocate(sm)
+        t = g.ggml_mul_mat_sparse_attn_v2(c.ctx, tvt, sm, th)
+        if window:
+            g.ggml_mul_mat_sparse_attn_set_window(t, tm, window[0], window[1], False)
+        return c.compute(t, n_threads, (n_head, 1, d))[:, 0]
     finally:
         c.close()

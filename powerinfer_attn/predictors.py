@@ -31,11 +31,17 @@ Built-in, by name (``get_predictor``), with what each costs per decode step:
   at D, each layer at its held-out share, at any context length (``gain=G`` sets its speed,
   ``gain=0`` keeps the fixed held-out threshold). A file trained with a fill runs with it
   (named ``...+mean`` or ``...+linear``); ``fill=zero`` turns it off. Its ``hook`` reads back the masks the graph chose (``observed``).
+
+Any of them may end with ``:fill=window:S+W`` (``WindowFill``): a head the predictor skips still
+attends, but over the first S and the last W KV cells only, instead of contributing nothing
+(``Engine.set_head_window``; wq and wo then run dense). It replaces a trained file's own fill;
+an oracle still ranks heads by their whole contribution.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -265,8 +271,35 @@ class TrainedHeads(_Shaped):
         return self.hook.mask.copy()
 
 
+class WindowFill:
+    """Any predictor, with window fill for the heads it skips (``Engine.set_head_window``)."""
+
+    def __init__(self, inner: Predictor, n_sink: int, n_recent: int):
+        if n_sink < 0 or n_recent < 0 or n_sink + n_recent == 0:
+            raise ValueError(f"window fill: S and W must be >= 0 and not both 0 (got {n_sink}+{n_recent})")
+        if getattr(inner, "fill", None) is not None and getattr(inner, "fill_kind", "zero") != "zero":
+            raise ValueError(f"{inner.name} already has a fill; window fill replaces it, give one or the other")
+        self.inner, self.n_sink, self.n_recent = inner, n_sink, n_recent
+        self.name = f"{inner.name}+window:{n_sink}+{n_recent}"
+        self.in_graph = getattr(inner, "in_graph", False)
+        if hasattr(inner, "hook"):
+            self.hook = inner.hook
+
+    def bind(self, engine) -> None:
+        self.inner.bind(engine)
+        engine.set_head_window(self.n_sink, self.n_recent)
+
+    def predict(self, state):
+        return self.inner.predict(state)
+
+    def observed(self) -> np.ndarray:
+        return self.inner.observed()
+
+
 NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill=PRED.gguf]", "oracle-topk:K[:fill=PRED.gguf]",
-         "mask-file:PATH", "trained:PRED.gguf[:RULE=VALUE][:gain=G][:fill=zero]")
+         "mask-file:PATH", "trained:PRED.gguf[:RULE=VALUE][:gain=G][:fill=zero]", "any of them + :fill=window:S+W")
+
+_WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
 
 # density control's step per layer, in logits per unit of density error (trained:...:density=D)
 DENSITY_GAIN = 0.05
@@ -278,6 +311,13 @@ def default_calibration_path(model_path: str | Path) -> Path:
 
 def get_predictor(spec: str, model_path: str | Path) -> Predictor:
     """A predictor from its command-line name (see the module doc). Call ``bind(engine)`` next."""
+    window = _WINDOW.search(spec)
+    if window:
+        base = spec[:window.start()]
+        inner = get_predictor(base + (":fill=zero" if base.startswith("trained:") else ""), model_path)
+        return WindowFill(inner, int(window.group(1)), int(window.group(2)))
+    if ":fill=window" in spec:
+        raise ValueError(f"bad predictor {spec!r}: window fill is :fill=window:S+W (two integers), at the end")
     kind, _, arg = spec.partition(":")
     try:
         if kind == "all" and not arg:

@@ -9,7 +9,9 @@ sparse decode with the same mask must give the same logits up to float rounding.
 
 ``FilledHeads`` and ``LinearFilledHeads`` are the oracles for mean and linear fill
 (``Engine.set_head_fill``): the inactive heads' slices get given vectors (their mean outputs),
-or linear fill's prediction from the layer's input, instead of zeros.
+or linear fill's prediction from the layer's input, instead of zeros. ``WindowedHeads`` is the
+one for window fill (``Engine.set_head_window``): an inactive head's slice is its attention
+computed in numpy over the first S and the last W tokens only.
 """
 
 from __future__ import annotations
@@ -88,3 +90,50 @@ class LinearFilledHeads(ZeroedHeads):
             raise ValueError("linear fill is for single-token decode steps")
         out = self.head_fill.outputs(il, x)[0].reshape(self.n_head, -1)
         return out[self.mask[il] == 0]
+
+
+_QKV_CUR = re.compile(r"^([QKV])cur-(\d+)$")
+
+
+class WindowedHeads(ZeroedHeads):
+    """Inactive heads' outputs replaced by their attention over the first ``n_sink`` and the last
+    ``n_recent`` tokens of the sequence (the current one included), softmax over those only.
+    It keeps every token's K and V (``Kcur``/``Vcur``, after RoPE, rounded to F16 as the cache
+    stores them) from a fresh context on: one sequence, cells in position order, scale 1/sqrt(d)."""
+
+    def __init__(self, n_layer: int, n_head: int, n_sink: int, n_recent: int):
+        super().__init__(n_layer, n_head)
+        self.n_sink, self.n_recent = n_sink, n_recent
+        self.cur: list[dict] = [{} for _ in range(n_layer)]
+        self.keys: list[list] = [[] for _ in range(n_layer)]
+        self.values: list[list] = [[] for _ in range(n_layer)]
+
+    def wants(self, name: str) -> bool:
+        return super().wants(name) or _QKV_CUR.match(name) is not None
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        m = _QKV_CUR.match(name)
+        if m is not None:
+            # the last tensor of that name in the layer is the one attention reads (after RoPE)
+            self.cur[int(m.group(2))][m.group(1)] = data.reshape(-1, data.shape[-2], data.shape[-1]).copy()
+            return
+        il = int(_KQV_OUT.match(name).group(1))
+        cur = self.cur[il]
+        self.keys[il].extend(cur["K"].astype(np.float16).astype(np.float64))
+        self.values[il].extend(cur["V"].astype(np.float16).astype(np.float64))
+        super().__call__(name, data)
+
+    def fill_for(self, il: int):
+        q = self.cur[il]["Q"]
+        if q.shape[0] != 1:
+            raise ValueError("window fill is for single-token decode steps")
+        k, v = np.stack(self.keys[il]), np.stack(self.values[il])  # [n, n_head_kv, d]
+        n, n_head_kv, d = k.shape
+        cells = sorted(set(range(min(self.n_sink, n))) | set(range(max(0, n - self.n_recent), n)))
+        out = []
+        for h in np.flatnonzero(self.mask[il] == 0):
+            g = h // (self.n_head // n_head_kv)
+            s = k[cells, g] @ q[0, h].astype(np.float16).astype(np.float64) / np.sqrt(d)
+            p = np.exp(s - s.max())
+            out.append((p / p.sum()) @ v[cells, g])
+        return np.array(out, np.float32).reshape(-1, d)
