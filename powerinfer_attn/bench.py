@@ -119,7 +119,7 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
     from .predictors import TrainedHeads, get_predictor
 
     pred = get_predictor(spec, model_path)
-    if not isinstance(pred, TrainedHeads):
+    if not isinstance(getattr(pred, "inner", pred), TrainedHeads):
         raise ValueError(f"bench --predictor takes a trained:PRED.gguf predictor, not {spec!r}")
     eng = Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp,
                  cache_type_k=cache, cache_type_v=cache)
@@ -159,7 +159,7 @@ def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, re
 
 
 def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say,
-             text_file: Path | None = None, cache: str = "f16") -> dict:
+             text_file: Path | None = None, cache: str = "f16", window: tuple[int, int] | None = None) -> dict:
     """Per-part profile of the dense step and of the sparse step at each density."""
     timer = NodeTimer()
     with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp, tensor_hook=timer,
@@ -174,6 +174,8 @@ def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict
         out = {"dense": profile_steps(eng, timer, step, reps)}
         say(f"ctx {ctx}: skippable share of the dense step {out['dense']['skippable_share']:.3f}")
         eng.set_sparse(True)
+        if window:
+            eng.set_head_window(*window)
         out["sparse"] = {}
         for d, m in masks.items():
             eng.set_mask(m)
@@ -202,11 +204,12 @@ def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spe
 def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
         progress: Callable[[str], None] | None = None, text_file: Path | None = None,
-        caches: tuple[str, ...] = ("f16", "q8_0")) -> dict:
+        caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None) -> dict:
     """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up). With
     ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence.
     ``caches``: the KV cache types the fastest-stock search tries (quantized ones with flash
-    attention); sparse runs in the winner's configuration."""
+    attention); sparse runs in the winner's configuration. ``window`` (S, W): the fixed-density
+    rows run with window fill (skipped heads attend over S + W KV cells)."""
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
     repack_types = repackable_types(model_path)
@@ -228,6 +231,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             _fill(dense, ctx, toks)
             _fill(sparse, ctx, toks)
             sparse.set_sparse(True)
+            if window:
+                sparse.set_head_window(*window)
             masks = {d: heads_for_density(d, sparse.n_layer, sparse.n_head, sparse.n_head_kv, gqa) for d in densities}
             layer_ops = sparse.layer_ops()
             # warm-up: build both graphs
@@ -263,7 +268,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
                 t_eng.close()
         share = None
         if profile:
-            profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say, text_file, cache)
+            profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say, text_file, cache,
+                                     window)
             if trustworthy(profiles[ctx]["dense"]):
                 share = profiles[ctx]["dense"]["skippable_share"]
             else:
@@ -292,6 +298,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         "reps": reps,
         "gqa_masks": gqa,
         "trained": trained,
+        "window": list(window) if window else None,
         "context_text": str(text_file) if text_file else "filler",
         "dense_config": {str(c): v for c, v in choices.items()},
         "repackable_types": repack_types,

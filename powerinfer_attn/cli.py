@@ -482,6 +482,14 @@ def resolve_n_layer(model_path) -> int:
     return int(r.fields[f"{arch}.block_count"].contents())
 
 
+def _window(spec: str) -> tuple[int, int]:
+    s, plus, w = spec.partition("+")
+    if not (plus and s.isdigit() and w.isdigit()) or int(s) + int(w) == 0:
+        raise click.BadParameter(f"window fill is S+W (sink and recent KV cells, not both 0), not {spec!r}",
+                                 param_hint="--window")
+    return int(s), int(w)
+
+
 def _cache_list(text: str) -> tuple[str, ...]:
     from .bindings import CACHE_TYPES
 
@@ -517,10 +525,12 @@ def _ints(text: str) -> list[int]:
               help="Fill the caches with real text from this file's held-out half (default: a repeated sentence).")
 @click.option("--cache-types", "caches", default="f16,q8_0", show_default=True,
               help="KV cache types the fastest-dense search tries (quantized ones with flash attention), comma-separated.")
+@click.option("--window", default=None, metavar="S+W",
+              help="Window fill at the fixed densities: skipped heads attend over the first S and last W KV cells.")
 @threads_option
 @json_option
-def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, caches, threads,
-          as_json) -> None:
+def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, caches, window,
+          threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
@@ -531,7 +541,7 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
                                threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
-                               caches=_cache_list(caches))
+                               caches=_cache_list(caches), window=_window(window) if window else None)
         if plot_path:
             bench_mod.plot(result, plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
@@ -542,6 +552,7 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
         click.echo(f"model {result['model']}, {result['threads']} threads, median of {result['reps']} paired steps, "
                    f"context: {result['context_text']}"
                    + (", GQA-group masks" if gqa else "")
+                   + (f", window fill {window}" if window else "")
                    + "; cells: sparse tok/s (ratio to dense" + (" of its Amdahl limit)" if profile else ")"))
         click.echo(bench_mod.format_table(result))
         if profile:

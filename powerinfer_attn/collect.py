@@ -139,8 +139,9 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     meta = {
         "model_name": Path(model_path).name,
         "text_file": str(text_file),
-        "articles": f"the first {n_art} articles of the file ({arts[0][2]!r} .. {arts[-1][2]!r}), "
-                    f"characters 0..{end_chars} of {len(text)}",
+        "articles": f"the first {n_art} articles of the file ("
+                    + (", ".join(repr(a[2]) for a in arts[:n_art]) if n_art <= 40 else f"{arts[0][2]!r} .. {arts[-1][2]!r}")
+                    + f"), characters 0..{end_chars} of {len(text)}",
         "train_tokens_available": len(train_toks),
         "tokens": used,
         "chunks": n_chunks,

@@ -72,3 +72,14 @@ def test_window_fill_generates_with_a_predictor(engine):
     finally:
         engine.set_head_fill("zero")
     assert sparse.tokens == dense.tokens
+
+
+def test_bench_times_window_fill(model_path):
+    """bench --window: the fixed-density rows run with window fill, and say so."""
+    from powerinfer_attn import bench
+
+    res = bench.run(model_path, [300], [0.5], threads=2, reps=3, flash_attn="on", profile=False,
+                    caches=("f16",), window=(4, 16), progress=lambda m: None)
+    assert res["window"] == [4, 16]
+    sparse = [r for r in res["rows"] if r["mode"] == "sparse"]
+    assert len(sparse) == 1 and sparse[0]["ratio"] > 0.3
