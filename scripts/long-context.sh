@@ -28,6 +28,15 @@ fi
 	--predictor trained:$PRED_LONG:density=0.6 --predictor trained:$PRED_LONG:density=0.7 \
 	--predictor trained:$PRED_LONG:density=0.7:gain=0 --predictor trained:$PRED_LONG:density=0.8 \
 	> figures/score-long.json
+# the fills at long context: linear (the file's own), zero and window fill (4 sinks + 60 or 252
+# recent cells), each at density 0.5 and 0.7; WINDOWS_FILLS windows x 128 steps
+FILLS=()
+for d in 0.5 0.7; do
+	FILLS+=(--predictor trained:$PRED_LONG:density=$d --predictor trained:$PRED_LONG:density=$d:fill=zero
+		--predictor trained:$PRED_LONG:density=$d:fill=window:4+60 --predictor trained:$PRED_LONG:density=$d:fill=window:4+252)
+done
+"$PIA" score --text-file "$TEXT" --prefix 4096,8192 --windows "${WINDOWS_FILLS:-8}" -t 2 --json \
+	--plot figures/pareto-long-fills.png "${FILLS[@]}" > figures/score-long-fills.json
 # the density asked for against the density kept: WikiText and standard-library source at 128 and 8192
 "$PIA" score --text-file "$TEXT" --prefix 128 --windows "$WINDOWS" -t 2 --json \
 	--predictor trained:$PRED:density=0.7 --predictor trained:$PRED_LONG:density=0.7 \
@@ -38,12 +47,16 @@ fi
 # retrieval: dense against the long-context predictor, filler and real text
 "$PIA" needle --lengths 1024,2048,4096,8192 --trials 10 --haystack filler,text --text-file "$TEXT" -t 2 --json \
 	--predictor trained:$PRED_LONG:density=0.7 > figures/needle.json
-# speed at 8192 with the predictor's cost, on real text and on bench's filler
+# speed at 8192 with the predictor's cost, on real text and on bench's filler; the window fill's
+# cost at fixed densities and with the trained predictor
 "$PIA" bench --ctx 128,8192 --density 0.7 --predictor trained:$PRED_LONG:density=0.7 --text-file "$TEXT" \
 	--reps 10 -t 2 --no-profile --json > figures/bench-trained-8192-text.json
+"$PIA" bench --ctx 8192 --density 0.7,0.5 --window 4+60 --predictor trained:$PRED_LONG:density=0.7:fill=window:4+60 \
+	--text-file "$TEXT" --reps 10 -t 2 --no-profile --json > figures/bench-window-8192-text.json
 "$PIA" bench --ctx 128,8192 --density 0.7 --predictor trained:$PRED_LONG:density=0.7 \
 	--reps 10 -t 2 --no-profile --json > figures/bench-trained-8192-filler.json
 
-for f in score-long score-long-128 score-code needle bench-trained-8192-text bench-trained-8192-filler; do
+for f in score-long score-long-fills score-long-128 score-code needle bench-trained-8192-text bench-window-8192-text \
+	bench-trained-8192-filler; do
 	"$PIA" show figures/$f.json
 done
