@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PY      = $(BIN)/python
 
-.PHONY: setup demo test test-fast sanitize figures budget-sweep long-context clean
+.PHONY: setup demo test test-fast sanitize figures budget-sweep long-context qwen clean
 
 $(BIN)/powerinfer-attn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,7 @@ setup: $(BIN)/powerinfer-attn
 demo: setup
 	$(BIN)/powerinfer-attn generate -p "The capital of France is" -n 32
 	$(BIN)/powerinfer-attn generate -p "The capital of France is" -n 32 --sparse --predictor all
+	$(PY) scripts/serve-demo.py
 
 test: setup
 	$(BIN)/powerinfer-attn build --stock
@@ -41,6 +42,10 @@ budget-sweep: setup
 
 long-context: setup
 	BIN=$(BIN) TEXT=$(TEXT) scripts/long-context.sh
+
+# the second model (Qwen2.5-Coder-0.5B): its predictor, quality and speed tables
+qwen: setup
+	BIN=$(BIN) TEXT=$(TEXT) scripts/qwen.sh
 
 # the pure-Python tests, no build needed
 test-fast: $(BIN)/powerinfer-attn
