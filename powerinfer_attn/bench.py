@@ -82,6 +82,29 @@ def repackable_types(model_path) -> list[str]:
     return sorted(types & set(REPACKABLE_TYPES))
 
 
+# bytes per value of the KV cache types bench tries
+_CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def skipped_byte_share(model_path, ctx: int, layer_ops: list[int], cache: str = "f16") -> float:
+    """Of the bytes a decode step reads that head sparsity can skip (per layer: wq, the K and V
+    cache rows of ``ctx`` tokens, wo), the share that the parts running sparse (``layer_ops``
+    bits: 1 wq, 2 K*q and softmax*V, 4 wo) do skip when a head is dropped: 1.0 with no
+    fallback; less where, say, a K-quant wo runs dense."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(model_path))
+    size = {t.name: int(t.n_bytes) for t in r.tensors}
+    kv_width = {t.name: int(t.shape[-1]) for t in r.tensors if t.name.endswith(("attn_k.weight", "attn_v.weight"))}
+    skippable = skipped = 0.0
+    for il, ops in enumerate(layer_ops):
+        wq, wo = size[f"blk.{il}.attn_q.weight"], size[f"blk.{il}.attn_output.weight"]
+        kv = ctx * _CACHE_BYTES[cache] * (kv_width[f"blk.{il}.attn_k.weight"] + kv_width[f"blk.{il}.attn_v.weight"])
+        skippable += wq + kv + wo
+        skipped += wq * bool(ops & 1) + kv * bool(ops & 2) + wo * bool(ops & 4)
+    return skipped / skippable
+
+
 def _timed_step(eng: Engine, token: int, ctx: int) -> float:
     t0 = time.perf_counter()
     eng.step(token)
@@ -303,6 +326,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         "dense_config": {str(c): v for c, v in choices.items()},
         "repackable_types": repack_types,
         "sparse_layer_ops": layer_ops,
+        # of the bytes head sparsity could skip, the share the sparse parts skip (fallbacks)
+        "skipped_byte_share": {str(c): skipped_byte_share(model_path, c, layer_ops, choices[c]["cache"]) for c in ctxs},
         "rows": [dataclasses.asdict(r) for r in rows],
         "profiles": {str(c): p for c, p in profiles.items()},
     }

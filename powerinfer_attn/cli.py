@@ -555,6 +555,11 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
                    + (f", window fill {window}" if window else "")
                    + "; cells: sparse tok/s (ratio to dense" + (" of its Amdahl limit)" if profile else ")"))
         click.echo(bench_mod.format_table(result))
+        partial = {c: s for c, s in result["skipped_byte_share"].items() if s < 0.999}
+        if partial:
+            click.echo("parts that cannot skip per head run dense (layer ops " + str(sorted(set(result["sparse_layer_ops"])))
+                       + "): of the bytes head sparsity could skip, they skip "
+                       + ", ".join(f"{s:.0%} at {c}" for c, s in partial.items()))
         if profile:
             click.echo("\nms per step by part (profiled node by node, fixed per-node cost removed):")
             click.echo(bench_mod.format_profile(result))

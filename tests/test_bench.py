@@ -112,3 +112,15 @@ def test_show_prints_saved_results(tmp_path):
          "answers": ["1", "2"], "keys": [1, 3], "accuracy": c / 2} for p, c, d in (("dense", 2, 1.0), ("all", 1, 0.7))]))
     out = CliRunner().invoke(main, ["show", str(needle_json)])
     assert out.exit_code == 0 and "| filler | 1024 | 2/2 | 1/2 (density 0.70) |" in out.output, out.output
+
+
+def test_skipped_byte_share(model_path):
+    """Every part sparse skips all the skippable bytes; a dense wo (a K-quant fallback) leaves a
+    share that grows with the context, as the K/V rows outweigh wq and wo."""
+    n_layer = 30
+    assert bench.skipped_byte_share(model_path, 1024, [7] * n_layer) == pytest.approx(1.0)
+    short, long = (bench.skipped_byte_share(model_path, c, [3] * n_layer) for c in (256, 8192))
+    assert 0.3 < short < long < 1.0
+    # a quantized cache holds fewer K/V bytes: wo weighs more
+    assert bench.skipped_byte_share(model_path, 8192, [3] * n_layer, "q8_0") < long
+    assert bench.skipped_byte_share(model_path, 8192, [0] * n_layer) == 0.0
