@@ -441,7 +441,9 @@ def serve(model, predictor, density, host, port, n_ctx, threads) -> None:
     if density is not None:
         if spec is None or not spec.startswith("trained:"):
             _fail(ValueError("--density goes with a trained:PRED.gguf predictor"))
-        spec += f":density={density:g}"
+        from .predictors import add_option
+
+        spec = add_option(spec, f"density={density:g}")
     try:
         serve_mod.serve(resolve_model(model), spec, host, port, n_ctx, threads)
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:

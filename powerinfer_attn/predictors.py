@@ -305,6 +305,12 @@ _WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
 DENSITY_GAIN = 0.05
 
 
+def add_option(spec: str, option: str) -> str:
+    """``spec`` with ``:option`` added, before a window fill, which must stay last."""
+    window = _WINDOW.search(spec)
+    return spec + f":{option}" if window is None else spec[:window.start()] + f":{option}" + spec[window.start():]
+
+
 def default_calibration_path(model_path: str | Path) -> Path:
     return cache_dir() / "calibration" / (Path(model_path).name + ".json")
 

@@ -33,12 +33,13 @@ def sparsify(llm, predictor: str = "all") -> str:
     eng = Engine.attach(llm.model_path, llm.model, llm.ctx,
                         flash_attn=getattr(llm.context_params, "flash_attn_type", 0) == 1)
     pred = get_predictor(predictor, llm.model_path)
-    if not isinstance(pred, (TrainedHeads, AllHeads, StaticHeads)):
+    inner = getattr(pred, "inner", pred)  # a predictor with window fill (:fill=window:S+W)
+    if not isinstance(inner, (TrainedHeads, AllHeads, StaticHeads)):
         raise ValueError(f"{pred.name}: sparsify takes trained:..., all or static:K; a predictor that runs "
                          f"Python before every step needs powerinfer_attn.engine.Engine")
     pred.bind(eng)  # shapes, the model it was made for; a trained file is loaded with its rule and fill
     mask = None
-    if isinstance(pred, TrainedHeads):
+    if isinstance(inner, TrainedHeads):
         eng.use_head_predictor(True)
         eng.head_stats(reset=True)
     else:
@@ -57,6 +58,7 @@ def unsparsify(llm) -> None:
     eng = state["engine"]
     if not eng.closed and llm.ctx is not None:
         eng.set_sparse(False)
+        eng.set_head_fill("zero")  # and no window fill: the next predictor sets its own
         if eng._head_predictor is not None:
             eng.use_head_predictor(False)
     eng.close()  # lets go of the pointers only

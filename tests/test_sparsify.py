@@ -69,6 +69,26 @@ def test_trained_predictor_decodes_sparsely(llm, tmp_path):
     assert _text(llm) == dense
 
 
+def test_window_fill_through_llama(llm, tmp_path):
+    """A trained predictor with window fill: its own text, neither zero fill's nor dense; a
+    window that covers the whole context gives dense's text; unsparsify clears the window."""
+    dense = _text(llm)
+    path = _random_file(tmp_path / "w.gguf", llm, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zero = (sparsify.sparsify(llm, f"trained:{path}"), _text(llm))[1]
+        name = sparsify.sparsify(llm, f"trained:{path}:fill=window:1+3")
+        windowed = _text(llm)
+        assert name == "trained:w.gguf+window:1+3" and 0.1 < sparsify.head_density(llm) < 0.9
+        sparsify.sparsify(llm, f"trained:{path}:fill=window:256+256")
+        assert _text(llm) == dense
+    assert windowed not in (dense, zero)
+    sparsify.unsparsify(llm)
+    sparsify.sparsify(llm, "all")
+    assert _text(llm) == dense
+    sparsify.unsparsify(llm)
+
+
 def test_refuses_per_step_python_predictors(llm):
     with pytest.raises(ValueError, match="needs powerinfer_attn.engine.Engine"):
         sparsify.sparsify(llm, "random:3")

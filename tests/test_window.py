@@ -56,6 +56,10 @@ def test_window_fill_errors_and_specs(model_path, tmp_path):
     assert isinstance(p, WindowFill) and p.name == "random:3+window:4+60"
     p = get_predictor("oracle:0.8:fill=window:0+16", model_path)
     assert p.name == "oracle:0.8+window:0+16" and p.hook is p.inner.hook
+    from powerinfer_attn.predictors import add_option
+
+    assert add_option("trained:p.gguf:fill=window:4+60", "density=0.7") == "trained:p.gguf:density=0.7:fill=window:4+60"
+    assert add_option("trained:p.gguf", "density=0.7") == "trained:p.gguf:density=0.7"
     for bad in ("random:3:fill=window:4", "random:3:fill=window:4+60:x", "all:fill=window:0+0"):
         with pytest.raises(ValueError):
             get_predictor(bad, model_path)
