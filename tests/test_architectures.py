@@ -142,3 +142,23 @@ def test_quantized_k_cache_without_flash_attention(tiny_models):
         Engine(path, n_ctx=64, cache_type_v="q8_0")
     with pytest.raises(EngineError, match="unknown K cache type"):
         Engine(path, n_ctx=64, cache_type_k="q3")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_graph_names_what_collect_records(tiny_models, arch):
+    """Every supported architecture names attn_norm, kqv_out, attn_out and ffn_inp per layer:
+    `collect` (predictor training data) reads them through the eval callback."""
+    from powerinfer_attn.engine import TensorHook
+
+    class Names(TensorHook):
+        seen: set = set()
+
+        def wants(self, name):
+            self.seen.add(name)
+            return False
+
+    hook = Names()
+    with Engine(tiny_models(arch, SHAPES[1], "F32"), n_ctx=64, n_threads=2, tensor_hook=hook) as eng:
+        eng.prefill(_tokens(3)[:PROMPT])
+    for il in range(2):
+        assert {f"attn_norm-{il}", f"kqv_out-{il}", f"attn_out-{il}", f"ffn_inp-{il}"} <= hook.seen, arch
