@@ -173,25 +173,36 @@ def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, re
                    text_file: Path | None = None, caches=("f16",)) -> tuple[bool, bool, str]:
     """The stock configuration (flash attention, repack, KV cache type) with the fastest decode
     at ``ctx``; a quantized cache is tried with flash attention only (llama.cpp quantizes V only
-    with it)."""
-    best = None
-    for fa in fa_options:
-        for rp in repack_options:
-            for cache in caches:
-                if cache not in ("f16", "f32", "bf16") and not fa:
-                    continue
-                with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp,
-                            cache_type_k=cache, cache_type_v=cache) as eng:
-                    toks = _context_tokens(eng, ctx + 1, text_file)
-                    label = f"flash attention {'on' if fa else 'off'}, repack {'on' if rp else 'off'}, {cache} cache"
-                    say(f"ctx {ctx}: dense, {label}: filling the cache")
-                    _fill(eng, ctx, toks)
-                    _timed_step(eng, toks[ctx], ctx)  # warm-up
-                    med = statistics.median(_timed_step(eng, toks[ctx], ctx) for _ in range(max(3, reps // 4)))
-                say(f"ctx {ctx}: dense, {label}: {1 / med:.1f} tok/s")
-                if best is None or med < best[3]:
-                    best = (fa, rp, cache, med)
-    return best[0], best[1], best[2]
+    with it). Every configuration's cache is filled first, then their steps are timed in turns
+    (``max(5, reps // 2)`` rounds, the median of each): a machine whose speed drifts during the
+    search moves every configuration alike instead of favouring the one timed at a fast moment."""
+    configs = [(fa, rp, cache) for fa in fa_options for rp in repack_options for cache in caches
+               if fa or cache in ("f16", "f32", "bf16")]
+    engines = []
+    try:
+        for fa, rp, cache in configs:
+            eng = Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp,
+                         cache_type_k=cache, cache_type_v=cache)
+            engines.append(eng)
+            toks = _context_tokens(eng, ctx + 1, text_file)
+            say(f"ctx {ctx}: dense, {_label(fa, rp, cache)}: filling the cache")
+            _fill(eng, ctx, toks)
+            _timed_step(eng, toks[ctx], ctx)  # warm-up
+        times: list[list[float]] = [[] for _ in configs]
+        for _ in range(max(5, reps // 2)):
+            for k, eng in enumerate(engines):
+                times[k].append(_timed_step(eng, toks[ctx], ctx))
+    finally:
+        for eng in engines:
+            eng.close()
+    meds = [statistics.median(t) for t in times]
+    for (fa, rp, cache), med in zip(configs, meds):
+        say(f"ctx {ctx}: dense, {_label(fa, rp, cache)}: {1 / med:.1f} tok/s")
+    return configs[int(np.argmin(meds))]
+
+
+def _label(fa: bool, rp: bool, cache: str) -> str:
+    return f"flash attention {'on' if fa else 'off'}, repack {'on' if rp else 'off'}, {cache} cache"
 
 
 def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say,
