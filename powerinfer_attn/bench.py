@@ -362,7 +362,9 @@ def format_table(result: dict) -> str:
     """Markdown: per context, dense tok/s and per density sparse tok/s (ratio, Amdahl limit)."""
     rows = result["rows"]
     densities = [r["density"] for r in rows if r["mode"] == "sparse" and r["ctx"] == rows[0]["ctx"]]
-    head = "| ctx | dense config | dense tok/s | " + " | ".join(f"density {d:g}" for d in densities)
+    win = result.get("window")
+    fill = f" (window {win[0]}+{win[1]})" if win else ""
+    head = "| ctx | dense config | dense tok/s | " + " | ".join(f"density {d:g}{fill}" for d in densities)
     if any(r["mode"] == "trained" for r in rows):
         head += f" | {result['trained']} (density chosen)"
     head += " |"
