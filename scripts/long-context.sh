@@ -28,14 +28,14 @@ fi
 	--predictor trained:$PRED_LONG:density=0.6 --predictor trained:$PRED_LONG:density=0.7 \
 	--predictor trained:$PRED_LONG:density=0.7:gain=0 --predictor trained:$PRED_LONG:density=0.8 \
 	> figures/score-long.json
-# the fills at long context: linear (the file's own), zero and window fill (4 sinks + 60 or 252
-# recent cells), each at density 0.5 and 0.7; WINDOWS_FILLS windows x 128 steps
+# the fills at long context: linear (the file's own), zero and window fill (4 sinks + 60 recent
+# cells), each at density 0.5 and 0.7; WINDOWS_FILLS windows x 128 steps
 FILLS=()
 for d in 0.5 0.7; do
 	FILLS+=(--predictor trained:$PRED_LONG:density=$d --predictor trained:$PRED_LONG:density=$d:fill=zero
-		--predictor trained:$PRED_LONG:density=$d:fill=window:4+60 --predictor trained:$PRED_LONG:density=$d:fill=window:4+252)
+		--predictor trained:$PRED_LONG:density=$d:fill=window:4+60)
 done
-"$PIA" score --text-file "$TEXT" --prefix 4096,8192 --windows "${WINDOWS_FILLS:-8}" -t 2 --json \
+"$PIA" score --text-file "$TEXT" --prefix 4096,8192 --windows "${WINDOWS_FILLS:-4}" -t 2 --json \
 	--plot figures/pareto-long-fills.png "${FILLS[@]}" > figures/score-long-fills.json
 # the density asked for against the density kept: WikiText and standard-library source at 128 and 8192
 "$PIA" score --text-file "$TEXT" --prefix 128 --windows "$WINDOWS" -t 2 --json \
