@@ -118,9 +118,10 @@ def write_tiny_llama(path, arch="llama", n_head=4, n_head_kv=2, head_dim=64, n_l
     return path
 
 
-def oracle_logits(model_path, tokens, prompt_len, masks, **engine_kw):
-    """Dense decode with the masked heads' outputs zeroed (reference.ZeroedHeads)."""
-    hook = ZeroedHeads(masks.shape[1], masks.shape[2])
+def oracle_logits(model_path, tokens, prompt_len, masks, hook=None, **engine_kw):
+    """Dense decode with the masked heads' outputs zeroed (reference.ZeroedHeads), or replaced
+    as another reference ``hook`` with a ``mask`` says."""
+    hook = hook or ZeroedHeads(masks.shape[1], masks.shape[2])
     with Engine(model_path, tensor_hook=hook, **engine_kw) as eng:
         eng.prefill(tokens[:prompt_len])
         out = []

@@ -11,17 +11,12 @@ from powerinfer_attn.predictors import WindowFill, get_predictor
 from powerinfer_attn.reference import WindowedHeads
 
 from test_engine import ORACLE_TEXT, random_masks, rel_diff, teacher_forced_logits
+from test_faults import oracle_logits
 
 
 def windowed_dense_logits(model_path, tokens, prompt_len, masks, window, flash_attn):
-    hook = WindowedHeads(*masks.shape[1:], *window)
-    with Engine(model_path, n_ctx=512, n_threads=2, tensor_hook=hook, flash_attn=flash_attn) as ref_eng:
-        ref_eng.prefill(tokens[:prompt_len])
-        out = []
-        for i, tok in enumerate(tokens[prompt_len:]):
-            hook.mask = masks[i]
-            out.append(ref_eng.step(tok))
-    return np.array(out)
+    return oracle_logits(model_path, tokens, prompt_len, masks, hook=WindowedHeads(*masks.shape[1:], *window),
+                         n_ctx=512, n_threads=2, flash_attn=flash_attn)
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
