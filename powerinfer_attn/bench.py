@@ -179,12 +179,14 @@ def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, re
     configs = [(fa, rp, cache) for fa in fa_options for rp in repack_options for cache in caches
                if fa or cache in ("f16", "f32", "bf16")]
     engines = []
+    toks = None
     try:
         for fa, rp, cache in configs:
             eng = Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp,
                          cache_type_k=cache, cache_type_v=cache)
             engines.append(eng)
-            toks = _context_tokens(eng, ctx + 1, text_file)
+            if toks is None:  # the same tokenizer in every configuration: the text is read once
+                toks = _context_tokens(eng, ctx + 1, text_file)
             say(f"ctx {ctx}: dense, {_label(fa, rp, cache)}: filling the cache")
             _fill(eng, ctx, toks)
             _timed_step(eng, toks[ctx], ctx)  # warm-up
