@@ -307,10 +307,13 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
 @click.option("--seq-len", type=click.IntRange(512), default=512, show_default=True,
               help="Read the text as sequences of this many tokens (a multiple of 512), each from position 0: "
                    "8192 records what heads do deep into the context.")
+@click.option("--resume", is_flag=True,
+              help="Go on with a stopped run into --out (the same model, text and options): its fills are "
+                   "reused and the chunks it wrote are not run again.")
 @model_option
 @threads_option
 @json_option
-def collect(text_file, out, tokens, sensitivity, seq_len, model, threads, as_json) -> None:
+def collect(text_file, out, tokens, sensitivity, seq_len, resume, model, threads, as_json) -> None:
     """Record each layer's attention input and each head's importance, for train-predictor."""
     from pathlib import Path
 
@@ -324,7 +327,7 @@ def collect(text_file, out, tokens, sensitivity, seq_len, model, threads, as_jso
         length = tokens + tokens // col.FILL_EVERY + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
         with click.progressbar(length=length, label="collecting", file=sys.stderr) as bar:
             meta = col.collect(path, text, Path(out), tokens, threads=threads, sensitivity=sensitivity,
-                               progress=bar.update, seq_len=seq_len)
+                               progress=bar.update, seq_len=seq_len, resume=resume)
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:

@@ -82,9 +82,15 @@ FILL_EVERY = 4  # the fills are fitted on every 4th chunk (a quarter of the cost
 
 def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, batch: int = 512,
             threads: int | None = None, sensitivity: bool = True,
-            progress: Callable[[int], None] | None = None, seq_len: int | None = None) -> dict:
+            progress: Callable[[int], None] | None = None, seq_len: int | None = None,
+            resume: bool = False) -> dict:
     """Record training data from the training articles of ``text_file`` into ``out``; returns
     the metadata written to ``out/meta.json``.
+
+    ``resume``: go on with a run into ``out`` that was stopped: its plan (``plan.json``: model,
+    text, tokens, sequence and chunk length) must be this one's; its fills are reused and the
+    sequences whose chunks were all written are not run again (``pos-NNNNN.npy`` is a chunk's
+    last file).
 
     ``seq_len`` (a multiple of ``batch``; default ``batch``): the text is read as sequences of
     that many consecutive tokens, each prefilled from position 0 in chunks of ``batch`` and
@@ -97,8 +103,20 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     text = text_file.read_text(encoding="utf-8", errors="replace")
     arts = require_training_articles(text, text_file)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*-*.npy"):
-        old.unlink()
+    plan = {"model_name": Path(model_path).name, "text_file": str(text_file), "tokens": tokens,
+            "batch": batch, "seq_len": seq_len}
+    if resume:
+        old_plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else None
+        if old_plan != plan:
+            raise ValueError(f"cannot resume in {out}: its plan {old_plan} is not this run's {plan}")
+        if not (out / "fill.npz").exists():
+            raise ValueError(f"cannot resume in {out}: it has no fill.npz (the run stopped before its fills)")
+    else:
+        for old in out.glob("*-*.npy"):
+            old.unlink()
+        (out / "fill.npz").unlink(missing_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)
+        (out / "plan.json").write_text(json.dumps(plan, indent=1))
     with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch) as probe:
         n_layer, n_head, n_embd = probe.n_layer, probe.n_head, probe.n_embd
         whole = len(probe.tokenize(text, add_bos=False))
@@ -113,12 +131,23 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     seqs = [train_toks[c * step:c * step + seq_len] for c in range(n_want)]
     seqs = [sq for sq in seqs if len(sq) >= 16]
     used = sum(len(sq) for sq in seqs)
-    fill = fit_fill(model_path, seqs[::FILL_EVERY], n_layer, n_head, batch, threads, progress)
-    fill.save(out / "fill.npz")
+    if resume:
+        fill = HeadFill.load(out / "fill.npz")
+        if progress:
+            progress(sum(len(sq) for sq in seqs[::FILL_EVERY]))
+    else:
+        fill = fit_fill(model_path, seqs[::FILL_EVERY], n_layer, n_head, batch, threads, progress)
+        fill.save(out / "fill.npz")
     rec = _Recorder(model_path, n_layer, n_head, fill=fill)
     n_chunks = 0
     with Engine(model_path, n_ctx=seq_len + 8, n_threads=threads, n_batch=batch, tensor_hook=rec) as eng:
         for sq in seqs:
+            n_seq_chunks = -(-len(sq) // batch)
+            if resume and all((out / f"pos-{n_chunks + c:05d}.npy").exists() for c in range(n_seq_chunks)):
+                n_chunks += n_seq_chunks
+                if progress:
+                    progress(len(sq))
+                continue
             eng.reset()
             for s0 in range(0, len(sq), batch):
                 chunk = sq[s0:s0 + batch]

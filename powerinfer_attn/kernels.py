@@ -314,18 +314,24 @@ def mul_mat(mode: str | None, a: bytes, a_type: str, a_ne: tuple[int, ...], b: n
         c.close()
 
 
-def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, heads: np.ndarray,
+def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, heads: np.ndarray | None,
               window: tuple[int, int] | None = None, n_threads: int = 1, flash: bool = False,
-              inplace: bool = False) -> np.ndarray:
+              inplace: bool = False, max_bias: float = 0.0, softcap: float = 0.0,
+              cache_layout: bool = False) -> np.ndarray:
     """One decode token's attention as llama builds it with a head mask, optionally with window
     fill: ``k``, ``v`` ``(n_head_kv, n_kv, d)`` (stored F16), ``q`` ``(n_head, d)``, ``mask``
     ``(n_kv,)`` (0 or -inf), scale 1/sqrt(d). Without ``flash``: v2 K*q, the head-masked softmax,
     v2 softmax*V (V transposed, as in the cache), the softmax ``inplace`` over K*q's result if
     asked (llama's graph allocator may do that); with ``flash``: flash attention with the head
-    mask. Returns ``(n_head, d)``."""
+    mask, or with ``heads`` None stock flash attention (``max_bias``: ALiBi slopes on the mask's
+    values, ``softcap``: logit soft-capping; ``cache_layout``: K and V are views of one row per
+    cell, as in llama's cache, instead of one block per KV head). Returns ``(n_head, d)``."""
     n_head_kv, n_kv, d = k.shape
     n_head = q.shape[0]
-    heads = np.ascontiguousarray(heads, dtype=np.int32)
+    stock = heads is None  # flash attention without a head mask: stock llama.cpp's kernel
+    if stock and (not flash or window):
+        raise ValueError("attention: no head mask is for flash attention without a window only")
+    heads = np.ones(n_head, np.int32) if stock else np.ascontiguousarray(heads, dtype=np.int32)
     if heads.shape != (n_head,) or n_head % n_head_kv or v.shape != k.shape or mask.shape != (n_kv,):
         raise ValueError("attention: shapes do not agree")
     c = _Ctx()
@@ -336,14 +342,23 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
         tq = c.tensor(GGML_TYPE["F32"], (d, 1, n_head), np.ascontiguousarray(q, np.float32).tobytes())
         scale = 1.0 / np.sqrt(d)
         if flash:
-            tk = c.tensor(f16, (d, n_kv, n_head_kv), k.astype(np.float16).tobytes())
-            tv = c.tensor(f16, (d, n_kv, n_head_kv), v.astype(np.float16).tobytes())
+            if cache_layout:  # as llama's KV cache holds them: one row per cell, its KV heads side by side
+                tk = g.ggml_permute(c.ctx, c.tensor(f16, (d, n_head_kv, n_kv), np.ascontiguousarray(
+                    k.transpose(1, 0, 2)).astype(np.float16).tobytes()), 0, 2, 1, 3)
+                tv = g.ggml_permute(c.ctx, c.tensor(f16, (d, n_head_kv, n_kv), np.ascontiguousarray(
+                    v.transpose(1, 0, 2)).astype(np.float16).tobytes()), 0, 2, 1, 3)
+            else:
+                tk = c.tensor(f16, (d, n_kv, n_head_kv), k.astype(np.float16).tobytes())
+                tv = c.tensor(f16, (d, n_kv, n_head_kv), v.astype(np.float16).tobytes())
             tm = c.tensor(f16, (n_kv, 1), mask.astype(np.float16).tobytes())
-            t = g.ggml_flash_attn_ext(c.ctx, tq, tk, tv, tm, scale, 0.0, 0.0)
-            g.ggml_flash_attn_ext_set_heads(t, th)
+            t = g.ggml_flash_attn_ext(c.ctx, tq, tk, tv, tm, scale, max_bias, softcap)
+            if not stock:
+                g.ggml_flash_attn_ext_set_heads(t, th)
             if window:
                 g.ggml_flash_attn_ext_set_window(t, *window)
             return c.compute(t, n_threads, (1, n_head, d))[0]
+        if max_bias or softcap:
+            raise ValueError("attention: max_bias and softcap are for flash attention only")
         tk = c.tensor(f16, (d, n_kv, n_head_kv), k.astype(np.float16).tobytes())
         tvt = c.tensor(f16, (n_kv, d, n_head_kv), np.ascontiguousarray(v.transpose(0, 2, 1)).astype(np.float16).tobytes())
         tm = c.tensor(GGML_TYPE["F32"], (n_kv, 1), mask.astype(np.float32).tobytes())

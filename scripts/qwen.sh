@@ -3,7 +3,8 @@
 # a predictor trained on code (the standard-library modules in the first 45% of stdlib-text's
 # text; its summary lists them), its quality on the held-out modules and on WikiText, and decode
 # speed at 16384 tokens with per-head masks (Amdahl limit from the profile) and with KV-group masks.
-# QUALITY_ONLY=1 stops after the quality tables; SKIP_COLLECT=1 reuses the collected data.
+# QUALITY_ONLY=1 stops after the quality tables; SKIP_COLLECT=1 reuses the collected data;
+# RESUME=1 goes on with a collect that was stopped.
 # About 1.5 h on 2 cores.
 source "$(dirname "$0")/common.sh"
 M=qwen2.5-coder-0.5b
@@ -14,7 +15,7 @@ mkdir -p "$Q"
 "$PIA" model "$M" > /dev/null
 "$PIA" stdlib-text "$CODE"
 if [ "${SKIP_COLLECT:-}" != 1 ]; then
-	"$PIA" collect -m "$M" --text-file "$CODE" --out "$Q/data" -t 2
+	"$PIA" collect -m "$M" --text-file "$CODE" --out "$Q/data" -t 2 ${RESUME:+--resume}
 	"$PIA" train-predictor "$Q/data" --out "$Q/pred.gguf" --fill linear
 	"$PIA" calibrate -m "$M" --text-file "$CODE" -t 2 > /dev/null
 fi

@@ -76,4 +76,6 @@ def test_window_of_every_cell_is_dense_attention(flash):
     heads = np.array([0, 1, 0, 0], np.int32)
     out = kernels.attention(k, v, q, mask, heads, (300, 300), 2, flash)
     dense = kernels.attention(k, v, q, mask, np.ones(4, np.int32), None, 2, flash)
-    np.testing.assert_allclose(out, dense, atol=1e-5, rtol=0)
+    # in flash attention's decode path the windowed heads run the row kernel (an F16
+    # accumulator), the active heads the grouped one (F32): equal to F16 rounding only
+    np.testing.assert_allclose(out, dense, atol=5e-3 if flash else 1e-5, rtol=0)
