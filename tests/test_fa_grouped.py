@@ -1,7 +1,8 @@
 """Flash attention's grouped decode kernel (cpu-fa-grouped-decode.patch): one decode token over
 512+ F16 cells with a head mask, the active query heads of each KV head computed together,
-against float64 numpy attention; group sizes on both sides of its limit of 8 (9 runs the row
-kernel), head widths 64 and 128, ALiBi slopes and soft-capping, 1 to 3 threads."""
+against float64 numpy attention. Group sizes on both sides of its limit of 32 query heads per
+pass (33 runs the row kernel), K/V in blocks per KV head and in the cache's rows, head widths
+64 and 128, ALiBi slopes and soft-capping, 1 to 3 threads."""
 
 import numpy as np
 import pytest
@@ -41,20 +42,21 @@ def case(rng, n_kv, n_head, n_head_kv, d, alibi=False):
     return k, v, q, mask
 
 
+@pytest.mark.parametrize("cache_layout", [False, True])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("n_head,n_head_kv", [(4, 4), (6, 2), (8, 2), (14, 2), (8, 1), (18, 2)])
-def test_grouped_decode_matches_reference(n_threads, d, n_head, n_head_kv):
+@pytest.mark.parametrize("n_head,n_head_kv", [(4, 4), (6, 2), (8, 2), (14, 2), (8, 1), (64, 2), (66, 2)])
+def test_grouped_decode_matches_reference(cache_layout, n_threads, d, n_head, n_head_kv):
     rng = np.random.default_rng(n_head * 100 + d + n_threads)
     n_kv = 1300
     k, v, q, mask = case(rng, n_kv, n_head, n_head_kv, d)
     heads = (rng.random(n_head) < 0.6).astype(np.int32)
     heads[0], heads[-1] = 1, 0
-    out = kernels.attention(k, v, q, mask, heads, n_threads=n_threads, flash=True)
+    out = kernels.attention(k, v, q, mask, heads, n_threads=n_threads, flash=True, cache_layout=cache_layout)
     ref = reference(k, v, q, mask, heads)
-    # 9 query heads per KV head (18/2) is past the grouped kernel's limit: the row kernel runs,
-    # with Q rounded to F16 and an F16 accumulator
-    grouped = n_head // n_head_kv <= 8
+    # 33 query heads per KV head (66/2) is past the grouped kernel's limit: the row kernel runs,
+    # with Q rounded to F16 and an F16 accumulator; 64/2 takes one pass per KV head
+    grouped = n_head // n_head_kv <= 32
     np.testing.assert_allclose(out, ref, atol=2e-4 if grouped else 1e-2, rtol=0)
     assert np.all(out[heads == 0] == 0)
 
@@ -74,12 +76,12 @@ def test_every_head_active_is_stock_flash_attention():
     rng = np.random.default_rng(3)
     k, v, q, mask = case(rng, 2000, 9, 3, 64)
     ones = np.ones(9, np.int32)
-    out = kernels.attention(k, v, q, mask, ones, n_threads=2, flash=True)
-    stock = kernels.attention(k, v, q, mask, None, n_threads=2, flash=True)
+    out = kernels.attention(k, v, q, mask, ones, n_threads=2, flash=True, cache_layout=True)
+    stock = kernels.attention(k, v, q, mask, None, n_threads=2, flash=True, cache_layout=True)
     np.testing.assert_allclose(out, stock, atol=1e-2, rtol=0)
     np.testing.assert_allclose(out, reference(k, v, q, mask, ones), atol=2e-4, rtol=0)
     some = np.array([0, 1, 0, 1, 1, 0, 0, 0, 1], np.int32)
-    part = kernels.attention(k, v, q, mask, some, n_threads=2, flash=True)
+    part = kernels.attention(k, v, q, mask, some, n_threads=2, flash=True, cache_layout=True)
     assert np.array_equal(part[some == 1], out[some == 1])
 
 

@@ -424,6 +424,33 @@ def test_collect_records_shapes_and_keeps_to_training_articles(tmp_path, model_p
     assert np.isfinite(x).all() and np.abs(x).mean() > 0.01
 
 
+def test_collect_resume_runs_only_the_missing_chunks(tmp_path, model_path):
+    text = "".join(f" = Article {i} = \n\n" + "The cat sat on the mat and looked at the moon . " * 30 + "\n" for i in range(12))
+    (tmp_path / "t.raw").write_text(text)
+    d = tmp_path / "d"
+    meta = collect.collect(model_path, tmp_path / "t.raw", d, tokens=1024, batch=128, threads=2, sensitivity=False)
+    last = meta["chunks"] - 1
+    whole = {f.name: np.load(f) for f in d.glob("*-*.npy")}
+    # a run stopped in its last chunk: that chunk's files are gone (pos last), an earlier one is marked
+    for f in d.glob(f"*-{last:05d}.npy"):
+        f.unlink()
+    np.save(d / "imp-00000.npy", np.zeros(1, np.float32))
+    again = collect.collect(model_path, tmp_path / "t.raw", d, tokens=1024, batch=128, threads=2,
+                            sensitivity=False, resume=True)
+    assert again["chunks"] == meta["chunks"]
+    assert np.load(d / "imp-00000.npy").shape == (1,)  # a finished chunk is not run again
+    for name, arr in whole.items():
+        if name.endswith(f"-{last:05d}.npy"):
+            np.testing.assert_allclose(np.load(d / name), arr, rtol=1e-5, atol=1e-5)
+    # resuming a different run is refused
+    with pytest.raises(ValueError, match="cannot resume"):
+        collect.collect(model_path, tmp_path / "t.raw", d, tokens=2048, batch=128, threads=2,
+                        sensitivity=False, resume=True)
+    with pytest.raises(ValueError, match="cannot resume"):
+        collect.collect(model_path, tmp_path / "t.raw", tmp_path / "empty", tokens=1024, batch=128, threads=2,
+                        sensitivity=False, resume=True)
+
+
 def test_layer_sensitivity(model_path):
     with Engine(model_path, n_ctx=64, n_threads=1) as eng:
         toks = eng.tokenize("The cat sat on the mat and looked at the moon while the dog slept by the door . " * 4,
