@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PY      = $(BIN)/python
 
-.PHONY: setup demo test test-fast sanitize figures budget-sweep long-context qwen clean
+.PHONY: setup demo test test-fast test-cuda sanitize figures budget-sweep long-context qwen clean
 
 $(BIN)/powerinfer-attn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ qwen: setup
 	BIN=$(BIN) TEXT=$(TEXT) scripts/qwen.sh
 
 # the pure-Python tests, no build needed
+# On a machine with an NVIDIA GPU and the CUDA toolkit (CI has none: tests/test_cuda.py skips
+# there). On the lent GPU machine, which has no network: scripts/gpu/pack.sh here, then
+# scripts/gpu/run.sh build and test there (figures/test-cuda.txt).
+test-cuda: $(BIN)/powerinfer-attn
+	$(BIN)/powerinfer-attn build --cuda
+	$(PY) -m pytest -v tests/test_cuda.py
+
 test-fast: $(BIN)/powerinfer-attn
 	$(PY) -m pytest -q tests/test_build.py tests/test_model.py
 

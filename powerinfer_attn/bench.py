@@ -105,6 +105,20 @@ def skipped_byte_share(model_path, ctx: int, layer_ops: list[int], cache: str = 
     return skipped / skippable
 
 
+def byte_share(model_path, ctx: int, cache: str = "f16", gpu: bool = False) -> float:
+    """Of the bytes one decode step reads (every weight but the token embedding, whose one row
+    is negligible, and the K and V cache rows of ``ctx`` tokens), the share head sparsity can
+    skip: the KV rows and, on the CPU, wq and wo too (on the GPU they run dense, masked)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(model_path))
+    weights = sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight")
+    kv_width = sum(int(t.shape[-1]) for t in r.tensors if t.name.endswith(("attn_k.weight", "attn_v.weight")))
+    kv = ctx * _CACHE_BYTES[cache] * kv_width
+    wqo = 0 if gpu else sum(int(t.n_bytes) for t in r.tensors if t.name.endswith(("attn_q.weight", "attn_output.weight")))
+    return (kv + wqo) / (weights + kv)
+
+
 def _timed_step(eng: Engine, token: int, ctx: int) -> float:
     t0 = time.perf_counter()
     eng.step(token)
@@ -170,7 +184,7 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
 
 
 def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, repack_options, say,
-                   text_file: Path | None = None, caches=("f16",)) -> tuple[bool, bool, str]:
+                   text_file: Path | None = None, caches=("f16",), ngl: int = 0) -> tuple[bool, bool, str]:
     """The stock configuration (flash attention, repack, KV cache type) with the fastest decode
     at ``ctx``; a quantized cache is tried with flash attention only (llama.cpp quantizes V only
     with it). Every configuration's cache is filled first, then their steps are timed in turns
@@ -183,7 +197,7 @@ def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, re
     try:
         for fa, rp, cache in configs:
             eng = Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp,
-                         cache_type_k=cache, cache_type_v=cache)
+                         cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl)
             engines.append(eng)
             if toks is None:  # the same tokenizer in every configuration: the text is read once
                 toks = _context_tokens(eng, ctx + 1, text_file)
@@ -253,17 +267,24 @@ def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spe
 def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
         progress: Callable[[str], None] | None = None, text_file: Path | None = None,
-        caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None) -> dict:
+        caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None, ngl: int = 0) -> dict:
     """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up). With
     ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence.
     ``caches``: the KV cache types the fastest-stock search tries (quantized ones with flash
     attention); sparse runs in the winner's configuration. ``window`` (S, W): the fixed-density
-    rows run with window fill (skipped heads attend over S + W KV cells)."""
+    rows run with window fill (skipped heads attend over S + W KV cells). ``ngl``: layers on the
+    GPU; the sparse contexts then run with flash attention and an F16 cache (what the CUDA
+    kernel takes) whatever the dense winner, there is no profile, and each ratio's limit is the
+    bytes-based one (``byte_share``)."""
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
-    repack_types = repackable_types(model_path)
+    repack_types = repackable_types(model_path) if not ngl else []
     repack_options = [True, False] if repack_types else [True]
-    if not repack_types:
+    if ngl:
+        if window or trained:
+            raise ValueError("bench on a GPU: window fill and the in-graph predictor are CPU-only")
+        profile = False  # node-by-node timing through the eval callback is not faithful on a GPU
+    elif not repack_types:
         say("no weights of a type the CPU backend repacks: repack left on, not measured both ways")
     rows: list[BenchRow] = []
     choices, profiles = {}, {}
@@ -271,10 +292,14 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         n_ctx = ctx + 16
         # the dense baseline is the fastest stock configuration on this machine
         fa, rp, cache = _fastest_dense(model_path, ctx, threads, reps, fa_options, repack_options, say, text_file,
-                                       caches)
+                                       caches, ngl)
         choices[ctx] = {"flash_attn": "on" if fa else "off", "repack": "on" if rp else "off", "cache": cache}
-        kw = dict(n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp, cache_type_k=cache, cache_type_v=cache)
-        with Engine(model_path, **kw) as dense, Engine(model_path, **kw) as sparse:
+        kw = dict(n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp, cache_type_k=cache, cache_type_v=cache,
+                  n_gpu_layers=ngl)
+        # on a GPU sparse decode runs in flash attention with an F16 cache
+        s_fa, s_cache = (True, "f16") if ngl else (fa, cache)
+        skw = dict(kw, flash_attn=s_fa, cache_type_k=s_cache, cache_type_v=s_cache)
+        with Engine(model_path, **kw) as dense, Engine(model_path, **skw) as sparse:
             toks = _context_tokens(dense, ctx + 1 + DENSITY_STEPS, text_file)
             say(f"ctx {ctx}: filling two caches (dense, sparse), flash attention {'on' if fa else 'off'}")
             _fill(dense, ctx, toks)
@@ -283,6 +308,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             if window:
                 sparse.set_head_window(*window)
             masks = {d: heads_for_density(d, sparse.n_layer, sparse.n_head, sparse.n_head_kv, gqa) for d in densities}
+            if ngl:
+                share = byte_share(model_path, ctx, s_cache, gpu=True)
             layer_ops = sparse.layer_ops()
             # warm-up: build both graphs
             _timed_step(dense, toks[ctx], ctx)
@@ -315,7 +342,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
                     ratios["trained"].append(t_dense / t_sparse)
             if t_eng is not None:
                 t_eng.close()
-        share = None
+        share = share if ngl else None
         if profile:
             profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say, text_file, cache,
                                      window)
@@ -330,8 +357,12 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             med = statistics.median(times[d])
             ratio = statistics.median(ratios[d])
             kept = float(masks[d].mean())
-            limit = amdahl_limit(share, kept) if share is not None else None
-            rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, fa, rp, cache))
+            if ngl:  # K/V rows are read for every KV head that keeps one of its query heads
+                group = masks[d].shape[1] // sparse.n_head_kv
+                limit = amdahl_limit(share, float(masks[d].reshape(masks[d].shape[0], -1, group).max(axis=2).mean()))
+            else:
+                limit = amdahl_limit(share, kept) if share is not None else None
+            rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache))
             say(f"ctx {ctx}: sparse density {d:g}: {1 / med:.1f} tok/s ({ratio:.3f}x dense {1 / dense_med:.1f}"
                 + (f", limit {limit:.3f}x)" if limit else ")"))
         if trained:
@@ -345,6 +376,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     return {
         "model": str(model_path),
         "threads": threads,
+        "n_gpu_layers": ngl,
+        "limit_kind": "bytes" if ngl else "profile",
         "reps": reps,
         "gqa_masks": gqa,
         "trained": trained,

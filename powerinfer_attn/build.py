@@ -49,6 +49,9 @@ DEFAULT_CMAKE_ARGS = [
     "-DLLAMA_BUILD_SERVER=OFF",
 ]
 
+# `build --cuda`: ggml's CUDA backend too, for the GPU this machine has (nvcc's "native")
+CUDA_CMAKE_ARGS = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
+
 STAMP_NAME = ".powerinfer_attn_build.json"
 PATCH_SYMBOL = "llama_powerinfer_attn_version"
 
@@ -326,9 +329,9 @@ class BuildResult:
     package_dir: Path | None
 
 
-def cmake_args_from_env() -> list[str]:
+def cmake_args_from_env(cuda: bool = False) -> list[str]:
     extra = os.environ.get("CMAKE_ARGS", "").split()
-    return DEFAULT_CMAKE_ARGS + extra
+    return DEFAULT_CMAKE_ARGS + (CUDA_CMAKE_ARGS if cuda else []) + extra
 
 
 def _find_program(env_var: str | None, names: tuple[str, ...]) -> str | None:
@@ -390,11 +393,12 @@ def check_toolchain() -> dict[str, str]:
 
 
 def build(vendor_dir: Path | None = None, patches_dir: Path | None = None, force: bool = False,
-          log: Log = _default_log) -> BuildResult:
+          log: Log = _default_log, cuda: bool = False) -> BuildResult:
+    """``cuda``: build ggml's CUDA backend too (needs nvcc; the CPU backend stays)."""
     vendor_dir = Path(vendor_dir or os.environ.get("POWERINFER_ATTN_VENDOR", REPO_ROOT / "vendor"))
     patches_dir = Path(patches_dir or REPO_ROOT / "patches")
     patches = read_series(patches_dir)
-    cmake_args = cmake_args_from_env()
+    cmake_args = cmake_args_from_env(cuda)
     digest = series_digest(patches, cmake_args)
 
     inst = installed()
@@ -404,6 +408,8 @@ def build(vendor_dir: Path | None = None, patches_dir: Path | None = None, force
         return BuildResult(digest, False, inst.package_dir)
 
     check_toolchain()
+    if cuda and not shutil.which("nvcc"):
+        raise BuildError("build --cuda needs CUDA's compiler, nvcc, on PATH (the CUDA toolkit)")
     vendor_dir.mkdir(parents=True, exist_ok=True)
     sdist = fetch_sdist(vendor_dir / "dist", log)
     pristine = unpack(sdist, vendor_dir / "pristine", log)
@@ -478,8 +484,12 @@ def check(patches_dir: Path | None = None) -> dict:
     """Is the importable llama_cpp ours, and built from the current series?"""
     patches_dir = Path(patches_dir or REPO_ROOT / "patches")
     inst = installed()
-    digest = series_digest(read_series(patches_dir), cmake_args_from_env())
+    cuda = bool(inst.stamp) and "-DGGML_CUDA=ON" in inst.stamp.get("cmake_args", [])
+    digest = series_digest(read_series(patches_dir), cmake_args_from_env(cuda))
+    libs = sorted(inst.lib.parent.glob("libggml-*.so")) if inst.lib else []
     return {
+        # ggml's backends in the installed library (libggml-cpu.so, libggml-cuda.so, ...)
+        "backends": [p.name[len("libggml-"):-len(".so")] for p in libs if p.name != "libggml-base.so"],
         "package_dir": str(inst.package_dir) if inst.package_dir else None,
         "library": str(inst.lib) if inst.lib else None,
         "patched": inst.patched,

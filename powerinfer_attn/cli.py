@@ -50,8 +50,9 @@ def main() -> None:
 @click.option("--check", is_flag=True, help="Only report whether the installed library is the patched one.")
 @click.option("--force", is_flag=True, help="Rebuild even when the installed build is current.")
 @click.option("--stock", is_flag=True, help="Build the unpatched tree into vendor/stock/site instead (reference for tests).")
+@click.option("--cuda", is_flag=True, help="Also build ggml's CUDA backend, for this machine's GPU (needs nvcc).")
 @json_option
-def build(check: bool, force: bool, stock: bool, as_json: bool) -> None:
+def build(check: bool, force: bool, stock: bool, cuda: bool, as_json: bool) -> None:
     """Fetch the pinned llama.cpp tree, apply patches/, build and install it."""
     try:
         if stock:
@@ -67,9 +68,10 @@ def build(check: bool, force: bool, stock: bool, as_json: bool) -> None:
                 state = "patched" if info["patched"] else "NOT patched (stock or missing)"
                 click.echo(f"library: {info['library']}\nstate: {state}"
                            + (f" ({info['patch_version']})" if info["patched"] else "")
-                           + f"\nbuilt from the current patch series: {'yes' if info['current'] else 'no'}")
+                           + f"\nbuilt from the current patch series: {'yes' if info['current'] else 'no'}"
+                           + f"\nbackends: {', '.join(info['backends']) or 'none found'}")
             sys.exit(0 if info["patched"] and info["current"] else 1)
-        res = build_mod.build(force=force)
+        res = build_mod.build(force=force, cuda=cuda)
         if as_json:
             click.echo(json.dumps({"digest": res.digest, "rebuilt": res.rebuilt,
                                    "package_dir": str(res.package_dir)}, indent=1))
@@ -532,10 +534,13 @@ def _ints(text: str) -> list[int]:
               help="KV cache types the fastest-dense search tries (quantized ones with flash attention), comma-separated.")
 @click.option("--window", default=None, metavar="S+W",
               help="Window fill at the fixed densities: skipped heads attend over the first S and last W KV cells.")
+@click.option("-ngl", "--n-gpu-layers", "ngl", type=click.IntRange(0), default=0, show_default=True,
+              help="Layers to offload to the GPU (a `build --cuda` library); sparse then runs with flash attention "
+                   "and an F16 cache, and each ratio's limit is from bytes.")
 @threads_option
 @json_option
 def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, caches, window,
-          threads, as_json) -> None:
+          ngl, threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
@@ -546,7 +551,7 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
                                threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
-                               caches=_cache_list(caches), window=_window(window) if window else None)
+                               caches=_cache_list(caches), window=_window(window) if window else None, ngl=ngl)
         if plot_path:
             bench_mod.plot(result, plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
@@ -558,14 +563,16 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
                    f"context: {result['context_text']}"
                    + (", GQA-group masks" if gqa else "")
                    + (f", window fill {window}" if window else "")
-                   + "; cells: sparse tok/s (ratio to dense" + (" of its Amdahl limit)" if profile else ")"))
+                   + (f", {ngl} layers on the GPU" if ngl else "")
+                   + "; cells: sparse tok/s (ratio to dense"
+                   + (" of its bytes-based limit)" if ngl else " of its Amdahl limit)" if profile else ")"))
         click.echo(bench_mod.format_table(result))
         partial = {c: s for c, s in result["skipped_byte_share"].items() if s < 0.999}
         if partial:
             click.echo("parts that cannot skip per head run dense (layer ops " + str(sorted(set(result["sparse_layer_ops"])))
                        + "): of the bytes head sparsity could skip, they skip "
                        + ", ".join(f"{s:.0%} at {c}" for c, s in partial.items()))
-        if profile:
+        if result["profiles"]:
             click.echo("\nms per step by part (profiled node by node, fixed per-node cost removed):")
             click.echo(bench_mod.format_profile(result))
         if plot_path:
@@ -598,7 +605,9 @@ def show(result) -> None:
         click.echo(bs.format_table(data))
     elif isinstance(data, dict) and "rows" in data:
         click.echo(f"{Path(data['model']).name}, {data['threads']} threads, median of {data['reps']} paired steps"
-                   + (", GQA-group masks" if data.get("gqa_masks") else ""))
+                   + (", GQA-group masks" if data.get("gqa_masks") else "")
+                   + (f", {data['n_gpu_layers']} layers on the GPU (sparse: flash attention, f16 cache); "
+                      "cells: tok/s (ratio of its bytes-based limit)" if data.get("n_gpu_layers") else ""))
         click.echo(bench_mod.format_table(data))
         if data.get("profiles"):
             click.echo("")

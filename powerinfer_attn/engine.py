@@ -132,11 +132,16 @@ def _load_error(path: Path) -> str:
 class Engine:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  flash_attn: bool = False, n_batch: int = 512, repack: bool = True,
-                 tensor_hook: TensorHook | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16"):
+                 tensor_hook: TensorHook | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                 n_gpu_layers: int = 0):
         """``repack``: let the CPU backend repack weights it knows how to (Q4_0, Q8_0, ... on
         AVX2); repacked wq/wo are read by the dense op even in sparse mode (see ``layer_ops``).
         ``cache_type_k``/``cache_type_v``: the KV cache's types (``bindings.CACHE_TYPES``); a
         quantized V cache needs flash attention, as in llama.cpp.
+        ``n_gpu_layers``: layers to offload to a GPU (llama.cpp's -ngl; needs a library built
+        with ``powerinfer-attn build --cuda``). On the GPU sparse decode needs flash attention:
+        the path without it (v2 and the head-masked softmax) is CPU-only, as are window fill
+        and the in-graph predictor's ops; llama.cpp's scheduler runs those on the CPU.
         ``tensor_hook``: observe (and possibly modify in place) graph tensors as they are
         computed, through llama.cpp's eval callback; see ``TensorHook``."""
         C = bindings()
@@ -155,6 +160,8 @@ class Engine:
 
         mparams = C.llama_model_default_params()
         mparams.use_extra_bufts = repack
+        mparams.n_gpu_layers = n_gpu_layers
+        self.n_gpu_layers = n_gpu_layers
         B.clear_errors()
         self.model = C.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self.model:
@@ -197,7 +204,7 @@ class Engine:
         eng.model, eng.ctx = model, ctx
         eng.vocab = eng.C.llama_model_get_vocab(model)
         eng.n_threads = int(eng.C.llama_n_threads(ctx))
-        eng.flash_attn, eng.repack = flash_attn, True
+        eng.flash_attn, eng.repack, eng.n_gpu_layers = flash_attn, True, 0
         eng.cache_types = ("f16", "f16")
         eng._hook, eng._hook_errors = None, []
         eng._owns = False

@@ -1,0 +1,96 @@
+"""Sparse decode on a GPU (cuda-sparse-attn.patch), for `make test-cuda` on a machine with one
+and a library built with `powerinfer-attn build --cuda`; skipped elsewhere (CI has no GPU).
+
+Every layer on the GPU (n_gpu_layers=99), flash attention on: the head-masked flash attention
+kernel (K/V rows read once per KV head for all its active query heads), v1 (wq's output rows
+of inactive heads zeroed) and v3 (wo's input columns of inactive heads zeroed). Random masks
+must match the CPU's oracle, dense decode with the inactive heads' outputs zeroed, and the CPU's
+own sparse decode; all heads active must match dense decode on the GPU. Tiny random-weight
+models of every architecture, MHA and GQA, head widths 64 and 128, the weight types of the CPU
+tests."""
+
+import numpy as np
+import pytest
+from test_architectures import ARCHS, PROMPT, SHAPES, STEPS, _rel, _tokens, sparse_logits, tiny_models  # noqa: F401
+from test_faults import half_masks, oracle_logits
+
+from powerinfer_attn import build
+from powerinfer_attn.engine import Engine
+
+
+def _has_cuda() -> bool:
+    try:
+        return "cuda" in build.check()["backends"]
+    except Exception:  # no library at all: the CPU suites report that
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not _has_cuda(), reason="no CUDA backend in the installed library (powerinfer-attn build --cuda)"),
+    pytest.mark.filterwarnings("ignore::powerinfer_attn.engine.SparseFallbackWarning"),
+]
+
+GPU = dict(n_gpu_layers=99, flash_attn=True)
+
+
+def dense_logits(path, tokens, **kw):
+    with Engine(path, n_ctx=64, n_threads=2, **kw) as eng:
+        eng.prefill(tokens[:PROMPT])
+        return np.array([eng.step(t) for t in tokens[PROMPT:]])
+
+
+def check_against_oracle(path, toks, masks):
+    """The GPU's sparse decode is as close to the CPU's oracle as the GPU's dense decode is to
+    the CPU's (its matrix kernels round differently: TF32 for F32, their own activation
+    quantization), it is the CPU's sparse decode to the same precision, and the masks matter."""
+    noise = _rel(dense_logits(path, toks, **GPU), dense_logits(path, toks, flash_attn=True))
+    bound = 2 * noise + 1e-4
+    want = oracle_logits(path, toks, PROMPT, masks, n_ctx=64, n_threads=2, flash_attn=True)
+    got, _ = sparse_logits(path, toks, masks, **GPU)
+    cpu, _ = sparse_logits(path, toks, masks, flash_attn=True)
+    assert _rel(got, want) < bound
+    assert _rel(got, cpu) < bound
+    assert _rel(got, dense_logits(path, toks, **GPU)) > 5 * bound
+    return noise
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
+def test_gpu_random_masks_match_the_oracle(tiny_models, arch, shape):
+    path = tiny_models(arch, shape, "F32")
+    toks = _tokens(3)
+    masks = half_masks(np.random.default_rng(4), STEPS, 2, shape[0])
+    masks[0] = 0  # every head off in one step: every KV head skipped
+    masks[1] = 1
+    noise = check_against_oracle(path, toks, masks)
+    assert noise < 1e-2
+    # all heads active: the head-masked kernel gives stock flash attention's logits
+    ones = np.ones_like(masks)
+    assert _rel(sparse_logits(path, toks, ones, **GPU)[0], dense_logits(path, toks, **GPU)) < 1e-4
+
+
+@pytest.mark.parametrize("type_name", ["F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
+def test_gpu_quantized_weights(tiny_models, type_name, shape):
+    path = tiny_models("llama", shape, type_name)
+    check_against_oracle(path, _tokens(5), half_masks(np.random.default_rng(6), STEPS, 2, shape[0]))
+
+
+def test_long_context_on_the_gpu(tiny_models):
+    """Past the kernel's 128-cell chunks, with the cache padded: 700 cells, partly masked."""
+    path = tiny_models("llama", SHAPES[1], "F32")
+    rng = np.random.default_rng(7)
+    toks = [int(t) for t in rng.integers(1, 64, size=700 + STEPS)]
+    masks = half_masks(rng, STEPS, 2, SHAPES[1][0])
+
+    def run(**kw):
+        with Engine(path, n_ctx=1024, n_threads=2, **kw) as eng:
+            eng.prefill(toks[:700])
+            eng.set_sparse(True)
+            out = []
+            for i, t in enumerate(toks[700:]):
+                eng.set_mask(masks[i])
+                out.append(eng.step(t))
+            return np.array(out)
+
+    assert _rel(run(**GPU), run(flash_attn=True)) < 1e-3
