@@ -49,7 +49,7 @@ done
 	--predictor trained:$PRED_LONG:density=0.7 > figures/needle.json
 # speed at 8192 with the predictor's cost, on real text and on bench's filler; the window fill's
 # cost at fixed densities and with the trained predictor
-"$PIA" bench --ctx 128,8192 --density 0.7 --predictor trained:$PRED_LONG:density=0.7 --text-file "$TEXT" \
+"$PIA" bench --ctx 128,8192 --density 1,0.7 --predictor trained:$PRED_LONG:density=0.7 --text-file "$TEXT" \
 	--reps 10 -t 2 --no-profile --json > figures/bench-trained-8192-text.json
 "$PIA" bench --ctx 8192 --density 0.7,0.5 --window 4+60 --predictor trained:$PRED_LONG:density=0.7:fill=window:4+60 \
 	--text-file "$TEXT" --reps 10 -t 2 --no-profile --json > figures/bench-window-8192-text.json
