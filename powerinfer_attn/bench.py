@@ -308,8 +308,6 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             if window:
                 sparse.set_head_window(*window)
             masks = {d: heads_for_density(d, sparse.n_layer, sparse.n_head, sparse.n_head_kv, gqa) for d in densities}
-            if ngl:
-                share = byte_share(model_path, ctx, s_cache, gpu=True)
             layer_ops = sparse.layer_ops()
             # warm-up: build both graphs
             _timed_step(dense, toks[ctx], ctx)
@@ -342,7 +340,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
                     ratios["trained"].append(t_dense / t_sparse)
             if t_eng is not None:
                 t_eng.close()
-        share = share if ngl else None
+        share = byte_share(model_path, ctx, s_cache, gpu=True) if ngl else None
         if profile:
             profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say, text_file, cache,
                                      window)

@@ -124,3 +124,13 @@ def test_skipped_byte_share(model_path):
     # a quantized cache holds fewer K/V bytes: wo weighs more
     assert bench.skipped_byte_share(model_path, 8192, [3] * n_layer, "q8_0") < long
     assert bench.skipped_byte_share(model_path, 8192, [0] * n_layer) == 0.0
+
+
+def test_byte_share(model_path):
+    """The share of a step's bytes head sparsity can skip: none of an empty cache's on the GPU
+    (wq and wo run dense there), growing with the context towards 1; on the CPU wq and wo too."""
+    assert bench.byte_share(model_path, 0, gpu=True) == 0.0
+    gpu = [bench.byte_share(model_path, c, gpu=True) for c in (1024, 8192, 65536)]
+    assert 0.0 < gpu[0] < gpu[1] < gpu[2] < 1.0
+    assert bench.byte_share(model_path, 8192) > gpu[1]
+    assert bench.byte_share(model_path, 8192, "q8_0", gpu=True) < gpu[1]
