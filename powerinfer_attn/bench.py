@@ -86,16 +86,23 @@ def repackable_types(model_path) -> list[str]:
 _CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
-def skipped_byte_share(model_path, ctx: int, layer_ops: list[int], cache: str = "f16") -> float:
-    """Of the bytes a decode step reads that head sparsity can skip (per layer: wq, the K and V
-    cache rows of ``ctx`` tokens, wo), the share that the parts running sparse (``layer_ops``
-    bits: 1 wq, 2 K*q and softmax*V, 4 wo) do skip when a head is dropped: 1.0 with no
-    fallback; less where, say, a K-quant wo runs dense."""
+def _tensor_bytes(model_path) -> tuple[dict[str, int], dict[str, int]]:
+    """Each tensor's size in bytes, and the row width of each K and V projection (the values a
+    token adds to that layer's cache), from the GGUF."""
     from gguf import GGUFReader
 
     r = GGUFReader(str(model_path))
     size = {t.name: int(t.n_bytes) for t in r.tensors}
     kv_width = {t.name: int(t.shape[-1]) for t in r.tensors if t.name.endswith(("attn_k.weight", "attn_v.weight"))}
+    return size, kv_width
+
+
+def skipped_byte_share(model_path, ctx: int, layer_ops: list[int], cache: str = "f16") -> float:
+    """Of the bytes a decode step reads that head sparsity can skip (per layer: wq, the K and V
+    cache rows of ``ctx`` tokens, wo), the share that the parts running sparse (``layer_ops``
+    bits: 1 wq, 2 K*q and softmax*V, 4 wo) do skip when a head is dropped: 1.0 with no
+    fallback; less where, say, a K-quant wo runs dense."""
+    size, kv_width = _tensor_bytes(model_path)
     skippable = skipped = 0.0
     for il, ops in enumerate(layer_ops):
         wq, wo = size[f"blk.{il}.attn_q.weight"], size[f"blk.{il}.attn_output.weight"]
@@ -109,13 +116,10 @@ def byte_share(model_path, ctx: int, cache: str = "f16", gpu: bool = False) -> f
     """Of the bytes one decode step reads (every weight but the token embedding, whose one row
     is negligible, and the K and V cache rows of ``ctx`` tokens), the share head sparsity can
     skip: the KV rows and, on the CPU, wq and wo too (on the GPU they run dense, masked)."""
-    from gguf import GGUFReader
-
-    r = GGUFReader(str(model_path))
-    weights = sum(int(t.n_bytes) for t in r.tensors if t.name != "token_embd.weight")
-    kv_width = sum(int(t.shape[-1]) for t in r.tensors if t.name.endswith(("attn_k.weight", "attn_v.weight")))
-    kv = ctx * _CACHE_BYTES[cache] * kv_width
-    wqo = 0 if gpu else sum(int(t.n_bytes) for t in r.tensors if t.name.endswith(("attn_q.weight", "attn_output.weight")))
+    size, kv_width = _tensor_bytes(model_path)
+    weights = sum(n for name, n in size.items() if name != "token_embd.weight")
+    kv = ctx * _CACHE_BYTES[cache] * sum(kv_width.values())
+    wqo = 0 if gpu else sum(n for name, n in size.items() if name.endswith(("attn_q.weight", "attn_output.weight")))
     return (kv + wqo) / (weights + kv)
 
 

@@ -1,21 +1,16 @@
 """A first check on a GPU machine: load a synthetic model with every layer on the GPU, decode
 dense and sparse, and time steps (scripts/gpu/run.sh smoke [NAME])."""
 import sys
-import time
 
 import numpy as np
 
+from powerinfer_attn.bench import _timed_step
 from powerinfer_attn.engine import Engine
 
 
 def timed(e, tok, n_past, n=20):
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        e.step(tok)
-        ts.append(time.perf_counter() - t0)
-        e.rollback(n_past)
-    return 1e3 * float(np.median(ts))
+    """Median ms of n steps at the same position (bench's timed step: step, then roll back)."""
+    return 1e3 * float(np.median([_timed_step(e, tok, n_past) for _ in range(n)]))
 
 
 path = sys.argv[1]
