@@ -413,6 +413,53 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
     click.echo(nd.format_table(results))
 
 
+@main.command("retrieval-heads")
+@click.option("--distances", default="2048,6144", show_default=True,
+              help="How far back the copied run lies, in tokens, comma-separated.")
+@click.option("--steps", type=click.IntRange(1), default=32, show_default=True, help="Decode steps scored per run.")
+@click.option("--sequences", type=click.IntRange(1), default=2, show_default=True, help="Random runs per distance.")
+@click.option("--pin", "pin_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A trained predictor file to copy with the top heads always kept (needs --top and --out).")
+@click.option("--top", type=click.IntRange(1), default=None, help="How many of the highest-scoring heads to pin.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="The pinned predictor file to write.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random runs.")
+@model_option
+@threads_option
+@json_option
+def retrieval_heads(distances, steps, sequences, pin_path, top, out, seed, model, threads, as_json) -> None:
+    """Find the heads that copy from far back (induction score on a repeated random run), and
+    optionally pin them in a trained predictor."""
+    from pathlib import Path
+
+    from . import retrieval
+    from .engine import EngineError
+
+    if (pin_path is None) != (out is None) or (pin_path is not None and top is None):
+        _fail(ValueError("--pin PRED.gguf, --top K and --out FILE go together"))
+    try:
+        path = resolve_model(model)
+        dists = _ints(distances)
+        with click.progressbar(length=len(dists) * sequences, label="copy runs", file=sys.stderr) as bar:
+            res = retrieval.measure(path, dists, steps, sequences, threads, seed=seed, progress=bar.update)
+        pinned = None
+        if pin_path is not None:
+            mask = res.top(top)
+            retrieval.pin(Path(pin_path), Path(out), mask)
+            pinned = [[int(il), int(h)] for il, h in zip(*mask.nonzero())]
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(res.to_json() | {"model": path.name, "pinned": pinned, "out": out}, indent=1))
+        return
+    flat = sorted(((res.scores[il, h], il, h) for il in range(res.scores.shape[0]) for h in range(res.scores.shape[1])),
+                  reverse=True)
+    click.echo(f"{path.name}: attention on the copy target, {sequences} runs x {steps} steps at distances {dists}")
+    for sc, il, h in flat[:16]:
+        click.echo(f"  layer {il:2d} head {h:2d}: {sc:.3f}")
+    if pinned is not None:
+        click.echo(f"wrote {out}: {pin_path} with {len(pinned)} heads always kept")
+
+
 @main.command("stdlib-text")
 @click.argument("out", type=click.Path(dir_okay=False))
 def stdlib_text(out) -> None:

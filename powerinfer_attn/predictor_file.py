@@ -89,3 +89,22 @@ def read_fill(path: Path) -> tuple[str, HeadFill]:
                                   b=np.stack([np.asarray(ts[f"blk.{il}.head_fill.bias"].data, np.float32)
                                               for il in range(n_layer)]))
     return "zero", HeadFill()
+
+
+def rewrite_biases(src: Path, out: Path, change, note: dict | None = None) -> None:
+    """A copy of the predictor file ``src`` at ``out`` with layer ``il``'s bias replaced by
+    ``change(il, bias)``; ``note`` is merged into its training summary."""
+    from gguf import GGUFReader
+
+    meta = read_metadata(src)
+    r = GGUFReader(str(src))
+    ts = {t.name: t for t in r.tensors}
+    n_layer = int(meta["n_layer"])
+    ws = [np.asarray(ts[f"blk.{il}.head_pred.weight"].data, np.float32) for il in range(n_layer)]
+    bs = [np.asarray(change(il, np.asarray(ts[f"blk.{il}.head_pred.bias"].data, np.float32)), np.float32)
+          for il in range(n_layer)]
+    kind, fill = read_fill(src)
+    means = [m.T for m in fill.mean_post] if kind == "mean" else None
+    linear = (fill.w, fill.b) if kind == "linear" else None
+    write_predictor(out, ws, bs, meta["model_name"], meta["rule"], float(meta["rule_value"]),
+                    meta.get("training", {}) | (note or {}), means=means, linear=linear)
