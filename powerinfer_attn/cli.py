@@ -451,11 +451,7 @@ def retrieval_heads(distances, steps, sequences, pin_path, top, out, seed, model
     if as_json:
         click.echo(json.dumps(res.to_json() | {"model": path.name, "pinned": pinned, "out": out}, indent=1))
         return
-    flat = sorted(((res.scores[il, h], il, h) for il in range(res.scores.shape[0]) for h in range(res.scores.shape[1])),
-                  reverse=True)
-    click.echo(f"{path.name}: attention on the copy target, {sequences} runs x {steps} steps at distances {dists}")
-    for sc, il, h in flat[:16]:
-        click.echo(f"  layer {il:2d} head {h:2d}: {sc:.3f}")
+    click.echo(f"{path.name}: " + retrieval.format_top(res))
     if pinned is not None:
         click.echo(f"wrote {out}: {pin_path} with {len(pinned)} heads always kept")
 
@@ -629,7 +625,7 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
 @main.command()
 @click.argument("result", type=click.Path(exists=True, dir_okay=False))
 def show(result) -> None:
-    """Print the tables of a result saved with `score --json`, `bench --json` or `needle --json`."""
+    """Print the tables of a result saved with `score --json`, `bench --json`, `needle --json` or `retrieval-heads --json`."""
     from pathlib import Path
 
     from . import bench as bench_mod
@@ -646,6 +642,12 @@ def show(result) -> None:
 
         fields = {f.name for f in dataclasses.fields(nd.NeedleResult)}
         click.echo(nd.format_table([nd.NeedleResult(**{k: v for k, v in r.items() if k in fields}) for r in data]))
+    elif isinstance(data, dict) and "scores" in data and "distances" in data:
+        from . import retrieval
+
+        res = retrieval.RetrievalScores(np.array(data["scores"]), data["distances"], data["steps"], data["sequences"])
+        click.echo(f"{data.get('model', '')}: " + retrieval.format_top(res)
+                   + (f"\npinned in {data['out']}: {data['pinned']}" if data.get("pinned") else ""))
     elif isinstance(data, dict) and "servers" in data:
         from . import bench_serve as bs
 
@@ -660,7 +662,7 @@ def show(result) -> None:
             click.echo("")
             click.echo(bench_mod.format_profile(data))
     else:
-        _fail(ValueError(f"{result}: not a score, bench or needle result"))
+        _fail(ValueError(f"{result}: not a score, bench, needle or retrieval-heads result"))
 
 
 if __name__ == "__main__":

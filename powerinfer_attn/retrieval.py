@@ -105,6 +105,18 @@ def measure(model_path: Path, distances: list[int], steps: int = 32, sequences: 
     return RetrievalScores(total / n, list(distances), steps, sequences)
 
 
+def format_top(res: RetrievalScores, n: int = 12) -> str:
+    """The ``n`` highest-scoring heads, one line each, under a line saying how they were measured."""
+    s = res.scores
+    order = np.argsort(-s, axis=None, kind="stable")[:n]
+    lines = [f"attention on the copy target, {res.sequences} runs x {res.steps} steps at distances {res.distances} "
+             f"(median head {np.median(s):.4f})"]
+    for i in order:
+        il, h = divmod(int(i), s.shape[1])
+        lines.append(f"  layer {il:2d} head {h:2d}: {s[il, h]:.3f}")
+    return "\n".join(lines)
+
+
 def pin(pred_path: Path, out: Path, mask: np.ndarray) -> None:
     """A copy of the predictor file ``pred_path`` that always keeps the heads of ``mask``."""
     from .predictor_file import read_metadata, rewrite_biases

@@ -83,3 +83,30 @@ def test_pin_rejects_a_mask_of_another_shape(tmp_path, model_path, engine):
                                    model_path.name, "threshold", 0.0, {})
     with pytest.raises(ValueError, match="heads, the mask is"):
         retrieval.pin(tmp_path / "p.gguf", tmp_path / "q.gguf", np.zeros((L, H + 1), np.int32))
+
+
+def test_cli_pin_options_go_together(tmp_path):
+    from click.testing import CliRunner
+
+    from powerinfer_attn.cli import main
+
+    (tmp_path / "p.gguf").write_bytes(b"")
+    for args in (["--pin", str(tmp_path / "p.gguf"), "--out", str(tmp_path / "q.gguf")],
+                 ["--top", "3", "--out", str(tmp_path / "q.gguf")]):
+        r = CliRunner().invoke(main, ["retrieval-heads", *args])
+        assert r.exit_code != 0 and "go together" in r.output
+
+
+def test_show_prints_a_retrieval_result(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from powerinfer_attn.cli import main
+
+    scores = np.zeros((2, 3))
+    scores[1, 2] = 0.4
+    (tmp_path / "r.json").write_text(json.dumps({"scores": scores.tolist(), "distances": [100], "steps": 4,
+                                                 "sequences": 1, "model": "m.gguf", "pinned": [[1, 2]], "out": "q.gguf"}))
+    r = CliRunner().invoke(main, ["show", str(tmp_path / "r.json")])
+    assert r.exit_code == 0 and "layer  1 head  2: 0.400" in r.output.splitlines()[1] and "[[1, 2]]" in r.output
