@@ -78,19 +78,24 @@ def test_v2_kq_and_kqv_gqa(kv_type, n_threads, n_tok, n_head, n_head_kv):
         assert np.all(kq[heads == 0] == 0) and np.all(kqv[heads == 0] == 0)
 
 
+def _f16(x):
+    return kernels.dequantize(kernels.quantize(x, "F16"), "F16", x.shape)
+
+
 @pytest.mark.parametrize("d", [16, 80, 128, 256, 264])
 @pytest.mark.parametrize("n_head,n_head_kv", [(7, 1), (8, 2), (2, 2)])
 def test_v2_kq_f16_widths(d, n_head, n_head_kv):
-    """Decode's K*q on an F16 cache: widths the per-group kernel takes (multiples of its vector,
-    up to 256) and ones it leaves to vec_dot (80 on AVX-512, 264), every group size."""
+    """Decode's K*q on an F16 cache: widths the per-group kernel takes (multiples of vec_dot's
+    step, up to 256; past 256 its long-row pass) and ones it leaves to vec_dot (16, 80), every
+    group size: bit for bit what ggml_mul_mat gives for the active heads."""
     rng = np.random.default_rng(5)
     n_kv, r = 45, n_head // n_head_kv
     k = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float32)  # the cache's layout
     q = rng.standard_normal((1, n_head, d)).astype(np.float32)
     ka = kernels.quantize(k, "F16")
-    kf = kernels.dequantize(ka, "F16", k.shape).astype(np.float64)
-    # the kernel sees q rounded to F16, as stock's vec_dot does
-    qf = kernels.dequantize(kernels.quantize(q, "F16"), "F16", q.shape).astype(np.float64)
+    kf = _f16(k).astype(np.float64)
+    qf = _f16(q).astype(np.float64)  # q is packed to F16, as for the dense op
+    dense = kernels.mul_mat(None, ka, "F16", (d, n_kv, n_head_kv), q, None, 1, permute_b=True, permute_a=True)
     for kind, heads in masks(n_head, rng).items():
         for n_threads in (1, 3):
             out = kernels.mul_mat("v2", ka, "F16", (d, n_kv, n_head_kv), q, heads, n_threads, permute_b=True, permute_a=True)
@@ -98,28 +103,32 @@ def test_v2_kq_f16_widths(d, n_head, n_head_kv):
                 ref = kf[:, h // r, :] @ qf[0, h] if heads[h] else np.zeros(n_kv)
                 np.testing.assert_allclose(out[h, 0], ref, atol=1e-5 * max(1, np.abs(ref).max()), rtol=0,
                                            err_msg=f"{kind} head {h} threads {n_threads}")
+                if heads[h]:
+                    np.testing.assert_array_equal(out[h, 0], dense[h, 0], err_msg=f"{kind} head {h} threads {n_threads}")
 
 
 @pytest.mark.parametrize("n_kv", [272, 1040, 1030])
 @pytest.mark.parametrize("n_head,n_head_kv", [(7, 1), (9, 3), (2, 2), (18, 1)])
 def test_v2_kqv_f16_long_rows(n_kv, n_head, n_head_kv):
-    """Decode's softmax*V on an F16 cache (V transposed: rows n_kv long): lengths the per-group
-    kernel takes (multiples of its vector, past 256) and one it leaves to vec_dot (1030), groups
-    larger than its 8 accumulators (18 heads on one KV head)."""
+    """Decode's softmax*V on an F16 cache (V transposed: rows n_kv long, pieces of 64 cells and
+    a rest), groups of up to 18 heads over its 4 heads per pass: bit for bit ggml_mul_mat's
+    results for the active heads."""
     rng = np.random.default_rng(6)
     d, r = 64, n_head // n_head_kv
     v = rng.standard_normal((n_head_kv, d, n_kv)).astype(np.float32)  # ggml [n_kv, d, n_head_kv]
     p = rng.random((n_head, 1, n_kv)).astype(np.float32)
     va = kernels.quantize(v, "F16")
-    vf = kernels.dequantize(va, "F16", v.shape).astype(np.float64)
+    vf, pf = _f16(v).astype(np.float64), _f16(p).astype(np.float64)
+    dense = kernels.mul_mat(None, va, "F16", (n_kv, d, n_head_kv), p, None, 1)
     for kind, heads in masks(n_head, rng).items():
         for n_threads in (1, 3):
             out = kernels.mul_mat("v2", va, "F16", (n_kv, d, n_head_kv), p, heads, n_threads)
             for h in range(n_head):
-                ref = p[h, 0].astype(np.float64) @ vf[h // r].T if heads[h] else np.zeros(d)
-                # vec_dot rounds the probabilities to F16 (1030); the per-group kernel reads them in F32
-                tol = (2e-3 if n_kv % 16 else 1e-5) * max(1, np.abs(ref).max())
-                np.testing.assert_allclose(out[h, 0], ref, atol=tol, rtol=0, err_msg=f"{kind} head {h} threads {n_threads}")
+                ref = pf[h, 0] @ vf[h // r].T if heads[h] else np.zeros(d)
+                np.testing.assert_allclose(out[h, 0], ref, atol=1e-5 * max(1, np.abs(ref).max()), rtol=0,
+                                           err_msg=f"{kind} head {h} threads {n_threads}")
+                if heads[h]:
+                    np.testing.assert_array_equal(out[h, 0], dense[h, 0], err_msg=f"{kind} head {h} threads {n_threads}")
 
 
 def test_v2_permuted_kv_cache_view():
