@@ -55,7 +55,7 @@ def test_profile_accounts_for_the_step(model_path):
         assert profile.trustworthy(p, 0.35)
         assert 0.0 < p["skippable_share"] < 1.0
         for part in ("wq", "kq", "softmax", "kqv", "wo", "ffn"):
-            assert p["parts_ms"][part] > 0.0
+            assert p["parts_ms"][part] > 0.0, (p is sparse, part, p["parts_ms"])
 
 
 def test_run_reports_ratios_limits_and_plot(model_path, tmp_path):
