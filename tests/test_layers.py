@@ -17,8 +17,8 @@ LAYERS = {
     "bindings": 1, "model": 1,
     # 2: decode with masks and predictor files
     "engine": 2,
-    # 3: predictors, fills, importance, the predictor file, the numpy references
-    "importance": 3, "fill": 3, "predictor_file": 3, "predictors": 3, "reference": 3,
+    # 3: predictors, fills, importance, the predictor file, the numpy references, retrieval heads
+    "importance": 3, "fill": 3, "predictor_file": 3, "predictors": 3, "reference": 3, "retrieval": 3,
     # 4: training and evaluation
     "collect": 4, "train": 4, "compare": 4, "needle": 4, "profile": 4, "bench": 4,
     "sparsify": 4, "serve": 4, "bench_serve": 4,
