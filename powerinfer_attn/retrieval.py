@@ -34,9 +34,9 @@ PIN_BIAS = 1.0e4
 class _Attention(TensorHook):
     """Each layer's attention weights of the last decode step: ``[n_head, n_kv]``."""
 
-    def __init__(self, n_layer: int):
+    def __init__(self):
         self.active = False
-        self.probs: list[np.ndarray | None] = [None] * n_layer
+        self.probs: dict[int, np.ndarray] = {}
 
     def wants(self, name: str) -> bool:
         return self.active and _SOFTMAX.match(name) is not None
@@ -75,9 +75,8 @@ def measure(model_path: Path, distances: list[int], steps: int = 32, sequences: 
         raise ValueError("retrieval heads: steps >= 1, sequences >= 1, and distances longer than steps")
     n_ctx = max(distances) + steps + 8
     rng = np.random.default_rng(seed)
-    hook = None
-    with Engine(model_path, n_ctx=n_ctx, n_threads=threads, tensor_hook=(hook := _Attention(0))) as eng:
-        hook.probs = [None] * eng.n_layer
+    hook = _Attention()
+    with Engine(model_path, n_ctx=n_ctx, n_threads=threads, tensor_hook=hook) as eng:
         pool = np.asarray(vocab_tokens if vocab_tokens else range(256, eng.n_vocab), np.int64)
         total = np.zeros((eng.n_layer, eng.n_head))
         n = 0
