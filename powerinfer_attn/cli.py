@@ -443,9 +443,7 @@ def retrieval_heads(distances, steps, sequences, pin_path, top, out, seed, model
             res = retrieval.measure(path, dists, steps, sequences, threads, seed=seed, progress=bar.update)
         pinned = None
         if pin_path is not None:
-            mask = res.top(top)
-            retrieval.pin(Path(pin_path), Path(out), mask)
-            pinned = [[int(il), int(h)] for il, h in zip(*mask.nonzero())]
+            pinned = retrieval.pin(Path(pin_path), Path(out), res.top(top))
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:

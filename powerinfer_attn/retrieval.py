@@ -116,12 +116,14 @@ def format_top(res: RetrievalScores, n: int = 12) -> str:
     return "\n".join(lines)
 
 
-def pin(pred_path: Path, out: Path, mask: np.ndarray) -> None:
-    """A copy of the predictor file ``pred_path`` that always keeps the heads of ``mask``."""
+def pin(pred_path: Path, out: Path, mask: np.ndarray) -> list[list[int]]:
+    """A copy of the predictor file ``pred_path`` that always keeps the heads of ``mask``;
+    returns them as ``[layer, head]`` pairs."""
     from .predictor_file import read_metadata, rewrite_biases
 
     meta = read_metadata(pred_path)
     if (int(meta["n_layer"]), int(meta["n_head"])) != mask.shape:
         raise ValueError(f"{pred_path} is for {meta['n_layer']}x{meta['n_head']} heads, the mask is {mask.shape}")
-    rewrite_biases(pred_path, out, lambda il, b: b + PIN_BIAS * mask[il],
-                   note={"pinned_heads": [[int(il), int(h)] for il, h in zip(*np.nonzero(mask))]})
+    pinned = [[int(il), int(h)] for il, h in zip(*np.nonzero(mask))]
+    rewrite_biases(pred_path, out, lambda il, b: b + PIN_BIAS * mask[il], note={"pinned_heads": pinned})
+    return pinned
