@@ -31,8 +31,10 @@ fi
 	--predictor oracle:0.8:fill=$PRED_LONG \
 	--predictor trained:$PRED:density=0.7 \
 	--predictor trained:$PRED_LONG:density=0.6 --predictor trained:$PRED_LONG:density=0.7 \
-	--predictor trained:$PRED_LONG:density=0.7:gain=0 --predictor trained:$PRED_LONG:density=0.8 \
-	--predictor trained:$PRED_PIN:density=0.7 > figures/score-long.json
+	--predictor trained:$PRED_LONG:density=0.7:gain=0 --predictor trained:$PRED_LONG:density=0.8 > figures/score-long.json
+# the same windows with the retrieval heads pinned, beside the oracle at the same density
+"$PIA" score --text-file "$TEXT" --prefix 4096,8192 --windows "$WINDOWS" -t 2 --json \
+	--predictor oracle:0.8:fill=$PRED_LONG --predictor trained:$PRED_PIN:density=0.7 > figures/score-long-pinned.json
 # the fills at long context: linear (the file's own), zero and window fill (4 sinks + 60 recent
 # cells), each at density 0.5 and 0.7; WINDOWS_FILLS windows x 128 steps
 FILLS=()
@@ -64,7 +66,7 @@ done
 "$PIA" bench --ctx 128,8192 --density 0.7 --predictor trained:$PRED_PIN:density=0.7 \
 	--reps 10 -t 2 --no-profile --json > figures/bench-trained-8192-filler.json
 
-for f in retrieval-heads score-long score-long-fills score-long-128 score-code needle bench-trained-8192-text bench-fa-grouped-8192-text bench-window-8192-text \
+for f in retrieval-heads score-long score-long-pinned score-long-fills score-long-128 score-code needle bench-trained-8192-text bench-fa-grouped-8192-text bench-window-8192-text \
 	bench-trained-8192-filler; do
 	"$PIA" show figures/$f.json
 done
