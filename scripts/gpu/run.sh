@@ -6,6 +6,7 @@
 #   scripts/gpu/run.sh test            tests/test_cuda.py, then compute-sanitizer over part of it
 #   scripts/gpu/run.sh bench NAME ...  bench -ngl 99 on a synthetic model of NAME's shape
 #                                      (llama2-7b, llama3-8b, smollm2-135m), the rest bench's options
+#   scripts/gpu/run.sh profile NAME CTX  GPU time per kernel of a decode step (profile_step.py)
 # Results go to $OUT (or out/) as NAME files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,6 +48,7 @@ model() {  # a synthetic model of a known shape in /tmp (speed does not depend o
 case ${1:-} in
 	build) build ;;
 	smoke) $PY scripts/gpu/smoke.py "$(model "${2:-smollm2-135m}")" ;;
+	profile) $PY scripts/gpu/profile_step.py "$(model "$2")" "${3:-32768}" 2>&1 | grep -v "^llama_\|^load\|^print_info" ;;
 	test)
 		nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 		set -o pipefail
@@ -61,5 +63,5 @@ case ${1:-} in
 		$PY -c "from powerinfer_attn.cli import main; main()" bench -m "$m" -ngl 99 --json "$@" > "$OUT/bench-gpu-$tag.json"
 		$PY -c "from powerinfer_attn.cli import main; main()" show "$OUT/bench-gpu-$tag.json" | tee "$OUT/bench-gpu-$tag.txt"
 		;;
-	*) sed -n 2,9p "$0"; exit 2 ;;
+	*) sed -n 2,10p "$0"; exit 2 ;;
 esac
