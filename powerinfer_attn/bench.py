@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from .bindings import OP_ON_DEVICE
 from .engine import Engine, open_engine
 from .profile import NodeTimer, amdahl_limit, profile_steps, trustworthy
 
@@ -101,11 +102,14 @@ def skipped_byte_share(model_path, ctx: int, layer_ops: list[int], cache: str = 
     """Of the bytes a decode step reads that head sparsity can skip (per layer: wq, the K and V
     cache rows of ``ctx`` tokens, wo), the share that the parts running sparse (``layer_ops``
     bits: 1 wq, 2 K*q and softmax*V, 4 wo) do skip when a head is dropped: 1.0 with no
-    fallback; less where, say, a K-quant wo runs dense."""
+    fallback; less where, say, a K-quant wo runs dense. On a GPU (bit 8) wq and wo are not
+    skippable at all (see ``byte_share``)."""
     size, kv_width = _tensor_bytes(model_path)
     skippable = skipped = 0.0
     for il, ops in enumerate(layer_ops):
         wq, wo = size[f"blk.{il}.attn_q.weight"], size[f"blk.{il}.attn_output.weight"]
+        if ops >= 0 and ops & OP_ON_DEVICE:
+            wq = wo = 0
         kv = ctx * _CACHE_BYTES[cache] * (kv_width[f"blk.{il}.attn_k.weight"] + kv_width[f"blk.{il}.attn_v.weight"])
         skippable += wq + kv + wo
         skipped += wq * bool(ops & 1) + kv * bool(ops & 2) + wo * bool(ops & 4)

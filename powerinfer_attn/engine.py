@@ -572,7 +572,8 @@ class Engine:
             raise EngineError(f"llama_set_head_window returned {rc}")
 
     def layer_ops(self) -> list[int]:
-        """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo; -1 for every
+        """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, and 8 when wq or
+        wo is on a GPU, where it runs the stock product by design (its bit clear); -1 for every
         layer of a model the sparse ops do not support (an architecture other than llama, qwen2, qwen3)."""
         self._check_open()
         return [int(self.C.llama_sparse_attn_layer_ops(self.ctx, il)) for il in range(self.n_layer)]
@@ -582,7 +583,7 @@ class Engine:
         ops = self.layer_ops()
         parts = []
         for bit, what in ((B.OP_WQ, "wq"), (B.OP_WO, "wo")):
-            layers = [il for il, o in enumerate(ops) if o >= 0 and not o & bit]
+            layers = [il for il, o in enumerate(ops) if o >= 0 and not o & (bit | B.OP_ON_DEVICE)]
             if layers:
                 parts.append(f"{what} in {_layer_ranges(layers)} ({self._fallback_reason(what, layers[0])})")
         if not parts:

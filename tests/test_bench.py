@@ -124,6 +124,8 @@ def test_skipped_byte_share(model_path):
     # a quantized cache holds fewer K/V bytes: wo weighs more
     assert bench.skipped_byte_share(model_path, 8192, [3] * n_layer, "q8_0") < long
     assert bench.skipped_byte_share(model_path, 8192, [0] * n_layer) == 0.0
+    # wq and wo on a GPU are not skippable there: the K/V rows are all of it
+    assert bench.skipped_byte_share(model_path, 256, [2 | 8] * n_layer) == pytest.approx(1.0)
 
 
 def test_byte_share(model_path):

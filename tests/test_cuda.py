@@ -2,8 +2,9 @@
 and a library built with `powerinfer-attn build --cuda`; skipped elsewhere (CI has no GPU).
 
 Every layer on the GPU (n_gpu_layers=99), flash attention on: the head-masked flash attention
-kernel (K/V rows read once per KV head for all its active query heads), v1 (wq's output rows
-of inactive heads zeroed) and v3 (wo's input columns of inactive heads zeroed). Random masks
+kernels (K/V rows read once per KV head for all its active query heads; CUDA cores for MHA,
+tensor cores for 2-4 query heads per KV head), wq and wo through the stock product (the
+attention kernel ignores inactive heads' queries and zeroes their outputs). Random masks
 must match the CPU's oracle, dense decode with the inactive heads' outputs zeroed, and the CPU's
 own sparse decode; all heads active must match dense decode on the GPU. Tiny random-weight
 models of every architecture, MHA and GQA, head widths 64 and 128, the weight types of the CPU
@@ -15,6 +16,7 @@ from test_architectures import ARCHS, PROMPT, SHAPES, STEPS, _rel, _tokens, spar
 from test_faults import half_masks, oracle_logits
 
 from powerinfer_attn import build
+from powerinfer_attn.bindings import OP_KQV, OP_ON_DEVICE
 from powerinfer_attn.engine import Engine
 
 
@@ -46,8 +48,11 @@ def check_against_oracle(path, toks, masks):
     noise = _rel(dense_logits(path, toks, **GPU), dense_logits(path, toks, flash_attn=True))
     bound = 2 * noise + 1e-4
     want = oracle_logits(path, toks, PROMPT, masks, n_ctx=64, n_threads=2, flash_attn=True)
-    got, _ = sparse_logits(path, toks, masks, **GPU)
+    got, ops = sparse_logits(path, toks, masks, **GPU)
     cpu, _ = sparse_logits(path, toks, masks, flash_attn=True)
+    # on the GPU wq and wo take the stock product (the attention kernel ignores inactive heads'
+    # queries and zeroes their outputs), and layer_ops says so
+    assert ops == [OP_KQV | OP_ON_DEVICE] * len(ops)
     assert _rel(got, want) < bound
     assert _rel(got, cpu) < bound
     assert _rel(got, dense_logits(path, toks, **GPU)) > 5 * bound
