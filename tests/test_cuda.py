@@ -91,19 +91,23 @@ def test_gpu_quantized_weights(tiny_models, type_name, shape):
     check_against_oracle(path, _tokens(5), half_masks(np.random.default_rng(6), STEPS, 2, shape[0]))
 
 
-def test_long_context_on_the_gpu(tiny_models):
-    """Past the kernel's 128-cell chunks, with the cache padded: 700 cells, partly masked."""
-    path = tiny_models("llama", SHAPES[1], "F32")
+@pytest.mark.parametrize("shape,n_prompt", [(SHAPES[1], 700), ((32, 8, 64), 4600)],
+                         ids=["h8kv2d64-700", "h32kv8d64-4600"])
+def test_long_context_on_the_gpu(tiny_models, shape, n_prompt):
+    """Past the kernels' ranges, with the cache padded and partly masked. At 4600 cells and 8 KV
+    heads each warp of the tensor-core kernel walks several 16-cell tiles (its ranges are sized
+    for about 512 blocks), so its running max and sum are carried from tile to tile."""
+    path = tiny_models("llama", shape, "F32")
     rng = np.random.default_rng(7)
-    toks = [int(t) for t in rng.integers(1, 64, size=700 + STEPS)]
-    masks = half_masks(rng, STEPS, 2, SHAPES[1][0])
+    toks = [int(t) for t in rng.integers(1, 64, size=n_prompt + STEPS)]
+    masks = half_masks(rng, STEPS, 2, shape[0])
 
     def run(**kw):
-        with Engine(path, n_ctx=1024, n_threads=2, **kw) as eng:
-            eng.prefill(toks[:700])
+        with Engine(path, n_ctx=n_prompt + 64, n_threads=2, **kw) as eng:
+            eng.prefill(toks[:n_prompt])
             eng.set_sparse(True)
             out = []
-            for i, t in enumerate(toks[700:]):
+            for i, t in enumerate(toks[n_prompt:]):
                 eng.set_mask(masks[i])
                 out.append(eng.step(t))
             return np.array(out)
