@@ -171,16 +171,18 @@ def _context_tokens(eng: Engine, n: int, text_file: Path | None) -> list[int]:
     return half[start:start + n]
 
 
-def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp: bool, cache: str = "f16") -> Engine:
+def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp: bool, cache: str = "f16",
+                  ngl: int = 0) -> Engine:
     """A context whose sparse decode takes its masks from the in-graph predictor ``spec``, with
-    its fill (no tensor hook: nothing slows the timed steps)."""
+    its fill (no tensor hook: nothing slows the timed steps); ``ngl`` layers on the GPU, with
+    their part of the predictor."""
     from .predictors import TrainedHeads, get_predictor
 
     pred = get_predictor(spec, model_path)
     if not isinstance(getattr(pred, "inner", pred), TrainedHeads):
         raise ValueError(f"bench --predictor takes a trained:PRED.gguf predictor, not {spec!r}")
     eng = Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp,
-                 cache_type_k=cache, cache_type_v=cache)
+                 cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl)
     try:
         # its rule, density control and fill (part of what the predictor costs), without the
         # hook that reads its masks back
@@ -255,21 +257,24 @@ def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict
 
 
 def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spec: str, toks: list[int],
-                     cache: str = "f16") -> float:
+                     cache: str = "f16", ngl: int = 0) -> tuple[float, float]:
     """Mean density the in-graph predictor chooses over the ``DENSITY_STEPS`` tokens that follow
-    the context (teacher-forced, so the steps see the text go on)."""
+    the context (teacher-forced, so the steps see the text go on), of heads and of KV heads (a KV
+    head is read when one of its query heads is kept)."""
     from .predictors import get_predictor
 
     pred = get_predictor(spec, model_path)
     with open_engine(model_path, pred, n_ctx=ctx + DENSITY_STEPS + 16, n_threads=threads, flash_attn=fa,
-                     repack=rp, cache_type_k=cache, cache_type_v=cache) as eng:
+                     repack=rp, cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl) as eng:
         _fill(eng, ctx, toks)
         eng.set_sparse(True)
         masks = []
         for i, t in enumerate(toks[ctx:ctx + DENSITY_STEPS]):
             eng.predicted_step(pred, i, t)
             masks.append(pred.observed())
-    return float(np.mean(masks))
+        group = eng.n_head // eng.n_head_kv
+    m = np.array(masks)
+    return float(m.mean()), float(m.reshape(m.shape[0], m.shape[1], -1, group).max(axis=3).mean())
 
 
 def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
@@ -289,13 +294,14 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     repack_types = repackable_types(model_path) if not ngl else []
     repack_options = [True, False] if repack_types else [True]
     if ngl:
-        if window or trained:
-            raise ValueError("bench on a GPU: window fill and the in-graph predictor are CPU-only")
+        if window:
+            raise ValueError("bench on a GPU: window fill is CPU-only")
         profile = False  # node-by-node timing through the eval callback is not faithful on a GPU
     elif not repack_types:
         say("no weights of a type the CPU backend repacks: repack left on, not measured both ways")
     rows: list[BenchRow] = []
     choices, profiles = {}, {}
+    trained_ops = None
     for ctx in ctxs:
         n_ctx = ctx + 16
         # the dense baseline is the fastest stock configuration on this machine
@@ -325,7 +331,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             ratios = {d: [] for d in densities}
             t_eng = None
             if trained:
-                t_eng = stack_trained(model_path, trained, n_ctx, threads, fa, rp, cache)
+                t_eng = stack_trained(model_path, trained, n_ctx, threads, s_fa, rp, s_cache, ngl)
+                trained_ops = t_eng.layer_ops()
                 _fill(t_eng, ctx, toks)
                 t_eng.set_sparse(True)
                 _timed_step(t_eng, toks[ctx], ctx)
@@ -372,10 +379,10 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             say(f"ctx {ctx}: sparse density {d:g}: {1 / med:.1f} tok/s ({ratio:.3f}x dense {1 / dense_med:.1f}"
                 + (f", limit {limit:.3f}x)" if limit else ")"))
         if trained:
-            kept = _trained_density(model_path, ctx, threads, fa, rp, trained, toks, cache)
+            kept, kv_kept = _trained_density(model_path, ctx, threads, s_fa, rp, trained, toks, s_cache, ngl)
             med, ratio = statistics.median(times["trained"]), statistics.median(ratios["trained"])
-            limit = amdahl_limit(share, kept) if share is not None else None
-            rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, fa, rp, cache))
+            limit = amdahl_limit(share, kv_kept if ngl else kept) if share is not None else None
+            rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache))
             say(f"ctx {ctx}: {trained} (density {kept:.3f} here, predictor included): {1 / med:.1f} tok/s "
                 f"({ratio:.3f}x dense {1 / dense_med:.1f})")
     _prefills.clear()
@@ -392,6 +399,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         "dense_config": {str(c): v for c, v in choices.items()},
         "repackable_types": repack_types,
         "sparse_layer_ops": layer_ops,
+        # with a trained predictor, its context's (bit 16: the predictor runs on the GPU)
+        "trained_layer_ops": trained_ops,
         # of the bytes head sparsity could skip, the share the sparse parts skip (fallbacks)
         "skipped_byte_share": {str(c): skipped_byte_share(model_path, c, layer_ops, choices[c]["cache"]) for c in ctxs},
         "rows": [dataclasses.asdict(r) for r in rows],

@@ -29,6 +29,7 @@ FILL_IDS = {"zero": 0, "mean": 1, "linear": 2}
 # llama_sparse_attn_layer_ops's bits: which parts of a layer run on the sparse ops
 OP_WQ, OP_KQV, OP_WO = 1, 2, 4
 OP_ON_DEVICE = 8  # wq or wo on a GPU: dense there by design (the masked product would read it all)
+OP_PREDICTOR_ON_DEVICE = 16  # the in-graph predictor is on and this layer's part of it is on a GPU
 OP_UNSUPPORTED = -1  # every layer of an architecture the sparse ops do not serve
 
 # ggml_type ids of the KV cache types a context can be given (cparams.type_k, type_v)

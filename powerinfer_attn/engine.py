@@ -572,8 +572,10 @@ class Engine:
             raise EngineError(f"llama_set_head_window returned {rc}")
 
     def layer_ops(self) -> list[int]:
-        """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, and 8 when wq or
-        wo is on a GPU, where it runs the stock product by design (its bit clear); -1 for every
+        """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, 8 when wq or
+        wo is on a GPU, where it runs the stock product by design (its bit clear), and 16 when the
+        in-graph predictor is on with this layer's part of it on a GPU (its selection and fills
+        run there); -1 for every
         layer of a model the sparse ops do not support (an architecture other than llama, qwen2, qwen3)."""
         self._check_open()
         return [int(self.C.llama_sparse_attn_layer_ops(self.ctx, il)) for il in range(self.n_layer)]

@@ -28,6 +28,10 @@ from . import build
 GGML_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 GGML_TYPE_I32 = 26
 MODES = {"v1": 1, "v2": 2, "v3": 3}
+# ggml_head_select: its rules (enum ggml_head_select_rule) and the slots of its I32 state
+# (enum ggml_head_select_slot; floats as their bits, counters as two 32-bit halves, low first)
+HEAD_RULES = {"threshold": 1, "topk": 2, "mass": 3}
+SLOT_RULE, SLOT_VALUE, SLOT_GAIN, SLOT_OFFSET, SLOT_KEPT, SLOT_CHOSEN, SLOT_TARGET = 0, 1, 2, 3, 4, 6, 8
 LIB_DIR_ENV = "POWERINFER_ATTN_GGML_LIB_DIR"
 
 
@@ -103,6 +107,7 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_flash_attn_ext"): ([P, P, P, P, P, ctypes.c_float, ctypes.c_float, ctypes.c_float], P),
         (g, "ggml_flash_attn_ext_set_heads"): ([P, P], None),
         (g, "ggml_flash_attn_ext_set_window"): ([P, I32, I32], None),
+        (g, "ggml_head_select"): ([P, P, P, I32], P),
         (g, "ggml_new_graph"): ([P], P),
         (g, "ggml_build_forward_expand"): ([P, P], None),
         (g, "ggml_quantize_chunk"): ([I32, P, P, I64, I64, I64, P], ctypes.c_size_t),
@@ -378,3 +383,41 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
         return c.compute(t, n_threads, (n_head, 1, d))[:, 0]
     finally:
         c.close()
+
+
+def head_select_state(rule: str, value: float, targets=(), gain: float = 0.0, offset: float = 0.0,
+                      kept: int = 0, chosen: int = 0) -> np.ndarray:
+    """The I32 state ``ggml_head_select`` reads: rule and value, the density controller (gain,
+    offset, per-layer targets) and the two counters."""
+    if rule not in HEAD_RULES:
+        raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(HEAD_RULES)}")
+    s = np.zeros(SLOT_TARGET + len(targets), np.int32)
+    f = s.view(np.float32)
+    s[SLOT_RULE] = HEAD_RULES[rule]
+    f[SLOT_VALUE], f[SLOT_GAIN], f[SLOT_OFFSET] = value, gain, offset
+    f[SLOT_TARGET:] = targets
+    s.view(np.uint32)[SLOT_KEPT:SLOT_KEPT + 4] = [kept & 0xFFFFFFFF, kept >> 32, chosen & 0xFFFFFFFF, chosen >> 32]
+    return s
+
+
+def head_select_counts(state: np.ndarray) -> tuple[int, int]:
+    """(kept, chosen) from a head selection state."""
+    u = state.view(np.uint32)
+    return int(u[SLOT_KEPT]) | int(u[SLOT_KEPT + 1]) << 32, int(u[SLOT_CHOSEN]) | int(u[SLOT_CHOSEN + 1]) << 32
+
+
+def head_select(logits: np.ndarray, state: np.ndarray, il: int) -> tuple[np.ndarray, np.ndarray]:
+    """``ggml_head_select(logits, state, il)`` on the CPU: layer il's mask and the state after it."""
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    state = np.ascontiguousarray(state, dtype=np.int32)
+    if logits.ndim != 1 or state.ndim != 1 or not 0 <= il < state.size - SLOT_TARGET:
+        raise ValueError(f"logits [n_head] and a state with a target for layer {il} are needed")
+    c = _Ctx()
+    try:
+        tl = c.tensor(GGML_TYPE["F32"], (logits.size,), logits.tobytes())
+        ts = c.tensor(GGML_TYPE_I32, (state.size,), state.tobytes())
+        t = c.g.ggml_head_select(c.ctx, tl, ts, il)
+        out = c.compute(t, 1, (logits.size + state.size,)).view(np.int32)
+    finally:
+        c.close()
+    return out[:logits.size].copy(), out[logits.size:].copy()

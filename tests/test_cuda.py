@@ -8,16 +8,19 @@ attention kernel ignores inactive heads' queries and zeroes their outputs). Rand
 must match the CPU's oracle, dense decode with the inactive heads' outputs zeroed, and the CPU's
 own sparse decode; all heads active must match dense decode on the GPU. Tiny random-weight
 models of every architecture, MHA and GQA, head widths 64 and 128, the weight types of the CPU
-tests."""
+tests. The in-graph predictor and its fills on the GPU (llama-head-device.patch): its masks
+against the numpy rules on the GPU's own logits, its counters, and the CPU's decode."""
+
+import re
 
 import numpy as np
 import pytest
 from test_architectures import ARCHS, PROMPT, SHAPES, STEPS, _rel, _tokens, sparse_logits, tiny_models  # noqa: F401
 from test_faults import half_masks, oracle_logits
 
-from powerinfer_attn import build
-from powerinfer_attn.bindings import OP_KQV, OP_ON_DEVICE
-from powerinfer_attn.engine import Engine
+from powerinfer_attn import build, predictor_file, train
+from powerinfer_attn.bindings import OP_KQV, OP_ON_DEVICE, OP_PREDICTOR_ON_DEVICE
+from powerinfer_attn.engine import Engine, TensorHook
 
 
 def _has_cuda() -> bool:
@@ -113,3 +116,113 @@ def test_long_context_on_the_gpu(tiny_models, shape, n_prompt):
             return np.array(out)
 
     assert _rel(run(**GPU), run(flash_attn=True)) < 1e-3
+
+
+# --- the in-graph predictor and its fills on the GPU ---------------------------------------
+
+
+class _Masks(TensorHook):
+    def wants(self, name):
+        return re.match(r"^(attn_norm|head_logits|head_mask)-\d+$", name) is not None
+
+    def __init__(self):
+        self.t = {}
+
+    def __call__(self, name, data):
+        self.t[name] = data.copy()
+
+
+def _predictor(path, model_path, shape, n_layer, n_embd, rule, value, fill="zero", seed=0):
+    """A random predictor file for a tiny model; with fill, random means or a random linear map."""
+    n_head, d = shape[0], shape[2]
+    rng = np.random.default_rng(seed)
+    ws = [(rng.normal(size=(n_head, n_embd)) * 0.05).astype(np.float32) for _ in range(n_layer)]
+    bs = [rng.normal(size=n_head).astype(np.float32) for _ in range(n_layer)]
+    means = [(rng.normal(size=(n_embd, n_head)) * 0.1).astype(np.float32) for _ in range(n_layer)] if fill == "mean" else None
+    linear = ((rng.normal(size=(n_layer, n_head * d, n_embd)) * 0.05).astype(np.float32),
+              (rng.normal(size=(n_layer, n_head * d)) * 0.1).astype(np.float32)) if fill == "linear" else None
+    predictor_file.write_predictor(path, ws, bs, model_path.name, rule, value, {"note": "random, for tests"},
+                                   means=means, linear=linear)
+    return ws, bs
+
+
+@pytest.mark.parametrize("rule,value", [("threshold", 0.3), ("topk", 4), ("mass", 0.7), ("density", -0.5)])
+def test_gpu_in_graph_predictor_matches_numpy(tiny_models, tmp_path, rule, value):
+    """With every layer on the GPU the predictor runs there (layer_ops bit 16): each layer's logits
+    are W x + b of its attn_norm output, its mask is the rule applied to those logits (with the
+    density controller's offset moved layer after layer), and the counters add up the masks."""
+    shape = SHAPES[1]
+    path = tiny_models("llama", shape, "F32")
+    g = _Masks()
+    toks = _tokens(11)
+    with Engine(path, n_ctx=64, n_threads=2, tensor_hook=g, **GPU) as eng:
+        pred = tmp_path / "p.gguf"
+        ws, bs = _predictor(pred, path, shape, eng.n_layer, eng.n_embd, "threshold", 0.0)
+        eng.prefill(toks[:PROMPT])
+        eng.load_head_predictor(pred)
+        targets, gain = np.array([0.3, 0.6] * eng.n_layer, np.float32)[:eng.n_layer], 0.2
+        if rule == "density":
+            eng.set_head_rule("threshold", value)
+            eng.set_head_density(targets, gain)
+        else:
+            eng.set_head_rule(rule, value)
+        eng.set_sparse(True)
+        eng.use_head_predictor(True)
+        assert all(o & OP_PREDICTOR_ON_DEVICE for o in eng.layer_ops())
+        eng.head_stats(reset=True)
+        offset, kept = np.float32(0.0), 0
+        for t in toks[PROMPT:]:
+            g.t.clear()
+            eng.step(t)
+            for il in range(eng.n_layer):
+                x = g.t[f"attn_norm-{il}"].reshape(-1)
+                logits = g.t[f"head_logits-{il}"].reshape(-1)
+                np.testing.assert_allclose(logits, ws[il] @ x + bs[il], rtol=1e-3, atol=1e-3)
+                mask = g.t[f"head_mask-{il}"].reshape(-1)
+                if rule == "density":
+                    want = train.select("threshold", logits[None], float(np.float32(value) + offset))[0]
+                    close = np.abs(logits - (np.float32(value) + offset)) < 1e-4
+                    np.testing.assert_array_equal(mask[~close], want[~close])
+                    offset = np.float32(offset + np.float32(gain) * (np.float32(mask.sum()) / eng.n_head - targets[il]))
+                else:
+                    np.testing.assert_array_equal(mask, train.select(rule, logits[None], value)[0])
+                kept += int(mask.sum())
+        assert eng.head_stats() == (kept, STEPS * eng.n_layer * eng.n_head)
+        assert 0 < kept < STEPS * eng.n_layer * eng.n_head
+
+
+@pytest.mark.parametrize("fill", ["zero", "mean", "linear"])
+def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill):
+    """The predictor with each fill decodes on the GPU as on the CPU: the same masks, and logits as
+    close as the two backends' dense decodes are; a fill changes them (it is really applied)."""
+    shape = SHAPES[1]
+    path = tiny_models("llama", shape, "F32")
+    toks = _tokens(12)
+    pred = tmp_path / "p.gguf"
+    with Engine(path, n_ctx=32, n_threads=1) as probe:
+        _predictor(pred, path, shape, probe.n_layer, probe.n_embd, "topk", shape[0] // 2, fill=fill, seed=1)
+
+    def run(fill, **kw):
+        g = _Masks()
+        with Engine(path, n_ctx=64, n_threads=2, flash_attn=True, tensor_hook=g, **kw) as eng:
+            eng.prefill(toks[:PROMPT])
+            eng.load_head_predictor(pred)
+            eng.set_head_fill(fill)
+            eng.set_sparse(True)
+            eng.use_head_predictor(True)
+            logits, masks = [], []
+            for t in toks[PROMPT:]:
+                g.t.clear()
+                logits.append(eng.step(t))
+                masks.append([g.t[f"head_mask-{il}"].reshape(-1) for il in range(eng.n_layer)])
+            return np.array(logits), np.array(masks)
+
+    noise = _rel(dense_logits(path, toks, **GPU), dense_logits(path, toks, flash_attn=True))
+    bound = 2 * noise + 1e-4
+    got, got_masks = run(fill, **GPU)
+    want, want_masks = run(fill)
+    np.testing.assert_array_equal(got_masks, want_masks)
+    assert 0.3 < got_masks.mean() < 0.7
+    assert _rel(got, want) < bound
+    if fill != "zero":
+        assert _rel(got, run("zero", **GPU)[0]) > 5 * bound

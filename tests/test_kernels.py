@@ -178,3 +178,45 @@ def test_v3_wo_cols(type_name, n_threads, n_tok):
 def test_cols_alignment_rule(type_name, hd, ok):
     g, _ = kernels.libs()
     assert g.ggml_sparse_attn_cols_ok(kernels.GGML_TYPE[type_name], hd) is ok
+
+
+# --- ggml_head_select: the in-graph predictor's selection (llama-head-device.patch) -----------
+
+
+@pytest.mark.parametrize("rule,value", [("threshold", 0.2), ("topk", 3), ("mass", 0.6)])
+def test_head_select_rules_match_numpy(rule, value):
+    """Each rule against train.select, with ties (the lower index ranks first), all-negative
+    logits (mass keeps only the top head), and the counters carried over 2**32."""
+    from powerinfer_attn.train import select
+
+    rng = np.random.default_rng(3)
+    cases = [rng.normal(size=n).astype(np.float32) for n in (1, 7, 32, 40)]
+    cases += [np.array([0.5, 0.5, -1.0, 0.5, 0.1], np.float32), -np.abs(rng.normal(size=9)).astype(np.float32)]
+    start = 2**32 - 3  # the low halves wrap during this step
+    for il, logits in enumerate(cases):
+        state = kernels.head_select_state(rule, value, targets=[0.5] * 6, kept=start, chosen=start)
+        mask, after = kernels.head_select(logits, state, il)
+        np.testing.assert_array_equal(mask, select(rule, logits[None], min(value, logits.size))[0])
+        assert kernels.head_select_counts(after) == (start + int(mask.sum()), start + logits.size)
+        np.testing.assert_array_equal(np.delete(after, range(4, 8)), np.delete(state, range(4, 8)))
+
+
+def test_head_select_density_controller():
+    """Threshold with a gain: the mask at value + offset, then offset += gain * (kept/n - target[il])
+    in float32, layer after layer."""
+    from powerinfer_attn.train import select
+
+    rng = np.random.default_rng(5)
+    targets = np.array([0.25, 0.75, 0.5], np.float32)
+    state = kernels.head_select_state("threshold", 0.1, targets=targets, gain=0.3, offset=-0.2)
+    offset = np.float32(-0.2)
+    for il in range(3):
+        logits = rng.normal(size=16).astype(np.float32)
+        mask, state = kernels.head_select(logits, state, il)
+        np.testing.assert_array_equal(mask, select("threshold", logits[None], float(np.float32(0.1) + offset))[0])
+        offset = np.float32(offset + np.float32(0.3) * (np.float32(mask.sum()) / np.float32(16) - targets[il]))
+        assert state.view(np.float32)[kernels.SLOT_OFFSET] == pytest.approx(offset, abs=1e-6)
+    # no gain: the offset stays
+    state[kernels.SLOT_GAIN] = 0
+    _, after = kernels.head_select(rng.normal(size=16).astype(np.float32), state, 0)
+    assert after[kernels.SLOT_OFFSET] == state[kernels.SLOT_OFFSET]

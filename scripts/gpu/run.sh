@@ -7,6 +7,9 @@
 #   scripts/gpu/run.sh bench NAME ...  bench -ngl 99 on a synthetic model of NAME's shape
 #                                      (llama2-7b, llama3-8b, smollm2-135m), the rest bench's options
 #   scripts/gpu/run.sh profile NAME CTX  GPU time per kernel of a decode step (profile_step.py)
+#   scripts/gpu/run.sh pred NAME FILL  a random predictor (top-k, n_head/2) with that fill (zero,
+#                                      mean, linear) for NAME's model: prints its path, for
+#                                      bench --predictor trained:PATH
 # Results go to $OUT (or out/) as NAME files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,8 +48,16 @@ model() {  # a synthetic model of a known shape in /tmp (speed does not depend o
 	echo "$f"
 }
 
+pred() {  # a random predictor for the synthetic model NAME, with fill FILL
+	local m f=/tmp/$1-$2-pred.gguf
+	m=$(model "$1")
+	[ -f "$f" ] || $PY scripts/gpu/synthetic_predictor.py "$m" "$f" "$2" >&2
+	echo "$f"
+}
+
 case ${1:-} in
 	build) build ;;
+	pred) pred "$2" "${3:-zero}" ;;
 	smoke) $PY scripts/gpu/smoke.py "$(model "${2:-smollm2-135m}")" ;;
 	profile) $PY scripts/gpu/profile_step.py "$(model "$2")" "${3:-32768}" 2>&1 | grep -v "^llama_\|^load\|^print_info" ;;
 	test)
@@ -63,5 +74,5 @@ case ${1:-} in
 		$PY -c "from powerinfer_attn.cli import main; main()" bench -m "$m" -ngl 99 --json "$@" > "$OUT/bench-gpu-$tag.json"
 		$PY -c "from powerinfer_attn.cli import main; main()" show "$OUT/bench-gpu-$tag.json" | tee "$OUT/bench-gpu-$tag.txt"
 		;;
-	*) sed -n 2,10p "$0"; exit 2 ;;
+	*) sed -n 2,13p "$0"; exit 2 ;;
 esac
