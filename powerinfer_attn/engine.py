@@ -83,8 +83,14 @@ def _eval_callback(hook: TensorHook, errors: list):
                 raise EngineError(f"tensor hook: {name} is not a contiguous F32 or I32 tensor")
             shape = tuple(reversed(head.ne[:4]))
             n = int(np.prod(shape))
-            buf = (ctypes.c_char * (4 * n)).from_address(g.ggml_get_data(t))
-            hook(name, np.frombuffer(buf, dtype=dtype).reshape(shape))
+            if head.buffer and not g.ggml_backend_buffer_is_host(head.buffer):
+                # a tensor in GPU memory: copied out (the scheduler has synchronized its backend)
+                data = np.empty(shape, dtype)
+                g.ggml_backend_tensor_get(t, data.ctypes.data, 0, 4 * n)
+            else:
+                buf = (ctypes.c_char * (4 * n)).from_address(g.ggml_get_data(t))
+                data = np.frombuffer(buf, dtype=dtype).reshape(shape)
+            hook(name, data)
             return True
         except BaseException as e:  # an exception must not unwind through C; stop the graph instead
             errors.append(e)

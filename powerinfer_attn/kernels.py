@@ -85,6 +85,8 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_backend_cpu_buffer_from_ptr"): ([P, ctypes.c_size_t], P),
         (g, "ggml_backend_tensor_alloc"): ([P, P, P], I32),
         (g, "ggml_backend_buffer_free"): ([P], None),
+        (g, "ggml_backend_buffer_is_host"): ([P], ctypes.c_bool),
+        (g, "ggml_backend_tensor_get"): ([P, P, ctypes.c_size_t, ctypes.c_size_t], None),
         (g, "ggml_free"): ([P], None),
         (g, "ggml_new_tensor_1d"): ([P, I32, I64], P),
         (g, "ggml_new_tensor_2d"): ([P, I32, I64, I64], P),
