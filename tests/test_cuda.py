@@ -204,7 +204,7 @@ def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill):
 
     def run(fill, **kw):
         g = _Masks()
-        with Engine(path, n_ctx=64, n_threads=2, flash_attn=True, tensor_hook=g, **kw) as eng:
+        with Engine(path, n_ctx=64, n_threads=2, tensor_hook=g, **(dict(flash_attn=True) | kw)) as eng:
             eng.prefill(toks[:PROMPT])
             eng.load_head_predictor(pred)
             eng.set_head_fill(fill)
