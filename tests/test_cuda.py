@@ -191,10 +191,13 @@ def test_gpu_in_graph_predictor_matches_numpy(tiny_models, tmp_path, rule, value
         assert 0 < kept < STEPS * eng.n_layer * eng.n_head
 
 
-@pytest.mark.parametrize("fill", ["zero", "mean", "linear"])
-def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill):
+@pytest.mark.parametrize("fill,ngl", [("zero", 99), ("mean", 99), ("linear", 99), ("linear", 2), ("zero", 2)],
+                         ids=["zero", "mean", "linear", "linear-last-layer-on-gpu", "zero-last-layer-on-gpu"])
+def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill, ngl):
     """The predictor with each fill decodes on the GPU as on the CPU: the same masks, and logits as
-    close as the two backends' dense decodes are; a fill changes them (it is really applied)."""
+    close as the two backends' dense decodes are; a fill changes them (it is really applied). With
+    only the last layer on the GPU the selection state goes from the CPU to the GPU within the
+    step and back to the CPU at its end."""
     shape = SHAPES[1]
     path = tiny_models("llama", shape, "F32")
     toks = _tokens(12)
@@ -210,19 +213,30 @@ def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill):
             eng.set_head_fill(fill)
             eng.set_sparse(True)
             eng.use_head_predictor(True)
+            eng.head_stats(reset=True)
             logits, masks = [], []
             for t in toks[PROMPT:]:
                 g.t.clear()
                 logits.append(eng.step(t))
                 masks.append([g.t[f"head_mask-{il}"].reshape(-1) for il in range(eng.n_layer)])
-            return np.array(logits), np.array(masks)
+            masks = np.array(masks)
+            assert eng.head_stats() == (int(masks.sum()), masks.size)
+            on_gpu = [bool(o & OP_PREDICTOR_ON_DEVICE) for o in eng.layer_ops()]
+            if "n_gpu_layers" not in kw:
+                assert not any(on_gpu)
+            elif kw["n_gpu_layers"] >= 99:
+                assert all(on_gpu)
+            else:  # the first layer on the CPU, the last on the GPU
+                assert on_gpu[0] is False and on_gpu[-1] is True
+            return np.array(logits), masks
 
-    noise = _rel(dense_logits(path, toks, **GPU), dense_logits(path, toks, flash_attn=True))
+    gpu = dict(GPU, n_gpu_layers=ngl)
+    noise = _rel(dense_logits(path, toks, **gpu), dense_logits(path, toks, flash_attn=True))
     bound = 2 * noise + 1e-4
-    got, got_masks = run(fill, **GPU)
+    got, got_masks = run(fill, **gpu)
     want, want_masks = run(fill)
     np.testing.assert_array_equal(got_masks, want_masks)
     assert 0.3 < got_masks.mean() < 0.7
     assert _rel(got, want) < bound
     if fill != "zero":
-        assert _rel(got, run("zero", **GPU)[0]) > 5 * bound
+        assert _rel(got, run("zero", **gpu)[0]) > 5 * bound
