@@ -100,6 +100,7 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_mul_mat_sparse_attn_v1"): ([P, P, P, P], P),
         (g, "ggml_mul_mat_sparse_attn_v2"): ([P, P, P, P], P),
         (g, "ggml_mul_mat_sparse_attn_v3"): ([P, P, P, P], P),
+        (g, "ggml_mul_mat_sparse_attn_v1_fill"): ([P, P, P, P, P], P),
         (g, "ggml_sparse_attn_cols_ok"): ([I32, I64], ctypes.c_bool),
         (g, "ggml_mul_mat_sparse_attn_set_window"): ([P, P, I32, I32, ctypes.c_bool], None),
         (g, "ggml_soft_max_ext"): ([P, P, P, ctypes.c_float, ctypes.c_float], P),
@@ -317,6 +318,29 @@ def mul_mat(mode: str | None, a: bytes, a_type: str, a_ne: tuple[int, ...], b: n
             th = c.tensor(GGML_TYPE_I32, (h.size,), h.tobytes())
             t = getattr(g, f"ggml_mul_mat_sparse_attn_{mode}")(c.ctx, ta, tb, th)
         return c.compute(t, n_threads, out_shape)
+    finally:
+        c.close()
+
+
+def mul_mat_v1_fill(a: bytes, a_type: str, a_ne: tuple[int, int], b: np.ndarray, heads: np.ndarray,
+                    bias: np.ndarray, n_threads: int = 1) -> np.ndarray:
+    """``ggml_mul_mat_sparse_attn_v1_fill(a, b, heads, bias)``: the rows of the heads marked 0,
+    plus ``bias``, and 0 for the others (linear fill's product). ``b`` is ``(ne1, ne0)``."""
+    b = np.ascontiguousarray(b, dtype=np.float32)
+    bias = np.ascontiguousarray(bias, dtype=np.float32)
+    check_args("v1", a_type, a_ne, tuple(reversed(b.shape)), heads, n_threads)
+    if bias.shape != (a_ne[1],):
+        raise ValueError(f"bias must have a's {a_ne[1]} rows, got shape {bias.shape}")
+    c = _Ctx()
+    g = c.g
+    try:
+        ta = c.tensor(GGML_TYPE[a_type], a_ne, a)
+        tb = c.tensor(GGML_TYPE["F32"], tuple(reversed(b.shape)), b.tobytes())
+        h = np.ascontiguousarray(heads, dtype=np.int32)
+        th = c.tensor(GGML_TYPE_I32, (h.size,), h.tobytes())
+        tbias = c.tensor(GGML_TYPE["F32"], (bias.size,), bias.tobytes())
+        t = g.ggml_mul_mat_sparse_attn_v1_fill(c.ctx, ta, tb, th, tbias)
+        return c.compute(t, n_threads, b.shape[:-1] + (a_ne[1],))
     finally:
         c.close()
 

@@ -50,6 +50,31 @@ def test_v1_wq_rows(type_name, n_threads, n_tok):
 
 
 @pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("type_name", ["F32", "F16", "Q8_0"])
+@pytest.mark.parametrize("n_tok", [1, 3])
+def test_v1_fill_rows_of_skipped_heads(type_name, n_threads, n_tok):
+    """Linear fill's product: the rows of the heads marked 0, plus the bias, and exact zeros for the
+    heads marked 1 (none skipped: all zero; all skipped: the dense product plus the bias)."""
+    rng = np.random.default_rng(2)
+    n_embd, n_head, hd = 256, 4, 32
+    w = rng.standard_normal((n_head * hd, n_embd)).astype(np.float32)
+    a = kernels.quantize(w, type_name)
+    wf = kernels.dequantize(a, type_name, w.shape).astype(np.float64)
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    bias = rng.standard_normal(n_head * hd).astype(np.float32)
+    for kind, heads in masks(n_head, rng).items():
+        out = kernels.mul_mat_v1_fill(a, type_name, (n_embd, n_head * hd), x, heads, bias, n_threads)
+        skipped = np.repeat(heads == 0, hd)
+        ref = x.astype(np.float64) @ wf.T + bias
+        ref[:, ~skipped] = 0
+        assert np.all(out[:, ~skipped] == 0), kind
+        np.testing.assert_allclose(out, ref, atol=tolerance(type_name, ref), rtol=0, err_msg=kind)
+        # the same rows as v1 with the complement mask, plus the bias
+        v1 = kernels.mul_mat("v1", a, type_name, (n_embd, n_head * hd), x, (heads == 0).astype(np.int32), n_threads)
+        np.testing.assert_array_equal(out[:, skipped], (v1 + bias)[:, skipped])
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
 @pytest.mark.parametrize("kv_type", ["F16", "F32"])
 @pytest.mark.parametrize("n_tok", [1, 2])
 @pytest.mark.parametrize("n_head,n_head_kv", [(6, 2), (4, 4), (3, 1)])
