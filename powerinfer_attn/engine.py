@@ -576,6 +576,10 @@ class Engine:
         rc = self.C.llama_set_head_window(self.ctx, int(n_sink), int(n_recent))
         if rc != 0:
             raise EngineError(f"llama_set_head_window returned {rc}")
+        if self.n_gpu_layers > 0:
+            warnings.warn(SparseFallbackWarning(
+                "window fill's attention has no GPU kernel: for layers on a GPU llama.cpp's scheduler runs it on "
+                "the CPU and copies the layer's K/V cache there every step (exact, but slow)"), stacklevel=2)
 
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, 8 when wq or

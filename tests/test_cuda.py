@@ -20,7 +20,7 @@ from test_faults import half_masks, oracle_logits
 
 from powerinfer_attn import build, predictor_file, train
 from powerinfer_attn.bindings import OP_KQV, OP_ON_DEVICE, OP_PREDICTOR_ON_DEVICE
-from powerinfer_attn.engine import Engine, TensorHook
+from powerinfer_attn.engine import Engine, SparseFallbackWarning, TensorHook
 
 
 def _has_cuda() -> bool:
@@ -240,3 +240,11 @@ def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill, ngl)
     assert _rel(got, want) < bound
     if fill != "zero":
         assert _rel(got, run("zero", **gpu)[0]) > 5 * bound
+
+
+def test_gpu_window_fill_says_it_runs_on_the_cpu(tiny_models):
+    """Window fill has no CUDA kernel: the scheduler runs its attention on the CPU, and the engine
+    says so rather than leaving a slow step unexplained."""
+    path = tiny_models("llama", SHAPES[1], "F32")
+    with Engine(path, n_ctx=64, n_threads=2, **GPU) as eng, pytest.warns(SparseFallbackWarning, match="window fill"):
+        eng.set_head_window(4, 8)
