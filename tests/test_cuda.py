@@ -11,16 +11,15 @@ models of every architecture, MHA and GQA, head widths 64 and 128, the weight ty
 tests. The in-graph predictor and its fills on the GPU (llama-head-device.patch): its masks
 against the numpy rules on the GPU's own logits, its counters, and the CPU's decode."""
 
-import re
-
 import numpy as np
 import pytest
 from test_architectures import ARCHS, PROMPT, SHAPES, STEPS, _rel, _tokens, sparse_logits, tiny_models  # noqa: F401
 from test_faults import half_masks, oracle_logits
+from test_predictor import _Graph, _random_predictor
 
-from powerinfer_attn import build, predictor_file, train
+from powerinfer_attn import build, train
 from powerinfer_attn.bindings import OP_KQV, OP_ON_DEVICE, OP_PREDICTOR_ON_DEVICE
-from powerinfer_attn.engine import Engine, SparseFallbackWarning, TensorHook
+from powerinfer_attn.engine import Engine, SparseFallbackWarning
 
 
 def _has_cuda() -> bool:
@@ -121,31 +120,6 @@ def test_long_context_on_the_gpu(tiny_models, shape, n_prompt):
 # --- the in-graph predictor and its fills on the GPU ---------------------------------------
 
 
-class _Masks(TensorHook):
-    def wants(self, name):
-        return re.match(r"^(attn_norm|head_logits|head_mask)-\d+$", name) is not None
-
-    def __init__(self):
-        self.t = {}
-
-    def __call__(self, name, data):
-        self.t[name] = data.copy()
-
-
-def _predictor(path, model_path, shape, n_layer, n_embd, rule, value, fill="zero", seed=0):
-    """A random predictor file for a tiny model; with fill, random means or a random linear map."""
-    n_head, d = shape[0], shape[2]
-    rng = np.random.default_rng(seed)
-    ws = [(rng.normal(size=(n_head, n_embd)) * 0.05).astype(np.float32) for _ in range(n_layer)]
-    bs = [rng.normal(size=n_head).astype(np.float32) for _ in range(n_layer)]
-    means = [(rng.normal(size=(n_embd, n_head)) * 0.1).astype(np.float32) for _ in range(n_layer)] if fill == "mean" else None
-    linear = ((rng.normal(size=(n_layer, n_head * d, n_embd)) * 0.05).astype(np.float32),
-              (rng.normal(size=(n_layer, n_head * d)) * 0.1).astype(np.float32)) if fill == "linear" else None
-    predictor_file.write_predictor(path, ws, bs, model_path.name, rule, value, {"note": "random, for tests"},
-                                   means=means, linear=linear)
-    return ws, bs
-
-
 @pytest.mark.parametrize("rule,value", [("threshold", 0.3), ("topk", 4), ("mass", 0.7), ("density", -0.5)])
 def test_gpu_in_graph_predictor_matches_numpy(tiny_models, tmp_path, rule, value):
     """With every layer on the GPU the predictor runs there (layer_ops bit 16): each layer's logits
@@ -153,11 +127,11 @@ def test_gpu_in_graph_predictor_matches_numpy(tiny_models, tmp_path, rule, value
     density controller's offset moved layer after layer), and the counters add up the masks."""
     shape = SHAPES[1]
     path = tiny_models("llama", shape, "F32")
-    g = _Masks()
+    g = _Graph()
     toks = _tokens(11)
     with Engine(path, n_ctx=64, n_threads=2, tensor_hook=g, **GPU) as eng:
         pred = tmp_path / "p.gguf"
-        ws, bs = _predictor(pred, path, shape, eng.n_layer, eng.n_embd, "threshold", 0.0)
+        ws, bs = _random_predictor(pred, path, eng)
         eng.prefill(toks[:PROMPT])
         eng.load_head_predictor(pred)
         targets, gain = np.array([0.3, 0.6] * eng.n_layer, np.float32)[:eng.n_layer], 0.2
@@ -203,10 +177,10 @@ def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill, ngl)
     toks = _tokens(12)
     pred = tmp_path / "p.gguf"
     with Engine(path, n_ctx=32, n_threads=1) as probe:
-        _predictor(pred, path, shape, probe.n_layer, probe.n_embd, "topk", shape[0] // 2, fill=fill, seed=1)
+        _random_predictor(pred, path, probe, value=shape[0] // 2, rule="topk", seed=1, fill=fill, head_dim=shape[2])
 
     def run(fill, **kw):
-        g = _Masks()
+        g = _Graph()
         with Engine(path, n_ctx=64, n_threads=2, tensor_hook=g, **(dict(flash_attn=True) | kw)) as eng:
             eng.prefill(toks[:PROMPT])
             eng.load_head_predictor(pred)

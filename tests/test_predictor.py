@@ -224,11 +224,22 @@ def test_trained_spec_errors(tmp_path):
 # --- against the built engine ----------------------------------------------------------
 
 
-def _random_predictor(path, model_path, eng, value=0.0, rule="threshold", scale=0.05, seed=0):
+def _random_predictor(path, model_path, eng, value=0.0, rule="threshold", scale=0.05, seed=0, fill="zero",
+                      head_dim=None):
+    """A random predictor file for ``eng``'s model; with ``fill`` mean or linear (heads of width
+    ``head_dim``), random means or a random linear map as well."""
     rng = np.random.default_rng(seed)
     ws = [(rng.normal(size=(eng.n_head, eng.n_embd)) * scale).astype(np.float32) for _ in range(eng.n_layer)]
     bs = [rng.normal(size=eng.n_head).astype(np.float32) for _ in range(eng.n_layer)]
-    predictor_file.write_predictor(path, ws, bs, model_path.name, rule, value, {"note": "random, for tests"})
+    means = linear = None
+    if fill == "mean":
+        means = [(rng.normal(size=(eng.n_embd, eng.n_head)) * 0.1).astype(np.float32) for _ in range(eng.n_layer)]
+    elif fill == "linear":
+        n_out = eng.n_head * head_dim
+        linear = ((rng.normal(size=(eng.n_layer, n_out, eng.n_embd)) * 0.05).astype(np.float32),
+                  (rng.normal(size=(eng.n_layer, n_out)) * 0.1).astype(np.float32))
+    predictor_file.write_predictor(path, ws, bs, model_path.name, rule, value, {"note": "random, for tests"},
+                                   means=means, linear=linear)
     return ws, bs
 
 
