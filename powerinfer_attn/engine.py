@@ -146,8 +146,9 @@ class Engine:
         quantized V cache needs flash attention, as in llama.cpp.
         ``n_gpu_layers``: layers to offload to a GPU (llama.cpp's -ngl; needs a library built
         with ``powerinfer-attn build --cuda``). On the GPU sparse decode needs flash attention:
-        the path without it (v2 and the head-masked softmax) is CPU-only, as are window fill
-        and the in-graph predictor's ops; llama.cpp's scheduler runs those on the CPU.
+        the path without it (v2 and the head-masked softmax) is CPU-only, as is window fill's
+        attention; llama.cpp's scheduler runs those on the CPU. The in-graph predictor and its
+        zero, mean and linear fills run on each layer's device.
         ``tensor_hook``: observe (and possibly modify in place) graph tensors as they are
         computed, through llama.cpp's eval callback; see ``TensorHook``."""
         C = bindings()
