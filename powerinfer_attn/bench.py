@@ -294,8 +294,6 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     repack_types = repackable_types(model_path) if not ngl else []
     repack_options = [True, False] if repack_types else [True]
     if ngl:
-        if window:
-            raise ValueError("bench on a GPU: window fill is CPU-only")
         profile = False  # node-by-node timing through the eval callback is not faithful on a GPU
     elif not repack_types:
         say("no weights of a type the CPU backend repacks: repack left on, not measured both ways")

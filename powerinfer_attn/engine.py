@@ -146,9 +146,9 @@ class Engine:
         quantized V cache needs flash attention, as in llama.cpp.
         ``n_gpu_layers``: layers to offload to a GPU (llama.cpp's -ngl; needs a library built
         with ``powerinfer-attn build --cuda``). On the GPU sparse decode needs flash attention:
-        the path without it (v2 and the head-masked softmax) is CPU-only, as is window fill's
-        attention; llama.cpp's scheduler runs those on the CPU. The in-graph predictor and its
-        zero, mean and linear fills run on each layer's device.
+        the path without it (v2 and the head-masked softmax) is CPU-only, as is a quantized
+        K/V cache; llama.cpp's scheduler runs those on the CPU. The in-graph predictor and all
+        its fills (window fill's attention included) run on each layer's device.
         ``tensor_hook``: observe (and possibly modify in place) graph tensors as they are
         computed, through llama.cpp's eval callback; see ``TensorHook``."""
         C = bindings()
@@ -577,10 +577,11 @@ class Engine:
         rc = self.C.llama_set_head_window(self.ctx, int(n_sink), int(n_recent))
         if rc != 0:
             raise EngineError(f"llama_set_head_window returned {rc}")
-        if self.n_gpu_layers > 0:
+        if self.n_gpu_layers > 0 and not (self.flash_attn and self.cache_types == ("f16", "f16")):
             warnings.warn(SparseFallbackWarning(
-                "window fill's attention has no GPU kernel: for layers on a GPU llama.cpp's scheduler runs it on "
-                "the CPU and copies the layer's K/V cache there every step (exact, but slow)"), stacklevel=2)
+                "window fill's attention has a GPU kernel only with flash attention and an F16 cache: here "
+                "llama.cpp's scheduler runs it on the CPU for layers on a GPU and copies the layer's K/V cache "
+                "there every step (exact, but slow)"), stacklevel=2)
 
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, 8 when wq or

@@ -99,11 +99,13 @@ class WindowedHeads(ZeroedHeads):
     """Inactive heads' outputs replaced by their attention over the first ``n_sink`` and the last
     ``n_recent`` tokens of the sequence (the current one included), softmax over those only.
     It keeps every token's K and V (``Kcur``/``Vcur``, after RoPE, rounded to F16 as the cache
-    stores them) from a fresh context on: one sequence, cells in position order, scale 1/sqrt(d)."""
+    stores them) from a fresh context on: one sequence, cells in position order, scale 1/sqrt(d).
+    ``round_q``: round q to F16 first, as CPU flash attention does (the CUDA kernels keep it to
+    22 bits)."""
 
-    def __init__(self, n_layer: int, n_head: int, n_sink: int, n_recent: int):
+    def __init__(self, n_layer: int, n_head: int, n_sink: int, n_recent: int, round_q: bool = True):
         super().__init__(n_layer, n_head)
-        self.n_sink, self.n_recent = n_sink, n_recent
+        self.n_sink, self.n_recent, self.round_q = n_sink, n_recent, round_q
         self.cur: list[dict] = [{} for _ in range(n_layer)]
         self.keys: list[list] = [[] for _ in range(n_layer)]
         self.values: list[list] = [[] for _ in range(n_layer)]
@@ -117,11 +119,14 @@ class WindowedHeads(ZeroedHeads):
             # the last tensor of that name in the layer is the one attention reads (after RoPE)
             self.cur[int(m.group(2))][m.group(1)] = data.reshape(-1, data.shape[-2], data.shape[-1]).copy()
             return
-        il = int(_KQV_OUT.match(name).group(1))
+        self.remember(int(_KQV_OUT.match(name).group(1)))
+        super().__call__(name, data)
+
+    def remember(self, il: int) -> None:
+        """Keep layer il's K and V of the step (at its attention output, when they are final)."""
         cur = self.cur[il]
         self.keys[il].extend(cur["K"].astype(np.float16).astype(np.float64))
         self.values[il].extend(cur["V"].astype(np.float16).astype(np.float64))
-        super().__call__(name, data)
 
     def fill_for(self, il: int):
         q = self.cur[il]["Q"]
@@ -133,7 +138,8 @@ class WindowedHeads(ZeroedHeads):
         out = []
         for h in np.flatnonzero(self.mask[il] == 0):
             g = h // (self.n_head // n_head_kv)
-            s = k[cells, g] @ q[0, h].astype(np.float16).astype(np.float64) / np.sqrt(d)
+            qh = q[0, h].astype(np.float16) if self.round_q else q[0, h]
+            s = k[cells, g] @ qh.astype(np.float64) / np.sqrt(d)
             p = np.exp(s - s.max())
             out.append((p / p.sum()) @ v[cells, g])
         return np.array(out, np.float32).reshape(-1, d)

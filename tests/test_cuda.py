@@ -9,7 +9,11 @@ must match the CPU's oracle, dense decode with the inactive heads' outputs zeroe
 own sparse decode; all heads active must match dense decode on the GPU. Tiny random-weight
 models of every architecture, MHA and GQA, head widths 64 and 128, the weight types of the CPU
 tests. The in-graph predictor and its fills on the GPU (llama-head-device.patch): its masks
-against the numpy rules on the GPU's own logits, its counters, and the CPU's decode."""
+against the numpy rules on the GPU's own logits, its counters, and the CPU's decode. Window
+fill in the same kernels: skipped heads' outputs against numpy attention over their window, and
+dense decode when the window holds every cell."""
+
+import warnings
 
 import numpy as np
 import pytest
@@ -20,6 +24,7 @@ from test_predictor import _Graph, _random_predictor
 from powerinfer_attn import build, train
 from powerinfer_attn.bindings import OP_KQV, OP_ON_DEVICE, OP_PREDICTOR_ON_DEVICE
 from powerinfer_attn.engine import Engine, SparseFallbackWarning
+from powerinfer_attn.reference import _KQV_OUT, WindowedHeads
 
 
 def _has_cuda() -> bool:
@@ -216,9 +221,103 @@ def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill, ngl)
         assert _rel(got, run("zero", **gpu)[0]) > 5 * bound
 
 
-def test_gpu_window_fill_says_it_runs_on_the_cpu(tiny_models):
-    """Window fill has no CUDA kernel: the scheduler runs its attention on the CPU, and the engine
-    says so rather than leaving a slow step unexplained."""
+# --- window fill on the GPU ----------------------------------------------------------------
+
+
+def _window_logits(path, toks, n_prompt, masks, window, **kw):
+    with Engine(path, n_ctx=n_prompt + 64, n_threads=2, **kw) as eng:
+        eng.prefill(toks[:n_prompt])
+        eng.set_sparse(True)
+        if window:
+            eng.set_head_window(*window)
+        out = []
+        for i, t in enumerate(toks[n_prompt:]):
+            eng.set_mask(masks[i])
+            out.append(eng.step(t))
+        return np.array(out)
+
+
+class _WindowError(WindowedHeads):
+    """Compares each step's windowed heads' outputs (the kernels' own) with numpy attention over
+    the window of the same q, K and V, instead of replacing them."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.errors = []
+
+    def __call__(self, name, data):
+        m = _KQV_OUT.match(name)
+        if m is None:
+            return super().__call__(name, data)
+        il = int(m.group(1))
+        self.remember(il)
+        off = self.mask[il] == 0
+        if self.cur[il]["Q"].shape[0] == 1 and off.any():
+            got = data.reshape(-1, self.n_head, data.shape[-1] // self.n_head)[0][off]
+            self.errors.append(_rel(got, self.fill_for(il)))
+
+
+@pytest.mark.parametrize("shape,n_prompt", [((8, 8, 64), 700), ((8, 2, 64), 700), ((9, 3, 64), 300),
+                                            ((4, 4, 128), 300), ((4, 1, 128), 300), ((8, 8, 64), 4600),
+                                            ((32, 8, 64), 4600)],
+                         ids=lambda v: f"h{v[0]}kv{v[1]}d{v[2]}" if isinstance(v, tuple) else str(v))
+def test_gpu_window_fill_matches_numpy_attention(tiny_models, shape, n_prompt):
+    """Skipped heads attend over 4 sink and 40 recent cells: every skipped head's output, every
+    step and layer, is numpy attention over those cells of the step's own q, K and V. With the
+    CUDA-core kernel (MHA) and the tensor-core one (2-4 query heads per KV head), in short caches
+    and in long ones where the window's cells lie in a few of many ranges; one step skips every
+    head (only windowed heads: ranges without window cells are not read at all). The logits are
+    the CPU's window fill's, to the CPU's precision: its flash attention accumulates V in F16
+    for those heads (stock's row loop), about 2e-3 of each head's output. The window is really
+    applied: zero fill gives other logits."""
+    path = tiny_models("llama", shape, "F32")
+    rng = np.random.default_rng(11)
+    toks = [int(t) for t in rng.integers(1, 64, size=n_prompt + STEPS)]
+    masks = half_masks(rng, STEPS, 2, shape[0])
+    masks[0] = 0
+    check = _WindowError(2, shape[0], 4, 40, round_q=False)
+    check.mask = masks[0]
+    got = []
+    with Engine(path, n_ctx=n_prompt + 64, n_threads=2, tensor_hook=check, **GPU) as eng:
+        eng.prefill(toks[:n_prompt])
+        eng.set_sparse(True)
+        eng.set_head_window(4, 40)
+        for i, t in enumerate(toks[n_prompt:]):
+            eng.set_mask(masks[i])
+            check.mask = masks[i]
+            got.append(eng.step(t))
+    got = np.array(got)
+    assert len(check.errors) == int((masks == 0).any(axis=2).sum())
+    assert max(check.errors) < 1e-4, check.errors
+    assert _rel(got, _window_logits(path, toks, n_prompt, masks, (4, 40), flash_attn=True)) < 5e-3
+    assert _rel(got, _window_logits(path, toks, n_prompt, masks, None, **GPU)) > 0.1
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 64), (8, 2, 64)], ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
+@pytest.mark.parametrize("window", [(700, 0), (0, 700), (300, 500)], ids=["sinks", "recent", "both"])
+def test_gpu_window_that_covers_the_cache_is_dense(tiny_models, shape, window):
+    """A window holding every cell makes a skipped head attend as an active one: every head
+    skipped then gives dense decode on the GPU, through the sink cells only, the recent ones only,
+    or both meeting."""
+    path = tiny_models("llama", shape, "F32")
+    rng = np.random.default_rng(12)
+    n_prompt = 600
+    toks = [int(t) for t in rng.integers(1, 64, size=n_prompt + STEPS)]
+    none = np.zeros((STEPS, 2, shape[0]), np.int32)
+    got = _window_logits(path, toks, n_prompt, none, window, **GPU)
+    want = _window_logits(path, toks, n_prompt, np.ones_like(none), None, **GPU)
+    assert _rel(got, want) < 1e-4
+
+
+def test_gpu_window_fill_warns_only_off_its_kernel(tiny_models):
+    """The window runs in the GPU's flash attention with an F16 cache; without flash attention the
+    scheduler runs it on the CPU, and the engine says so rather than leaving a slow step
+    unexplained."""
     path = tiny_models("llama", SHAPES[1], "F32")
-    with Engine(path, n_ctx=64, n_threads=2, **GPU) as eng, pytest.warns(SparseFallbackWarning, match="window fill"):
+    with Engine(path, n_ctx=64, n_threads=2, **GPU) as eng, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        eng.set_head_window(4, 8)
+    assert not [w for w in seen if issubclass(w.category, SparseFallbackWarning)]
+    with Engine(path, n_ctx=64, n_threads=2, n_gpu_layers=99) as eng, \
+            pytest.warns(SparseFallbackWarning, match="window fill"):
         eng.set_head_window(4, 8)
