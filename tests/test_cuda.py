@@ -276,7 +276,6 @@ def test_gpu_window_fill_matches_numpy_attention(tiny_models, shape, n_prompt):
     masks = half_masks(rng, STEPS, 2, shape[0])
     masks[0] = 0
     check = _WindowError(2, shape[0], 4, 40, round_q=False)
-    check.mask = masks[0]
     got = []
     with Engine(path, n_ctx=n_prompt + 64, n_threads=2, tensor_hook=check, **GPU) as eng:
         eng.prefill(toks[:n_prompt])
