@@ -91,6 +91,16 @@ def test_gpu_three_heads_per_kv_head(tiny_models, shape):
     check_against_oracle(path, _tokens(8), masks)
 
 
+@pytest.mark.parametrize("shape", [(16, 2, 64), (12, 2, 128)], ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
+def test_gpu_six_to_eight_heads_per_kv_head(tiny_models, shape):
+    """More than 4 query heads per KV head take the CUDA-core kernel with room for 8 heads a block
+    (the tensor-core one takes at most 4); 6 leave two of its slots empty."""
+    path = tiny_models("llama", shape, "F32")
+    masks = half_masks(np.random.default_rng(10), STEPS, 2, shape[0])
+    masks[1] = 1
+    check_against_oracle(path, _tokens(8), masks)
+
+
 @pytest.mark.parametrize("type_name", ["F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
 def test_gpu_quantized_weights(tiny_models, type_name, shape):
@@ -258,13 +268,14 @@ class _WindowError(WindowedHeads):
 
 
 @pytest.mark.parametrize("shape,n_prompt", [((8, 8, 64), 700), ((8, 2, 64), 700), ((9, 3, 64), 300),
-                                            ((4, 4, 128), 300), ((4, 1, 128), 300), ((8, 8, 64), 4600),
-                                            ((32, 8, 64), 4600)],
+                                            ((4, 4, 128), 300), ((4, 1, 128), 300), ((16, 2, 64), 700),
+                                            ((8, 8, 64), 4600), ((32, 8, 64), 4600)],
                          ids=lambda v: f"h{v[0]}kv{v[1]}d{v[2]}" if isinstance(v, tuple) else str(v))
 def test_gpu_window_fill_matches_numpy_attention(tiny_models, shape, n_prompt):
     """Skipped heads attend over 4 sink and 40 recent cells: every skipped head's output, every
     step and layer, is numpy attention over those cells of the step's own q, K and V. With the
-    CUDA-core kernel (MHA) and the tensor-core one (2-4 query heads per KV head), in short caches
+    CUDA-core kernel (MHA, and 8 query heads per KV head, where a block holds skipped and active
+    heads together) and the tensor-core one (2-4 query heads per KV head), in short caches
     and in long ones where the window's cells lie in a few of many ranges; one step skips every
     head (only windowed heads: ranges without window cells are not read at all). The logits are
     the CPU's window fill's, to the CPU's precision: its flash attention accumulates V in F16
