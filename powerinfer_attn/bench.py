@@ -286,8 +286,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     ``caches``: the KV cache types the fastest-stock search tries (quantized ones with flash
     attention); sparse runs in the winner's configuration. ``window`` (S, W): the fixed-density
     rows run with window fill (skipped heads attend over S + W KV cells). ``ngl``: layers on the
-    GPU; the sparse contexts then run with flash attention and an F16 cache (what the CUDA
-    kernel takes) whatever the dense winner, there is no profile, and each ratio's limit is the
+    GPU; the sparse contexts then run with flash attention and an F16 cache (the CUDA kernel's
+    fastest) whatever the dense winner, there is no profile, and each ratio's limit is the
     bytes-based one (``byte_share``)."""
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
@@ -308,7 +308,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         choices[ctx] = {"flash_attn": "on" if fa else "off", "repack": "on" if rp else "off", "cache": cache}
         kw = dict(n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp, cache_type_k=cache, cache_type_v=cache,
                   n_gpu_layers=ngl)
-        # on a GPU sparse decode runs in flash attention with an F16 cache
+        # on a GPU sparse decode runs in flash attention with an F16 cache: the CUDA kernel reads
+        # Q8_0 too, but in 2-byte loads, and was slower with it at 32K (Llama-2-7B's shape, H100)
         s_fa, s_cache = (True, "f16") if ngl else (fa, cache)
         skw = dict(kw, flash_attn=s_fa, cache_type_k=s_cache, cache_type_v=s_cache)
         with Engine(model_path, **kw) as dense, Engine(model_path, **skw) as sparse:

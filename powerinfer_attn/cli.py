@@ -653,7 +653,8 @@ def show(result) -> None:
     elif isinstance(data, dict) and "rows" in data:
         click.echo(f"{Path(data['model']).name}, {data['threads']} threads, median of {data['reps']} paired steps"
                    + (", GQA-group masks" if data.get("gqa_masks") else "")
-                   + (f", {data['n_gpu_layers']} layers on the GPU (sparse: flash attention, f16 cache); "
+                   + (f", {data['n_gpu_layers']} layers on the GPU (sparse: flash attention, "
+                      f"{'/'.join(sorted({r.get('cache', 'f16') for r in data['rows'] if r['mode'] != 'dense'}))} cache); "
                       "cells: tok/s (ratio of its bytes-based limit)" if data.get("n_gpu_layers") else ""))
         click.echo(bench_mod.format_table(data))
         if data.get("profiles"):

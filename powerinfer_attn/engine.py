@@ -146,9 +146,10 @@ class Engine:
         quantized V cache needs flash attention, as in llama.cpp.
         ``n_gpu_layers``: layers to offload to a GPU (llama.cpp's -ngl; needs a library built
         with ``powerinfer-attn build --cuda``). On the GPU sparse decode needs flash attention:
-        the path without it (v2 and the head-masked softmax) is CPU-only, as is a quantized
-        K/V cache; llama.cpp's scheduler runs those on the CPU. The in-graph predictor and all
-        its fills (window fill's attention included) run on each layer's device.
+        the path without it (v2 and the head-masked softmax) is CPU-only, as are caches other
+        than F16 and Q8_0; llama.cpp's scheduler runs those on the CPU (``set_sparse`` warns).
+        The in-graph predictor and all its fills (window fill's attention included) run on each
+        layer's device.
         ``tensor_hook``: observe (and possibly modify in place) graph tensors as they are
         computed, through llama.cpp's eval callback; see ``TensorHook``."""
         C = bindings()
@@ -449,6 +450,16 @@ class Engine:
             msg = self.fallback_summary()
             if msg:
                 warnings.warn(SparseFallbackWarning(msg), stacklevel=2)
+            if not self._gpu_attention_kernel_ok():
+                warnings.warn(SparseFallbackWarning(
+                    f"sparse attention on a GPU needs flash attention and an F16 or Q8_0 cache (K and V alike); "
+                    f"with flash attention {'on' if self.flash_attn else 'off'} and {'/'.join(self.cache_types)} "
+                    f"caches llama.cpp's scheduler runs it on the CPU and copies each GPU layer's K/V cache there "
+                    f"every step (exact, but slow)"), stacklevel=2)
+
+    def _gpu_attention_kernel_ok(self) -> bool:
+        """Whether the head-masked attention of layers on a GPU can run there (cuda-sparse-attn.patch)."""
+        return self.n_gpu_layers == 0 or (self.flash_attn and self.cache_types in (("f16", "f16"), ("q8_0", "q8_0")))
 
     @property
     def sparse(self) -> bool:
@@ -577,11 +588,11 @@ class Engine:
         rc = self.C.llama_set_head_window(self.ctx, int(n_sink), int(n_recent))
         if rc != 0:
             raise EngineError(f"llama_set_head_window returned {rc}")
-        if self.n_gpu_layers > 0 and not (self.flash_attn and self.cache_types == ("f16", "f16")):
+        if not self._gpu_attention_kernel_ok():
             warnings.warn(SparseFallbackWarning(
-                "window fill's attention has a GPU kernel only with flash attention and an F16 cache: here "
-                "llama.cpp's scheduler runs it on the CPU for layers on a GPU and copies the layer's K/V cache "
-                "there every step (exact, but slow)"), stacklevel=2)
+                "window fill's attention has a GPU kernel only with flash attention and an F16 or Q8_0 cache: "
+                "here llama.cpp's scheduler runs it on the CPU for layers on a GPU and copies the layer's K/V "
+                "cache there every step (exact, but slow)"), stacklevel=2)
 
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, 8 when wq or

@@ -48,21 +48,23 @@ def dense_logits(path, tokens, **kw):
         return np.array([eng.step(t) for t in tokens[PROMPT:]])
 
 
-def check_against_oracle(path, toks, masks):
+def check_against_oracle(path, toks, masks, **kw):
     """The GPU's sparse decode is as close to the CPU's oracle as the GPU's dense decode is to
     the CPU's (its matrix kernels round differently: TF32 for F32, their own activation
-    quantization), it is the CPU's sparse decode to the same precision, and the masks matter."""
-    noise = _rel(dense_logits(path, toks, **GPU), dense_logits(path, toks, flash_attn=True))
+    quantization), it is the CPU's sparse decode to the same precision, and the masks matter.
+    ``kw``: more engine options for all of them (cache types)."""
+    gpu, cpu_kw = GPU | kw, dict(flash_attn=True) | kw
+    noise = _rel(dense_logits(path, toks, **gpu), dense_logits(path, toks, **cpu_kw))
     bound = 2 * noise + 1e-4
-    want = oracle_logits(path, toks, PROMPT, masks, n_ctx=64, n_threads=2, flash_attn=True)
-    got, ops = sparse_logits(path, toks, masks, **GPU)
-    cpu, _ = sparse_logits(path, toks, masks, flash_attn=True)
+    want = oracle_logits(path, toks, PROMPT, masks, n_ctx=64, n_threads=2, **cpu_kw)
+    got, ops = sparse_logits(path, toks, masks, **gpu)
+    cpu, _ = sparse_logits(path, toks, masks, **cpu_kw)
     # on the GPU wq and wo take the stock product (the attention kernel ignores inactive heads'
     # queries and zeroes their outputs), and layer_ops says so
     assert ops == [OP_KQV | OP_ON_DEVICE] * len(ops)
     assert _rel(got, want) < bound
     assert _rel(got, cpu) < bound
-    assert _rel(got, dense_logits(path, toks, **GPU)) > 5 * bound
+    assert _rel(got, dense_logits(path, toks, **gpu)) > 5 * bound
     return noise
 
 
@@ -99,6 +101,22 @@ def test_gpu_six_to_eight_heads_per_kv_head(tiny_models, shape):
     masks = half_masks(np.random.default_rng(10), STEPS, 2, shape[0])
     masks[1] = 1
     check_against_oracle(path, _tokens(8), masks)
+
+
+Q8 = dict(cache_type_k="q8_0", cache_type_v="q8_0")
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 64), (8, 2, 64), (4, 4, 128), (4, 1, 128), (16, 2, 64)],
+                         ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
+def test_gpu_q8_0_cache(tiny_models, shape):
+    """A Q8_0 K/V cache is read by the CUDA-core kernel (for every grouping: the tensor-core one
+    reads F16 rows) with its blocks' scales: as close to the CPU's oracle with the same cache as
+    the two backends' dense decodes are, every head off in one step and on in another."""
+    path = tiny_models("llama", shape, "F32")
+    masks = half_masks(np.random.default_rng(13), STEPS, 2, shape[0])
+    masks[0] = 0
+    masks[1] = 1
+    check_against_oracle(path, _tokens(13), masks, **Q8)
 
 
 @pytest.mark.parametrize("type_name", ["F16", "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
@@ -331,3 +349,19 @@ def test_gpu_window_fill_warns_only_off_its_kernel(tiny_models):
     with Engine(path, n_ctx=64, n_threads=2, n_gpu_layers=99) as eng, \
             pytest.warns(SparseFallbackWarning, match="window fill"):
         eng.set_head_window(4, 8)
+
+
+@pytest.mark.parametrize("kw", [dict(flash_attn=False), dict(flash_attn=True, cache_type_k="q4_0", cache_type_v="q4_0"),
+                                dict(flash_attn=True, cache_type_k="q8_0")], ids=["no-fa", "q4_0", "q8_0-k-only"])
+def test_gpu_sparse_off_the_kernel_warns(tiny_models, kw):
+    """Sparse attention the CUDA kernel cannot read (no flash attention, caches other than F16 and
+    Q8_0) runs on the CPU; set_sparse says so. With F16 or Q8_0 caches it says nothing."""
+    path = tiny_models("llama", SHAPES[1], "F32")
+    with Engine(path, n_ctx=64, n_threads=2, n_gpu_layers=99, **kw) as eng, \
+            pytest.warns(SparseFallbackWarning, match="needs flash attention"):
+        eng.set_sparse(True)
+    for ok in ({}, Q8):
+        with Engine(path, n_ctx=64, n_threads=2, **GPU, **ok) as eng, warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            eng.set_sparse(True)
+        assert not [w for w in seen if issubclass(w.category, SparseFallbackWarning)]
