@@ -252,8 +252,10 @@ def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill, ngl)
 # --- window fill on the GPU ----------------------------------------------------------------
 
 
-def _window_logits(path, toks, n_prompt, masks, window, **kw):
-    with Engine(path, n_ctx=n_prompt + 64, n_threads=2, **kw) as eng:
+def _window_logits(path, toks, n_prompt, masks, window, check=None, **kw):
+    """Sparse decode after a dense prefill, with window fill when ``window`` (S, W) is given; a
+    ``check`` hook observes it and is told each step's mask."""
+    with Engine(path, n_ctx=n_prompt + 64, n_threads=2, tensor_hook=check, **kw) as eng:
         eng.prefill(toks[:n_prompt])
         eng.set_sparse(True)
         if window:
@@ -261,6 +263,8 @@ def _window_logits(path, toks, n_prompt, masks, window, **kw):
         out = []
         for i, t in enumerate(toks[n_prompt:]):
             eng.set_mask(masks[i])
+            if check is not None:
+                check.mask = masks[i]
             out.append(eng.step(t))
         return np.array(out)
 
@@ -305,16 +309,7 @@ def test_gpu_window_fill_matches_numpy_attention(tiny_models, shape, n_prompt):
     masks = half_masks(rng, STEPS, 2, shape[0])
     masks[0] = 0
     check = _WindowError(2, shape[0], 4, 40, round_q=False)
-    got = []
-    with Engine(path, n_ctx=n_prompt + 64, n_threads=2, tensor_hook=check, **GPU) as eng:
-        eng.prefill(toks[:n_prompt])
-        eng.set_sparse(True)
-        eng.set_head_window(4, 40)
-        for i, t in enumerate(toks[n_prompt:]):
-            eng.set_mask(masks[i])
-            check.mask = masks[i]
-            got.append(eng.step(t))
-    got = np.array(got)
+    got = _window_logits(path, toks, n_prompt, masks, (4, 40), check=check, **GPU)
     assert len(check.errors) == int((masks == 0).any(axis=2).sum())
     assert max(check.errors) < 1e-4, check.errors
     assert _rel(got, _window_logits(path, toks, n_prompt, masks, (4, 40), flash_attn=True)) < 5e-3

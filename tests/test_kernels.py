@@ -26,16 +26,22 @@ def tolerance(type_name, ref):
     return rel * max(1.0, float(np.abs(ref).max()))
 
 
+def _rows_and_input(rng, type_name, n_rows, n_embd, n_tok):
+    """A random [n_rows, n_embd] matrix of that type (its bytes, and its values back in float64) and
+    an input of n_tok rows."""
+    w = rng.standard_normal((n_rows, n_embd)).astype(np.float32)
+    a = kernels.quantize(w, type_name)
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    return a, kernels.dequantize(a, type_name, w.shape).astype(np.float64), x
+
+
 @pytest.mark.parametrize("n_threads", THREADS)
 @pytest.mark.parametrize("type_name", WEIGHT_TYPES)
 @pytest.mark.parametrize("n_tok", [1, 3])
 def test_v1_wq_rows(type_name, n_threads, n_tok):
     rng = np.random.default_rng(1)
     n_embd, n_head, hd = 256, 4, 64
-    w = rng.standard_normal((n_head * hd, n_embd)).astype(np.float32)
-    a = kernels.quantize(w, type_name)
-    wf = kernels.dequantize(a, type_name, w.shape).astype(np.float64)
-    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    a, wf, x = _rows_and_input(rng, type_name, n_head * hd, n_embd, n_tok)
     dense = kernels.mul_mat(None, a, type_name, (n_embd, n_head * hd), x, None, n_threads)
     for kind, heads in masks(n_head, rng).items():
         out = kernels.mul_mat("v1", a, type_name, (n_embd, n_head * hd), x, heads, n_threads)
@@ -57,10 +63,7 @@ def test_v1_fill_rows_of_skipped_heads(type_name, n_threads, n_tok):
     heads marked 1 (none skipped: all zero; all skipped: the dense product plus the bias)."""
     rng = np.random.default_rng(2)
     n_embd, n_head, hd = 256, 4, 32
-    w = rng.standard_normal((n_head * hd, n_embd)).astype(np.float32)
-    a = kernels.quantize(w, type_name)
-    wf = kernels.dequantize(a, type_name, w.shape).astype(np.float64)
-    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    a, wf, x = _rows_and_input(rng, type_name, n_head * hd, n_embd, n_tok)
     bias = rng.standard_normal(n_head * hd).astype(np.float32)
     for kind, heads in masks(n_head, rng).items():
         out = kernels.mul_mat_v1_fill(a, type_name, (n_embd, n_head * hd), x, heads, bias, n_threads)
