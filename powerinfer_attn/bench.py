@@ -256,6 +256,13 @@ def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict
     return out
 
 
+def kv_head_density(masks: np.ndarray, n_head_kv: int) -> float:
+    """Mean share of KV heads that keep one of their query heads (whose K/V rows are then read),
+    over masks [..., n_head] whose query heads are grouped n_head // n_head_kv per KV head."""
+    m = np.asarray(masks)
+    return float(m.reshape(*m.shape[:-1], n_head_kv, -1).max(axis=-1).mean())
+
+
 def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spec: str, toks: list[int],
                      cache: str = "f16", ngl: int = 0) -> tuple[float, float]:
     """Mean density the in-graph predictor chooses over the ``DENSITY_STEPS`` tokens that follow
@@ -272,9 +279,8 @@ def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spe
         for i, t in enumerate(toks[ctx:ctx + DENSITY_STEPS]):
             eng.predicted_step(pred, i, t)
             masks.append(pred.observed())
-        group = eng.n_head // eng.n_head_kv
-    m = np.array(masks)
-    return float(m.mean()), float(m.reshape(m.shape[0], m.shape[1], -1, group).max(axis=3).mean())
+        n_head_kv = eng.n_head_kv
+    return float(np.mean(masks)), kv_head_density(np.array(masks), n_head_kv)
 
 
 def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
@@ -370,8 +376,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             ratio = statistics.median(ratios[d])
             kept = float(masks[d].mean())
             if ngl:  # K/V rows are read for every KV head that keeps one of its query heads
-                group = masks[d].shape[1] // sparse.n_head_kv
-                limit = amdahl_limit(share, float(masks[d].reshape(masks[d].shape[0], -1, group).max(axis=2).mean()))
+                limit = amdahl_limit(share, kv_head_density(masks[d], sparse.n_head_kv))
             else:
                 limit = amdahl_limit(share, kept) if share is not None else None
             rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache))

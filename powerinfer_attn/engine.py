@@ -450,16 +450,18 @@ class Engine:
             msg = self.fallback_summary()
             if msg:
                 warnings.warn(SparseFallbackWarning(msg), stacklevel=2)
-            if not self._gpu_attention_kernel_ok():
-                warnings.warn(SparseFallbackWarning(
-                    f"sparse attention on a GPU needs flash attention and an F16 or Q8_0 cache (K and V alike); "
-                    f"with flash attention {'on' if self.flash_attn else 'off'} and {'/'.join(self.cache_types)} "
-                    f"caches llama.cpp's scheduler runs it on the CPU and copies each GPU layer's K/V cache there "
-                    f"every step (exact, but slow)"), stacklevel=2)
+            self._warn_off_gpu_kernel("sparse attention")
 
-    def _gpu_attention_kernel_ok(self) -> bool:
-        """Whether the head-masked attention of layers on a GPU can run there (cuda-sparse-attn.patch)."""
-        return self.n_gpu_layers == 0 or (self.flash_attn and self.cache_types in (("f16", "f16"), ("q8_0", "q8_0")))
+    def _warn_off_gpu_kernel(self, what: str) -> None:
+        """Warn when the head-masked attention of layers on a GPU cannot run there (its kernel,
+        cuda-sparse-attn.patch, needs flash attention and F16 or Q8_0 K and V)."""
+        if self.n_gpu_layers == 0 or (self.flash_attn and self.cache_types in (("f16", "f16"), ("q8_0", "q8_0"))):
+            return
+        warnings.warn(SparseFallbackWarning(
+            f"{what} on a GPU needs flash attention and an F16 or Q8_0 cache (K and V alike); with flash "
+            f"attention {'on' if self.flash_attn else 'off'} and {'/'.join(self.cache_types)} caches llama.cpp's "
+            f"scheduler runs it on the CPU and copies each GPU layer's K/V cache there every step (exact, but slow)"),
+            stacklevel=3)
 
     @property
     def sparse(self) -> bool:
@@ -588,11 +590,7 @@ class Engine:
         rc = self.C.llama_set_head_window(self.ctx, int(n_sink), int(n_recent))
         if rc != 0:
             raise EngineError(f"llama_set_head_window returned {rc}")
-        if not self._gpu_attention_kernel_ok():
-            warnings.warn(SparseFallbackWarning(
-                "window fill's attention has a GPU kernel only with flash attention and an F16 or Q8_0 cache: "
-                "here llama.cpp's scheduler runs it on the CPU for layers on a GPU and copies the layer's K/V "
-                "cache there every step (exact, but slow)"), stacklevel=2)
+        self._warn_off_gpu_kernel("window fill's attention")
 
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, 8 when wq or
