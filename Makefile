@@ -66,7 +66,7 @@ SAN_CC      ?= gcc
 SAN_CXX     ?= g++
 SAN_BUILD   ?= vendor/asan-build
 GGML_SRC     = vendor/src/vendor/llama.cpp/ggml
-SAN_FLAGS    = -fno-sanitize-recover=undefined
+SAN_FLAGS    = -fno-sanitize-recover=undefined $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 SAN_JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
 SAN_GEN      = $(if $(shell command -v ninja 2>/dev/null),-G Ninja,)
 

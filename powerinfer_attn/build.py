@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -48,6 +49,13 @@ DEFAULT_CMAKE_ARGS = [
     "-DLLAMA_BUILD_TOOLS=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
 ]
+
+# -march=native compiles ggml's AMX kernels in wherever the CPU reports AMX, and they die with
+# SIGILL (ldtilecfg) where the kernel or hypervisor does not hand the process the tile state: seen
+# on this project's 2-core x86-64 machines (2026-12-07), on the first prompt. They serve only
+# prefill's quantized matrix products, so the patched and the stock build both leave them out
+# (x86-64 only; the flags are passed as CMAKE_C_FLAGS/CMAKE_CXX_FLAGS).
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 # `build --cuda`: ggml's CUDA backend too, for the GPU this machine has (nvcc's "native")
 CUDA_CMAKE_ARGS = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
@@ -331,7 +339,10 @@ class BuildResult:
 
 def cmake_args_from_env(cuda: bool = False) -> list[str]:
     extra = os.environ.get("CMAKE_ARGS", "").split()
-    return DEFAULT_CMAKE_ARGS + (CUDA_CMAKE_ARGS if cuda else []) + extra
+    # quoted: scikit-build-core splits CMAKE_ARGS as a shell would
+    no_amx = ([f'-DCMAKE_C_FLAGS="{NO_AMX_FLAGS}"', f'-DCMAKE_CXX_FLAGS="{NO_AMX_FLAGS}"']
+              if platform.machine().lower() in ("x86_64", "amd64") else [])
+    return DEFAULT_CMAKE_ARGS + no_amx + (CUDA_CMAKE_ARGS if cuda else []) + extra
 
 
 def _find_program(env_var: str | None, names: tuple[str, ...]) -> str | None:

@@ -413,6 +413,76 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
     click.echo(nd.format_table(results))
 
 
+@main.command("eval")
+@click.option("--tasks", default="niah_single_2,niah_multikey_1,ruler_vt,ruler_cwe", show_default=True,
+              help="RULER subtasks, comma-separated (the offline ones: niah_*, ruler_vt, ruler_cwe, ruler_fwe).")
+@click.option("--lengths", default="4096", show_default=True, help="RULER lengths in tokens, comma-separated.")
+@click.option("--samples", "n_samples", type=click.IntRange(1, 500), default=20, show_default=True,
+              help="Samples per task and length (the first N RULER makes for that length).")
+@click.option("--predictor", "predictors", multiple=True,
+              help="Head predictor (see `generate --help`); repeat it for several. Dense always runs.")
+@click.option("--via", type=click.Choice(["engine", "server"]), default="engine", show_default=True,
+              help="engine: one dense prefill per sample, every predictor decoding from a copy of its state; "
+                   "server: `powerinfer-attn serve` per predictor, queried by lm-eval's local-completions client.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples RULER draws.")
+@click.option("--samples-out", type=click.Path(dir_okay=False), default=None,
+              help="Write the samples (prompts and what scores them) to this file and stop.")
+@click.option("--samples-in", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Answer these samples (from --samples-out) instead of building them: needs no lm-eval "
+                   "until the scoring, which `eval --rescore` can do elsewhere.")
+@click.option("--rescore", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Score the answers in this `eval --json` result with lm-eval's RULER scorer, and print it.")
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(0), default=0, show_default=True,
+              help="Layers on the GPU (a `build --cuda` library; --via engine).")
+@model_option
+@threads_option
+@json_option
+def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samples_in, rescore, n_gpu_layers, model,
+             threads, as_json) -> None:
+    """RULER (lm-evaluation-harness) at long context, dense and sparse, offline: a score per task,
+    length and predictor, 0-100, and the difference from dense."""
+    from pathlib import Path
+
+    from . import ruler
+    from .engine import EngineError
+
+    def emit(doc):
+        if as_json:
+            click.echo(json.dumps(doc, indent=1))
+        else:
+            click.echo(f"{doc['model']}: RULER via {doc['via']}; cells: score (difference from dense)")
+            click.echo(ruler.format_table(doc) if doc["rows"] else "(not scored: run `eval --rescore` with lm-eval)")
+
+    try:
+        if rescore:
+            emit(ruler.rescore(json.loads(Path(rescore).read_text())))
+            return
+        path = resolve_model(model)
+        preds = [_open_predictor(sp, path) for sp in predictors]
+        if samples_in:
+            if via != "engine":
+                raise ValueError("--samples-in answers through the engine (--via engine)")
+            samples = ruler.read_samples(Path(samples_in))
+        else:
+            task_objs = ruler.load_tasks(path, [t for t in tasks.split(",") if t], _ints(lengths), seed)
+            samples = ruler.build_samples(task_objs, _ints(lengths), n_samples)
+            if samples_out:
+                ruler.write_samples(Path(samples_out), samples, path, seed)
+                click.echo(f"wrote {samples_out}: {len(samples)} samples", err=True)
+                return
+        total = len(samples) * (1 + len(preds) if via == "server" else 1)
+        with click.progressbar(length=total, label=f"RULER samples ({via})", file=sys.stderr,
+                               show_eta=True) as bar:
+            if via == "engine":
+                doc = ruler.run_engine(path, samples, preds, seed, threads, n_gpu_layers, bar.update)
+            else:
+                doc = ruler.run_server(path, task_objs, samples, list(predictors), seed, threads, bar.update,
+                                       log=lambda m: click.echo(m, err=True))
+    except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
+        _fail(e)
+    emit(doc)
+
+
 @main.command("retrieval-heads")
 @click.option("--distances", default="2048,6144", show_default=True,
               help="How far back the copied run lies, in tokens, comma-separated.")
@@ -623,7 +693,8 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
 @main.command()
 @click.argument("result", type=click.Path(exists=True, dir_okay=False))
 def show(result) -> None:
-    """Print the tables of a result saved with `score --json`, `bench --json`, `needle --json` or `retrieval-heads --json`."""
+    """Print the tables of a result saved with `score --json`, `bench --json`, `needle --json`, `eval --json` or
+    `retrieval-heads --json`."""
     from pathlib import Path
 
     from . import bench as bench_mod
@@ -646,6 +717,11 @@ def show(result) -> None:
         res = retrieval.RetrievalScores(np.array(data["scores"]), data["distances"], data["steps"], data["sequences"])
         click.echo(f"{data.get('model', '')}: " + retrieval.format_top(res)
                    + (f"\npinned in {data['out']}: {data['pinned']}" if data.get("pinned") else ""))
+    elif isinstance(data, dict) and data.get("kind") == "ruler":
+        from . import ruler
+
+        click.echo(f"{data['model']}: RULER via {data['via']}; cells: score (difference from dense)")
+        click.echo(ruler.format_table(data))
     elif isinstance(data, dict) and "servers" in data:
         from . import bench_serve as bs
 

@@ -9,6 +9,8 @@ A predictor is anything with ``engine.Predictor``'s protocol: a ``name``, ``bind
 Built-in, by name (``get_predictor``), with what each costs per decode step:
 
 - ``all``: every head. Nothing. The sparse path's exactness check.
+- ``none:fill=window:S+W``: no head, every one windowed (below): the sinks-and-window-only
+  baseline (StreamingLLM) that keeps perplexity and loses retrieval. Nothing.
 - ``random:K[:SEED]``: K heads per layer drawn at random every step (seeded). A few
   microseconds. The floor any real predictor must beat.
 - ``static:K[:FILE]``: the K heads of each layer with the highest mean importance on a
@@ -65,6 +67,15 @@ class AllHeads(_Shaped):
 
     def predict(self, state) -> np.ndarray:
         return np.ones((self.n_layer, self.n_head), np.int32)
+
+
+class NoHeads(_Shaped):
+    """No head: with window fill (``none:fill=window:S+W``) every head attends over the sinks and
+    the recent window only, the StreamingLLM baseline."""
+    name = "none"
+
+    def predict(self, state) -> np.ndarray:
+        return np.zeros((self.n_layer, self.n_head), np.int32)
 
 
 class RandomHeads(_Shaped):
@@ -296,7 +307,7 @@ class WindowFill:
         return self.inner.observed()
 
 
-NAMES = ("all", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill=PRED.gguf]", "oracle-topk:K[:fill=PRED.gguf]",
+NAMES = ("all", "none:fill=window:S+W", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill=PRED.gguf]", "oracle-topk:K[:fill=PRED.gguf]",
          "mask-file:PATH", "trained:PRED.gguf[:RULE=VALUE][:gain=G][:fill=zero]", "any of them + :fill=window:S+W")
 
 _WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
@@ -320,7 +331,8 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
     window = _WINDOW.search(spec)
     if window:
         base = spec[:window.start()]
-        inner = get_predictor(base + (":fill=zero" if base.startswith("trained:") else ""), model_path)
+        inner = (NoHeads() if base == "none" else
+                 get_predictor(base + (":fill=zero" if base.startswith("trained:") else ""), model_path))
         return WindowFill(inner, int(window.group(1)), int(window.group(2)))
     if ":fill=window" in spec:
         raise ValueError(f"bad predictor {spec!r}: window fill is :fill=window:S+W (two integers), at the end")
@@ -328,6 +340,10 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
     try:
         if kind == "all" and not arg:
             return AllHeads()
+        if kind == "none" and not arg:
+            if not window:
+                raise ValueError("none keeps no head: it needs window fill, none:fill=window:S+W")
+            return NoHeads()
         if kind == "random" and arg:
             k, _, seed = arg.partition(":")
             return RandomHeads(int(k), int(seed) if seed else 0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .engine import Engine, EngineError
-from .predictors import AllHeads, StaticHeads, TrainedHeads, get_predictor
+from .predictors import AllHeads, NoHeads, StaticHeads, TrainedHeads, get_predictor
 
 _STATE = "_powerinfer_attn"
 
@@ -34,8 +34,8 @@ def sparsify(llm, predictor: str = "all") -> str:
                         flash_attn=getattr(llm.context_params, "flash_attn_type", 0) == 1)
     pred = get_predictor(predictor, llm.model_path)
     inner = getattr(pred, "inner", pred)  # a predictor with window fill (:fill=window:S+W)
-    if not isinstance(inner, (TrainedHeads, AllHeads, StaticHeads)):
-        raise ValueError(f"{pred.name}: sparsify takes trained:..., all or static:K; a predictor that runs "
+    if not isinstance(inner, (TrainedHeads, AllHeads, NoHeads, StaticHeads)):
+        raise ValueError(f"{pred.name}: sparsify takes trained:..., all, static:K or none:fill=window:S+W; a predictor that runs "
                          f"Python before every step needs powerinfer_attn.engine.Engine")
     pred.bind(eng)  # shapes, the model it was made for; a trained file is loaded with its rule and fill
     mask = None

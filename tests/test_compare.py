@@ -67,6 +67,9 @@ def test_score_orders_oracle_static_random(model_path, text_file, tmp_path):
         assert r.density == pytest.approx(7 / 9)
     assert oracle.kl_mean < rand.kl_mean
     assert static.kl_mean < rand.kl_mean
+    for r in (oracle, static, rand):  # the tail statistics are of the same per-token KL values
+        assert 0 <= r.kl_median <= r.kl_p99 <= r.kl_max and r.kl_max >= r.kl_mean
+    assert "| KL median | KL 99% | KL max |" in cmp.format_scores([oracle])
 
 
 def test_score_on_training_articles(model_path, text_file, tmp_path):
