@@ -433,12 +433,14 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
 @click.option("--rescore", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Score the answers in this `eval --json` result with lm-eval's RULER scorer, and print it.")
 @click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(0), default=0, show_default=True,
-              help="Layers on the GPU (a `build --cuda` library; --via engine).")
+              help="Layers on the GPU (a `build --cuda` library; --via engine; sparse there needs --flash-attn).")
+@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True,
+              help="Flash attention for every decoder, dense included (--via engine).")
 @model_option
 @threads_option
 @json_option
-def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samples_in, rescore, n_gpu_layers, model,
-             threads, as_json) -> None:
+def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samples_in, rescore, n_gpu_layers,
+             flash_attn, model, threads, as_json) -> None:
     """RULER (lm-evaluation-harness) at long context, dense and sparse, offline: a score per task,
     length and predictor, 0-100, and the difference from dense."""
     from pathlib import Path
@@ -474,7 +476,7 @@ def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samp
         with click.progressbar(length=total, label=f"RULER samples ({via})", file=sys.stderr,
                                show_eta=True) as bar:
             if via == "engine":
-                doc = ruler.run_engine(path, samples, preds, seed, threads, n_gpu_layers, bar.update)
+                doc = ruler.run_engine(path, samples, preds, seed, threads, n_gpu_layers, flash_attn, bar.update)
             else:
                 doc = ruler.run_server(path, task_objs, samples, list(predictors), seed, threads, bar.update,
                                        log=lambda m: click.echo(m, err=True))

@@ -316,11 +316,12 @@ def result_json(model_path: Path, samples: Sequence[Sample], answers: dict[str, 
 
 
 def run_engine(model_path: Path, samples: Sequence[Sample], predictors: Sequence, seed: int = 0,
-               threads: int | None = None, n_gpu_layers: int = 0,
+               threads: int | None = None, n_gpu_layers: int = 0, flash_attn: bool = False,
                progress: Callable[[int], None] | None = None) -> dict:
     t0 = time.time()
-    answers = generate_engine(model_path, samples, predictors, threads, n_gpu_layers, progress=progress)
-    return result_json(model_path, samples, answers, "engine", seed, time.time() - t0)
+    answers = generate_engine(model_path, samples, predictors, threads, n_gpu_layers, flash_attn, progress)
+    doc = result_json(model_path, samples, answers, "engine", seed, time.time() - t0)
+    return doc | {"n_gpu_layers": n_gpu_layers, "flash_attn": flash_attn}
 
 
 def run_server(model_path: Path, task_objs: dict, samples: Sequence[Sample], predictors: Sequence[str],
@@ -343,7 +344,7 @@ def run(model_path: Path, tasks: Sequence[str], lengths: Sequence[int], n: int, 
     task_objs = load_tasks(model_path, tasks, lengths, seed)
     samples = build_samples(task_objs, lengths, n)
     if via == "engine":
-        return run_engine(model_path, samples, predictors, seed, threads, n_gpu_layers, progress)
+        return run_engine(model_path, samples, predictors, seed, threads, n_gpu_layers, progress=progress)
     if via == "server":
         return run_server(model_path, task_objs, samples, predictors, seed, threads, progress, log)
     raise ValueError(f"via engine or server, not {via!r}")

@@ -10,6 +10,10 @@
 #   scripts/gpu/run.sh pred NAME FILL  a random predictor (top-k, n_head/2) with that fill (zero,
 #                                      mean, linear) for NAME's model: prints its path, for
 #                                      bench --predictor trained:PATH
+#   scripts/gpu/run.sh ruler MODEL SAMPLES TAG PREDICTOR...  RULER answers on the GPU (-ngl 99, flash
+#                                      attention) for the samples `eval --samples-out` wrote here
+#                                      (lm-eval is not on that machine): $OUT/ruler-TAG.json, to
+#                                      score here with `eval --rescore`
 # Results go to $OUT (or out/) as NAME files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -74,5 +78,11 @@ case ${1:-} in
 		$PY -c "from powerinfer_attn.cli import main; main()" bench -m "$m" -ngl 99 --json "$@" > "$OUT/bench-gpu-$tag.json"
 		$PY -c "from powerinfer_attn.cli import main; main()" show "$OUT/bench-gpu-$tag.json" | tee "$OUT/bench-gpu-$tag.txt"
 		;;
-	*) sed -n 2,13p "$0"; exit 2 ;;
+	ruler)
+		m=$2 samples=$3 tag=$4; shift 4
+		preds=(); for p in "$@"; do preds+=(--predictor "$p"); done
+		$PY -c "from powerinfer_attn.cli import main; main()" eval -m "$m" --samples-in "$samples" -ngl 99 --flash-attn \
+			--json "${preds[@]}" > "$OUT/ruler-$tag.json"
+		;;
+	*) sed -n 2,17p "$0"; exit 2 ;;
 esac
