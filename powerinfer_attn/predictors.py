@@ -274,6 +274,12 @@ class TrainedHeads(_Shaped):
         engine.set_head_fill(self.fill)
         self.hook.mask = np.zeros((self.n_layer, self.n_head), np.int32)
 
+    def restart(self, engine) -> None:
+        """Density control from the rule's own threshold again, as for a new text: one request's
+        answer then does not depend on what was decoded before it (a server's other requests)."""
+        if self.targets is not None:
+            engine.set_head_density(self.targets, self.gain)
+
     def predict(self, state) -> None:
         return None  # the graph decides
 
@@ -302,6 +308,10 @@ class WindowFill:
 
     def predict(self, state):
         return self.inner.predict(state)
+
+    def restart(self, engine) -> None:
+        if hasattr(self.inner, "restart"):
+            self.inner.restart(engine)
 
     def observed(self) -> np.ndarray:
         return self.inner.observed()

@@ -26,6 +26,7 @@ import importlib
 import io
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -152,6 +153,8 @@ def _decode(eng, first: int, sample: Sample, pred) -> Answer:
     ``create_completion`` stops."""
     out, masks, text = [], [], ""
     tok = first
+    if hasattr(pred, "restart"):
+        pred.restart(eng)  # density control starts anew for each sample, as the server does per request
     eng.set_sparse(pred is not None)
     try:
         for i in range(sample.max_gen_toks):
@@ -239,13 +242,17 @@ def generate_server(model_path: Path, task_objs: dict, samples: Sequence[Sample]
             gen_kwargs={"repeat_penalty": 1.0},
             bootstrap_iters=0, verbosity="WARNING")
         logged = srv.stop()
+    requests = [line for line in logged.splitlines() if line.startswith("request:")]
     if log:
-        for line in logged.splitlines():
-            if line.startswith("request:") or line.startswith("serving"):
-                log(line)
+        for line in requests:
+            log(line)
+    # the server logs each request's head density; lm-eval sends the requests in its own order,
+    # so each answer gets the mean over the requests
+    dens = [float(m.group(1)) for m in (re.search(r"head density ([0-9.]+)", x) for x in requests) if m]
+    density = 1.0 if predictor is None else float(np.mean(dens)) if dens else None
     texts = {(t, int(x["doc_id"])): x["filtered_resps"][0] if isinstance(x["filtered_resps"][0], str)
              else x["filtered_resps"][0][0] for t in ids for x in res["samples"][t]}
-    return [Answer(texts[(s.task, s.doc_id)], -1, None) for s in samples]
+    return [Answer(texts[(s.task, s.doc_id)], -1, density) for s in samples]
 
 
 # --- stage 3: scores ----------------------------------------------------
@@ -329,8 +336,11 @@ def run_server(model_path: Path, task_objs: dict, samples: Sequence[Sample], pre
                log: Callable[[str], None] | None = None) -> dict:
     t0 = time.time()
     answers = {}
+    from .predictors import get_predictor
+
     for spec in [None] + list(predictors):
-        answers["dense" if spec is None else spec] = generate_server(model_path, task_objs, samples, spec, threads, log)
+        name = "dense" if spec is None else get_predictor(spec, model_path).name
+        answers[name] = generate_server(model_path, task_objs, samples, spec, threads, log)
         if progress:
             progress(len(samples))
     return result_json(model_path, samples, answers, "server", seed, time.time() - t0)

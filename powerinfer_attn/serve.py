@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .sparsify import head_density, predictor_name, sparsify
+from .sparsify import head_density, predictor_name, restart, sparsify
 
 
 def make_app(model_path: Path, predictor: str | None = None, n_ctx: int = 4096, threads: int | None = None,
@@ -75,6 +75,7 @@ def _log_requests(llm, say: Callable[[str], None]) -> None:
 
     def logged(*args, **kwargs):
         head_density(llm)  # start the count for this request
+        restart(llm)  # and the density control: an answer does not depend on earlier requests
         t0 = time.perf_counter()
         out = inner(*args, **kwargs)
         if not kwargs.get("stream"):

@@ -46,7 +46,7 @@ def sparsify(llm, predictor: str = "all") -> str:
         mask = eng.check_mask(pred.predict(None))
         eng.set_mask(mask)
     eng.set_sparse(True)
-    setattr(llm, _STATE, {"engine": eng, "predictor": pred.name, "mask": mask})
+    setattr(llm, _STATE, {"engine": eng, "predictor": pred.name, "mask": mask, "pred": pred})
     return pred.name
 
 
@@ -63,6 +63,14 @@ def unsparsify(llm) -> None:
             eng.use_head_predictor(False)
     eng.close()  # lets go of the pointers only
     delattr(llm, _STATE)
+
+
+def restart(llm) -> None:
+    """A new text starts: the predictor's density control from its own threshold again (the
+    server calls this before each request, so that an answer does not depend on earlier ones)."""
+    state = getattr(llm, _STATE, None)
+    if state is not None and hasattr(state["pred"], "restart"):
+        state["pred"].restart(state["engine"])
 
 
 def predictor_name(llm) -> str | None:
@@ -83,4 +91,4 @@ def head_density(llm, reset: bool = True) -> float | None:
     return kept / total if total else None
 
 
-__all__ = ["sparsify", "unsparsify", "head_density", "predictor_name", "EngineError"]
+__all__ = ["sparsify", "unsparsify", "restart", "head_density", "predictor_name", "EngineError"]

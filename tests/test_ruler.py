@@ -101,6 +101,8 @@ def test_eval_engine_scores_every_predictor_and_all_heads_answers_as_dense(eval_
 def test_eval_server_answers_as_the_engine_for_the_same_samples(eval_runs):
     eng, srv = eval_runs["engine"], eval_runs["server"]
     assert srv["via"] == "server" and {r["predictor"] for r in srv["rows"]} == {"dense", "all"}
+    # the density the sparse server logged for its requests (every head: 1)
+    assert {r["predictor"]: r["density"] for r in srv["rows"]} == {"dense": 1.0, "all": 1.0}
     assert [(s["doc_id"], s["doc"]["outputs"]) for s in srv["samples"]] == \
         [(s["doc_id"], s["doc"]["outputs"]) for s in eng["samples"]]
     for se, ss in zip(eng["samples"], srv["samples"]):
