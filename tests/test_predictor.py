@@ -324,6 +324,43 @@ def test_density_control_matches_numpy_and_holds_the_target(tmp_path, model_path
             eng.set_head_density(targets[:3], gain)
 
 
+def test_restart_starts_density_control_anew(tmp_path, model_path):
+    """After ``restart`` a text decodes with the masks it gets in a fresh engine, whatever the
+    controller did on the text before (what a server's requests and eval's samples rely on)."""
+    g = _Graph()
+    text_a = "The river runs to the sea, and the sea to the rain. " * 4
+    text_b = "It was the best of times, it was the worst of times. " * 3
+
+    def masks_of(eng, text, n=12):
+        toks = eng.tokenize(text)
+        eng.reset()
+        eng.prefill(toks[:8])
+        out = []
+        for t in toks[8:8 + n]:
+            g.t.clear()
+            eng.step(t)
+            out.append(np.stack([g.t[f"head_mask-{il}"].reshape(-1) for il in range(eng.n_layer)]))
+        return np.array(out)
+
+    with Engine(model_path, n_ctx=256, n_threads=2, tensor_hook=g) as eng:
+        _random_predictor(tmp_path / "p.gguf", model_path, eng)
+        targets = np.full(eng.n_layer, 0.5, np.float32)
+        pred = TrainedHeads(tmp_path / "p.gguf", "threshold", -0.5)
+        pred.targets, pred.gain = list(targets), 0.1
+        eng.load_head_predictor(tmp_path / "p.gguf")
+        eng.set_head_rule("threshold", -0.5)
+        pred.restart(eng)
+        eng.set_sparse(True)
+        eng.use_head_predictor(True)
+        fresh_b = masks_of(eng, text_b)
+        masks_of(eng, text_a, 40)  # moves the controller's offset
+        after_a = masks_of(eng, text_b)
+        pred.restart(eng)
+        restarted = masks_of(eng, text_b)
+    np.testing.assert_array_equal(restarted, fresh_b)
+    assert not np.array_equal(after_a, fresh_b)  # without the restart the history shows
+
+
 def test_density_rule_sets_control_targets(tmp_path):
     """train records what each layer keeps at every density of its grid; trained:...:density=D
     turns density control on with those targets (gain=0: the fixed held-out threshold)."""
