@@ -641,6 +641,13 @@ class Engine:
         self.set_mask(mask)
         return self.step(token), mask
 
+    def decode_step(self, token: int, predictor: Predictor | None = None, i: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """One decode step of ``token``: dense without a predictor, else ``predicted_step`` (step
+        ``i`` of its answer); (logits, the mask used or None)."""
+        if predictor is None:
+            return self.step(token), None
+        return self.predicted_step(predictor, i, token)
+
     def generate(self, prompt: str | Sequence[int], n: int, predictor: Predictor | None = None,
                  stop_at_eog: bool = True, sample: Callable[[np.ndarray], int] | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
@@ -668,11 +675,9 @@ class Engine:
                     on_token(tok)
                 if eog or i == n - 1:
                     break
-                if predictor is not None:
-                    logits, mask = self.predicted_step(predictor, i, tok)
+                logits, mask = self.decode_step(tok, predictor, i)
+                if mask is not None:
                     masks.append(mask)
-                else:
-                    logits = self.step(tok)
         finally:
             self.set_sparse(False)
         t2 = time.perf_counter()

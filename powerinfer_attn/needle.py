@@ -88,10 +88,8 @@ def _answer(eng: Engine, first: int, n: int, pred: Predictor | None) -> tuple[st
     eng.set_sparse(pred is not None)
     try:
         for i in range(n):
-            if pred is None:
-                logits = eng.step(tok)
-            else:
-                logits, mask = eng.predicted_step(pred, i, tok)
+            logits, mask = eng.decode_step(tok, pred, i)
+            if mask is not None:
                 masks.append(mask)
             tok = int(np.argmax(logits))
             if eng.is_eog(tok):

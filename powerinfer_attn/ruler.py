@@ -168,10 +168,8 @@ def _decode(eng, first: int, sample: Sample, pred) -> Answer:
                 break
             if len(out) == sample.max_gen_toks:
                 break
-            if pred is None:
-                logits = eng.step(tok)
-            else:
-                logits, mask = eng.predicted_step(pred, i, tok)
+            logits, mask = eng.decode_step(tok, pred, i)
+            if mask is not None:
                 masks.append(mask)
             tok = int(np.argmax(logits))
     finally:
