@@ -7,7 +7,7 @@
 # engine on the same samples. The predictor comes from scripts/long-context.sh's first steps
 # (made here if missing: collect over 8192-token sequences, train, pin 6 retrieval heads).
 # Each sample is one dense prefill shared by every predictor (--via engine). On 2 cores a sample
-# costs about 40 s at 4096 and 100 s at 8192 for the seven decoders: SAMPLES=20 is about 3 h;
+# costs about 40 s at 4096 and 100 s at 8192 for the five decoders: SAMPLES=20 is about 3 h;
 # LENGTHS=4096 SAMPLES=10 about 30 min. TAG names the output (figures/ruler-TAG.json); the server-and-engine
 # pair goes to figures/ruler-smollm2-via-{server,engine}.json whatever TAG is.
 source "$(dirname "$0")/common.sh"
