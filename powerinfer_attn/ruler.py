@@ -14,7 +14,7 @@ Three stages, each usable alone (so generation can run on another machine that l
    ``generate_server`` (``--via server``): ``powerinfer-attn serve`` per predictor and
    lm-eval's ``local-completions`` client sending it the same task objects' requests (the
    peer's client end to end); decoding greedy, as the engine's.
-3. ``score``: each answer through the task's ``process_results`` (RULER's string match: the
+3. ``rescore``: each answer through the task's ``process_results`` (RULER's string match: the
    share of expected strings found in the answer), means per task, length and predictor.
 """
 
@@ -177,6 +177,16 @@ def _decode(eng, first: int, sample: Sample, pred) -> Answer:
     return Answer(text, len(out), float(np.mean(masks)) if masks else 1.0)
 
 
+def _prompt_tokens(model_path: Path, samples: Sequence[Sample]) -> tuple[list[list[int]], int]:
+    """Each sample's prompt in llama.cpp's tokens (with BOS where the model adds one, as a server
+    does), and the context size that holds the longest prompt and its answer."""
+    from .engine import Engine
+
+    with Engine(model_path, n_ctx=8) as eng:
+        toks = [eng.tokenize(s.context) for s in samples]
+    return toks, max(len(t) + s.max_gen_toks for t, s in zip(toks, samples)) + 8
+
+
 def generate_engine(model_path: Path, samples: Sequence[Sample], predictors: Sequence, threads: int | None = None,
                     n_gpu_layers: int = 0, flash_attn: bool = False,
                     progress: Callable[[int], None] | None = None) -> dict[str, list[Answer]]:
@@ -189,11 +199,8 @@ def generate_engine(model_path: Path, samples: Sequence[Sample], predictors: Seq
     answers: dict[str, list[Answer]] = {"dense": []} | {p.name: [] for p in predictors}
     if len(answers) != 1 + len(predictors):
         raise ValueError("two predictors of the same name")
+    toks, n_ctx = _prompt_tokens(model_path, samples)
     with contextlib.ExitStack() as stack:
-        dense = stack.enter_context(Engine(model_path, n_ctx=8, **kw))
-        toks = [dense.tokenize(s.context) for s in samples]
-        n_ctx = max(len(t) + s.max_gen_toks for t, s in zip(toks, samples)) + 8
-        dense.close()
         dense = stack.enter_context(Engine(model_path, n_ctx=n_ctx, **kw))
         engines = [stack.enter_context(open_engine(model_path, p, n_ctx=n_ctx, **kw)) for p in predictors]
         for s, t in zip(samples, toks):
@@ -214,12 +221,10 @@ def generate_server(model_path: Path, task_objs: dict, samples: Sequence[Sample]
     """Answers through ``powerinfer-attn serve`` (``predictor`` None: dense) and lm-eval's
     ``local-completions`` client, for the samples' own task objects and documents."""
     from . import lm_eval_offline
-    from .engine import Engine
     from .serve import ServerProcess
 
     _need_lm_eval()
-    with Engine(model_path, n_ctx=8) as eng:
-        n_ctx = max(len(eng.tokenize(s.context)) + s.max_gen_toks for s in samples) + 8
+    n_ctx = _prompt_tokens(model_path, samples)[1]
     tok = str(lm_eval_offline.tokenizer_dir(model_path))
     ids: dict[str, list[int]] = {}
     for s in samples:
