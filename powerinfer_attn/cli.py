@@ -452,8 +452,7 @@ def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samp
         if as_json:
             click.echo(json.dumps(doc, indent=1))
         else:
-            click.echo(f"{doc['model']}: RULER via {doc['via']}; cells: score (difference from dense)")
-            click.echo(ruler.format_table(doc) if doc["rows"] else "(not scored: run `eval --rescore` with lm-eval)")
+            click.echo(ruler.format_result(doc))
 
     try:
         if rescore:
@@ -722,8 +721,7 @@ def show(result) -> None:
     elif isinstance(data, dict) and data.get("kind") == "ruler":
         from . import ruler
 
-        click.echo(f"{data['model']}: RULER via {data['via']}; cells: score (difference from dense)")
-        click.echo(ruler.format_table(data))
+        click.echo(ruler.format_result(data))
     elif isinstance(data, dict) and "servers" in data:
         from . import bench_serve as bs
 

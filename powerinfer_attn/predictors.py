@@ -350,10 +350,8 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
     try:
         if kind == "all" and not arg:
             return AllHeads()
-        if kind == "none" and not arg:
-            if not window:
-                raise ValueError("none keeps no head: it needs window fill, none:fill=window:S+W")
-            return NoHeads()
+        if kind == "none" and not arg:  # with window fill it returned above
+            raise ValueError("none keeps no head: it needs window fill, none:fill=window:S+W")
         if kind == "random" and arg:
             k, _, seed = arg.partition(":")
             return RandomHeads(int(k), int(seed) if seed else 0)

@@ -375,6 +375,12 @@ def read_samples(path: Path) -> list[Sample]:
     return [Sample(**d) for d in data["samples"]]
 
 
+def format_result(doc: dict) -> str:
+    """What ``eval`` and ``show`` print: a line naming the model and the path, then the table."""
+    head = f"{doc['model']}: RULER via {doc['via']}; cells: score (difference from dense)"
+    return head + "\n" + (format_table(doc) if doc["rows"] else "(not scored: run `eval --rescore` with lm-eval)")
+
+
 def format_table(doc: dict) -> str:
     """Markdown: a row per task and length, a column per predictor (score, and the difference
     from dense), then the mean over tasks per length."""
