@@ -163,7 +163,7 @@ def _context_tokens(eng: Engine, n: int, text_file: Path | None) -> list[int]:
     if text_file is None:
         base = eng.tokenize(FILLER, add_bos=False)
         return (base * (n // len(base) + 1))[:n]
-    toks = eng.tokenize(text_file.read_text(encoding="utf-8", errors="replace"), add_bos=False)
+    toks = eng.tokenize(text_file.read_text(encoding="utf-8", errors="replace"), add_bos=False, special=True)
     half = toks[len(toks) // 2:]
     if len(half) < n:
         raise ValueError(f"{text_file}: its second half has {len(half)} tokens, {n} are needed")

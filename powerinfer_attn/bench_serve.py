@@ -23,7 +23,7 @@ from .text import window_starts
 def prompts(model_path: Path, text_file: Path, n_tokens: int, count: int) -> list[str]:
     """``count`` texts of about ``n_tokens`` tokens from the held-out half of ``text_file``."""
     with Engine(model_path, n_ctx=64, n_threads=1) as eng:
-        toks = eng.tokenize(text_file.read_text(encoding="utf-8", errors="replace"), add_bos=False)
+        toks = eng.tokenize(text_file.read_text(encoding="utf-8", errors="replace"), add_bos=False, special=True)
         return [eng.detokenize(toks[s:s + n_tokens]) for s in window_starts(len(toks), n_tokens, count)]
 
 

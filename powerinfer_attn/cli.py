@@ -144,7 +144,8 @@ def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, temp, top_k
                         return
                     pending.clear()
                     click.echo(piece, nl=False)
-            g = eng.generate(text, n_tokens, predictor=pred, sample=sampler, on_token=stream)
+            # the template's control tokens as the tokens they name, not spelled out
+            g = eng.generate(eng.tokenize(text, special=chat), n_tokens, predictor=pred, sample=sampler, on_token=stream)
             threads_used = eng.n_threads
             layer_ops = eng.layer_ops() if sparse else None
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
@@ -312,10 +313,13 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
 @click.option("--resume", is_flag=True,
               help="Go on with a stopped run into --out (the same model, text and options): its fills are "
                    "reused and the chunks it wrote are not run again.")
+@click.option("--fill-from", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Judge importance against this predictor file's linear fill instead of fitting one "
+                   "(data to `diagnose` that file on another text).")
 @model_option
 @threads_option
 @json_option
-def collect(text_file, out, tokens, sensitivity, seq_len, resume, model, threads, as_json) -> None:
+def collect(text_file, out, tokens, sensitivity, seq_len, resume, fill_from, model, threads, as_json) -> None:
     """Record each layer's attention input and each head's importance, for train-predictor."""
     from pathlib import Path
 
@@ -326,10 +330,11 @@ def collect(text_file, out, tokens, sensitivity, seq_len, resume, model, threads
         path = resolve_model(model)
         text = resolve_text_file(text_file)
         # the fills are fitted on every FILL_EVERY-th chunk first
-        length = tokens + tokens // col.FILL_EVERY + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
+        length = tokens + (0 if fill_from else tokens // col.FILL_EVERY) + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
         with click.progressbar(length=length, label="collecting", file=sys.stderr) as bar:
             meta = col.collect(path, text, Path(out), tokens, threads=threads, sensitivity=sensitivity,
-                               progress=bar.update, seq_len=seq_len, resume=resume)
+                               progress=bar.update, seq_len=seq_len, resume=resume,
+                               fill_from=Path(fill_from) if fill_from else None)
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
@@ -537,6 +542,91 @@ def stdlib_text(out) -> None:
     text, found = make()
     Path(out).write_text(text, encoding="utf-8")
     click.echo(f"wrote {out}: {len(text)} characters from {len(found)} modules ({', '.join(found)})")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["wiki", "code", "docs", "chat", "essays"]))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--text-file", type=click.Path(dir_okay=False), default=None,
+              help="For wiki: WikiText-2's file (default: $POWERINFER_ATTN_TEXT).")
+@click.option("--conversations", type=click.IntRange(1), default=100, show_default=True,
+              help="For chat: how many two-turn conversations the model writes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="For chat: the requests and the sampling.")
+@model_option
+@threads_option
+def corpus(kind, out, text_file, conversations, seed, model, threads) -> None:
+    """Write a text of one KIND to OUT, as articles under `# ---- NAME` headings, for `collect`,
+    `score --text-file` and `corpus-mix`: wiki (WikiText-2), code (standard-library source), docs (the
+    interpreter's reference topics), chat (conversations the model writes through its chat template),
+    essays (Paul Graham's, RULER's haystack: never mixed into training)."""
+    from pathlib import Path
+
+    from . import corpus as cp
+    from .engine import EngineError
+
+    try:
+        path = resolve_model(model) if kind == "chat" else None
+        extra = {}
+        if kind == "chat":
+            bar = click.progressbar(length=conversations, label="conversations", file=sys.stderr)
+            extra = {"n": conversations, "seed": seed, "threads": threads, "progress": bar.update}
+            with bar:
+                text, names = cp.kind_text(kind, path, **extra)
+        else:
+            text, names = cp.kind_text(kind, wiki=text_file)
+        cp.write(Path(out), text, names, kind, {"model": path.name, "seed": seed} if path else None)
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+    click.echo(f"wrote {out}: {kind}, {len(names)} articles, {len(text)} characters")
+
+
+@main.command("corpus-mix")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--block-chars", type=click.IntRange(1000), default=32000, show_default=True,
+              help="Characters taken from one kind before the next.")
+def corpus_mix(out, texts, block_chars) -> None:
+    """Interleave the training articles of several texts (KIND=FILE, e.g. wiki=wiki.test.raw
+    code=code.txt) into OUT, as much of each as of the smallest, for `collect`: a predictor trained on it
+    has seen every kind, and none of their held-out halves."""
+    from pathlib import Path
+
+    from . import corpus as cp
+
+    try:
+        named = {}
+        for t in texts:
+            kind, sep, file = t.partition("=")
+            if not sep or not kind or not file:
+                raise ValueError(f"{t!r}: give KIND=FILE")
+            if kind in named:
+                raise ValueError(f"{kind} given twice")
+            named[kind] = Path(file).read_text(encoding="utf-8")
+        text, taken = cp.mix(named, block_chars)
+        cp.write(Path(out), text, [], "mix", {"kinds": taken, "from": dict(t.partition("=")[::2] for t in texts)})
+    except (FileNotFoundError, ValueError) as e:
+        _fail(e)
+    click.echo(f"wrote {out}: " + ", ".join(f"{k} {v} characters" for k, v in taken.items()))
+
+
+@main.command()
+@click.argument("predictor_file", type=click.Path(dir_okay=False, exists=True))
+@click.argument("data", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--density", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.7, show_default=True,
+              help="The file's per-layer target densities for this density.")
+@json_option
+def diagnose(predictor_file, data, density, as_json) -> None:
+    """How PREDICTOR_FILE ranks heads against the oracle, per layer, on each DATA directory
+    (`collect --fill-from PREDICTOR_FILE` over a text): regret, density at its threshold, what its fill leaves."""
+    from pathlib import Path
+
+    from . import diagnose as dg
+
+    try:
+        reports = [dg.report(Path(predictor_file), Path(d), density) for d in data]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    click.echo(json.dumps(reports, indent=1) if as_json else dg.format_report(reports))
 
 
 @main.command()

@@ -83,7 +83,7 @@ FILL_EVERY = 4  # the fills are fitted on every 4th chunk (a quarter of the cost
 def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, batch: int = 512,
             threads: int | None = None, sensitivity: bool = True,
             progress: Callable[[int], None] | None = None, seq_len: int | None = None,
-            resume: bool = False) -> dict:
+            resume: bool = False, fill_from: Path | None = None) -> dict:
     """Record training data from the training articles of ``text_file`` into ``out``; returns
     the metadata written to ``out/meta.json``.
 
@@ -96,7 +96,11 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     that many consecutive tokens, each prefilled from position 0 in chunks of ``batch`` and
     every chunk recorded, so the data covers positions 0 .. seq_len-1 evenly: with 8192, what
     heads do deep into the trained context (far tokens, sinks). The fills are then fitted on
-    long sequences too, and the layer sensitivities measured after a prefix of seq_len/2."""
+    long sequences too, and the layer sensitivities measured after a prefix of seq_len/2.
+
+    ``fill_from`` (a predictor file with a linear fill): the importances are deviations from
+    that file's fill instead of one fitted here, so that the data judges that file on another
+    text (``diagnose``); it then holds no mean fill."""
     seq_len = seq_len or batch
     if seq_len < batch or seq_len % batch:
         raise ValueError(f"seq_len ({seq_len}) must be a multiple of the chunk size {batch}")
@@ -104,7 +108,11 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     arts = require_training_articles(text, text_file)
     out.mkdir(parents=True, exist_ok=True)
     plan = {"model_name": Path(model_path).name, "text_file": str(text_file), "tokens": tokens,
-            "batch": batch, "seq_len": seq_len}
+            "batch": batch, "seq_len": seq_len, "fill_from": str(fill_from) if fill_from else None}
+    if fill_from is not None:
+        kind, given_fill = read_fill(Path(fill_from))
+        if kind != "linear":
+            raise ValueError(f"{fill_from} holds no linear fill (train-predictor --fill linear writes one)")
     if resume:
         old_plan = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else None
         if old_plan != plan:
@@ -119,9 +127,9 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
         (out / "plan.json").write_text(json.dumps(plan, indent=1))
     with Engine(model_path, n_ctx=batch + 8, n_threads=threads, n_batch=batch) as probe:
         n_layer, n_head, n_embd = probe.n_layer, probe.n_head, probe.n_embd
-        whole = len(probe.tokenize(text, add_bos=False))
+        whole = len(probe.tokenize(text, add_bos=False, special=True))
         end_chars = arts[-1][1]
-        train_toks = probe.tokenize(text[:end_chars], add_bos=False)
+        train_toks = probe.tokenize(text[:end_chars], add_bos=False, special=True)
     # score's windows start at the token midpoint of the whole text
     if len(train_toks) > whole // 2:
         raise ValueError(f"training articles reach token {len(train_toks)}, past the scored half ({whole // 2})")
@@ -135,6 +143,11 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
         fill = HeadFill.load(out / "fill.npz")
         if progress:
             progress(sum(len(sq) for sq in seqs[::FILL_EVERY]))
+    elif fill_from is not None:
+        if given_fill.w.shape[0] != n_layer or given_fill.w.shape[2] != n_embd:
+            raise ValueError(f"{fill_from} does not fit {Path(model_path).name}")
+        fill = given_fill
+        fill.save(out / "fill.npz")
     else:
         fill = fit_fill(model_path, seqs[::FILL_EVERY], n_layer, n_head, batch, threads, progress)
         fill.save(out / "fill.npz")
@@ -180,7 +193,8 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
         "n_head": n_head,
         "n_embd": n_embd,
         "scored_from_token": whole // 2,
-        "fill_tokens": sum(len(sq) for sq in seqs[::FILL_EVERY]),
+        "fill_tokens": 0 if fill_from else sum(len(sq) for sq in seqs[::FILL_EVERY]),
+        "fill_from": str(fill_from) if fill_from else None,
         "sensitivity_prefix": sens_prefix,
         "layer_sensitivity": layer_sensitivity(model_path, train_toks, prefix=sens_prefix, threads=threads,
                                                progress=progress)

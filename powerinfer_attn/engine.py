@@ -270,12 +270,14 @@ class Engine:
 
     # --- text -----------------------------------------------------------
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``special`` the control tokens' texts (``<|im_start|>``, as a
+        chat template writes them) become those tokens instead of being spelled out."""
         self._check_open()
         data = text.encode()
         n_max = len(data) + 8
         buf = (self.C.llama_token * n_max)()
-        n = self.C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, False)
+        n = self.C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
         if n < 0:
             raise EngineError(f"tokenization failed ({n})")
         return list(buf[:n])

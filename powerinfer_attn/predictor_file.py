@@ -91,18 +91,22 @@ def read_fill(path: Path) -> tuple[str, HeadFill]:
     return "zero", HeadFill()
 
 
+def read_weights(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per layer the predictor's ``W [n_head, n_embd]`` and ``b [n_head]``."""
+    from gguf import GGUFReader
+
+    ts = {t.name: t for t in GGUFReader(str(path)).tensors}
+    n_layer = sum(1 for n in ts if n.endswith(".head_pred.weight"))
+    return ([np.asarray(ts[f"blk.{il}.head_pred.weight"].data, np.float32) for il in range(n_layer)],
+            [np.asarray(ts[f"blk.{il}.head_pred.bias"].data, np.float32) for il in range(n_layer)])
+
+
 def rewrite_biases(src: Path, out: Path, change, note: dict | None = None) -> None:
     """A copy of the predictor file ``src`` at ``out`` with layer ``il``'s bias replaced by
     ``change(il, bias)``; ``note`` is merged into its training summary."""
-    from gguf import GGUFReader
-
     meta = read_metadata(src)
-    r = GGUFReader(str(src))
-    ts = {t.name: t for t in r.tensors}
-    n_layer = int(meta["n_layer"])
-    ws = [np.asarray(ts[f"blk.{il}.head_pred.weight"].data, np.float32) for il in range(n_layer)]
-    bs = [np.asarray(change(il, np.asarray(ts[f"blk.{il}.head_pred.bias"].data, np.float32)), np.float32)
-          for il in range(n_layer)]
+    ws, bs = read_weights(src)
+    bs = [np.asarray(change(il, b), np.float32) for il, b in enumerate(bs)]
     kind, fill = read_fill(src)
     means = [m.T for m in fill.mean_post] if kind == "mean" else None
     linear = (fill.w, fill.b) if kind == "linear" else None

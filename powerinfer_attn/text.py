@@ -1,7 +1,7 @@
 """Text shared by training and scoring: WikiText articles, the train/held-out split, windows.
 
 A text file is split into articles: WikiText's top-level `` = Title = `` headings, or the
-``# ---- module.py`` lines that start each module of ``stdlib_text`` (so code is split by
+``# ---- NAME`` lines that start each module of ``stdlib_text`` and each article of ``corpus`` (so code is split by
 module). ``collect`` trains on the
 whole articles that end in its first ``TRAIN_FRACTION``; ``score`` reads windows from the second
 half of its tokens (``window_starts``), so no predictor is scored on what it was trained on.
@@ -19,7 +19,7 @@ import numpy as np
 TEXT_ENV = "POWERINFER_ATTN_TEXT"
 TRAIN_FRACTION = 0.45
 
-_HEADING = re.compile(r"^ = [^=].* = $|^# ---- \S+\.py$")
+_HEADING = re.compile(r"^ = [^=].* = $|^# ---- \S+$")
 
 # A text of another kind than WikiText, present on every machine: these modules of the running
 # interpreter's standard library (Python source), in this order.
@@ -71,11 +71,13 @@ def resolve_text_file(path: str | os.PathLike | None) -> Path:
 
 
 def text_tokens(eng, path: Path, training: bool = False) -> list[int]:
-    """The tokens of ``path`` (``eng.tokenize``, no BOS), or with ``training`` of the training articles only."""
+    """The tokens of ``path`` (``eng.tokenize``, no BOS, control tokens parsed), or with ``training`` of the training articles only."""
     text = path.read_text(encoding="utf-8", errors="replace")
     if training:
         text = text[:require_training_articles(text, path)[-1][1]]
-    return eng.tokenize(text, add_bos=False)
+    # control tokens as tokens: a chat written by `corpus` holds its template's markers (WikiText and
+    # code tokenize the same either way)
+    return eng.tokenize(text, add_bos=False, special=True)
 
 
 def window_starts(n_tokens: int, length: int, windows: int, first_half: bool = False,

