@@ -435,8 +435,9 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
 @click.option("--samples-in", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Answer these samples (from --samples-out) instead of building them: needs no lm-eval "
                    "until the scoring, which `eval --rescore` can do elsewhere.")
-@click.option("--rescore", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Score the answers in this `eval --json` result with lm-eval's RULER scorer, and print it.")
+@click.option("--rescore", type=click.Path(dir_okay=False, exists=True), multiple=True,
+              help="Score the answers in this `eval --json` result with lm-eval's RULER scorer, and print it; "
+                   "repeated, the results (the same samples, other predictors) are merged first.")
 @click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(0), default=0, show_default=True,
               help="Layers on the GPU (a `build --cuda` library; --via engine; sparse there needs --flash-attn).")
 @click.option("--flash-attn/--no-flash-attn", default=False, show_default=True,
@@ -461,7 +462,7 @@ def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samp
 
     try:
         if rescore:
-            emit(ruler.rescore(json.loads(Path(rescore).read_text())))
+            emit(ruler.rescore(ruler.merge([json.loads(Path(r).read_text()) for r in rescore])))
             return
         path = resolve_model(model)
         preds = [_open_predictor(sp, path) for sp in predictors]

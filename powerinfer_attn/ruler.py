@@ -308,6 +308,40 @@ def rescore(doc: dict) -> dict:
     return doc
 
 
+def merge(docs: Sequence[dict]) -> dict:
+    """One result from several ``eval --json`` results over the same model: the samples of all
+    (in the order first seen), each with the answers of every result that has it. Two results
+    answering one sample under one predictor name must agree (dense is in each: a check that
+    the runs decoded alike)."""
+    if not docs:
+        raise ValueError("nothing to merge")
+    for d in docs:
+        if d.get("kind") != "ruler":
+            raise ValueError("not a RULER result (eval --json)")
+    models = {d["model"] for d in docs}
+    if len(models) != 1:
+        raise ValueError(f"results of different models: {', '.join(sorted(models))}")
+    out = {k: v for k, v in docs[0].items() if k not in ("samples", "rows")}
+    out["seconds"] = round(sum(d.get("seconds", 0) for d in docs), 1)
+    by_key: dict[tuple, dict] = {}
+    for d in docs:
+        for s in d["samples"]:
+            key = (s["task"], s["length"], s["doc_id"])
+            have = by_key.setdefault(key, {**s, "answers": {}})
+            for name, a in s["answers"].items():
+                old = have["answers"].get(name)
+                if old is not None and old["text"] != a["text"]:
+                    raise ValueError(f"{name} answers {key} differently in two results")
+                have["answers"][name] = a
+    names = {n for s in by_key.values() for n in s["answers"]}
+    partial = sorted(n for n in names if any(n not in s["answers"] for s in by_key.values()))
+    if partial:
+        raise ValueError(f"{', '.join(partial)}: not answered for every sample")
+    out["samples"] = list(by_key.values())
+    out["rows"] = _rows(out) if all(a["score"] is not None for s in out["samples"] for a in s["answers"].values()) else []
+    return out
+
+
 def result_json(model_path: Path, samples: Sequence[Sample], answers: dict[str, list[Answer]], via: str,
                 seed: int, seconds: float) -> dict:
     """The result ``eval --json`` prints: per sample what scores it and every answer, and the

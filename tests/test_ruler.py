@@ -36,6 +36,27 @@ def test_table_has_a_cell_per_task_and_predictor_with_the_difference_from_dense(
     assert rows[("p", "niah_single_2")]["density"] == pytest.approx(0.65)
 
 
+def test_merge_joins_the_predictors_of_runs_over_the_same_samples():
+    def run(answers):  # answers: {doc_id: {predictor: (text, score)}}
+        return {"kind": "ruler", "model": "m.gguf", "via": "engine", "seconds": 2.0,
+                "samples": [{"task": "ruler_vt", "length": 4096, "doc_id": i, "scorer": "x:y", "doc": {},
+                             "answers": {p: {"text": t, "tokens": 1, "density": 1.0, "score": sc}
+                                         for p, (t, sc) in a.items()}} for i, a in answers.items()],
+                "rows": []}
+    a = run({0: {"dense": ("7", 1.0), "p": ("7", 1.0)}, 1: {"dense": ("3", 1.0), "p": ("4", 0.0)}})
+    b = run({0: {"dense": ("7", 1.0), "q": ("5", 0.0)}, 1: {"dense": ("3", 1.0), "q": ("3", 1.0)}})
+    m = ruler.merge([a, b])
+    assert [sorted(s["answers"]) for s in m["samples"]] == [["dense", "p", "q"]] * 2
+    assert m["seconds"] == 4.0
+    assert {r["predictor"]: r["score"] for r in m["rows"]} == {"dense": 100.0, "p": 50.0, "q": 50.0}
+    with pytest.raises(ValueError, match="differently"):  # dense must decode alike in both runs
+        ruler.merge([a, run({0: {"dense": ("8", 0.0)}, 1: {"dense": ("3", 1.0)}})])
+    with pytest.raises(ValueError, match="every sample"):
+        ruler.merge([a, run({0: {"dense": ("7", 1.0), "q": ("5", 0.0)}})])
+    with pytest.raises(ValueError, match="different models"):
+        ruler.merge([a, {**b, "model": "n.gguf"}])
+
+
 def test_unknown_and_online_tasks_are_refused():
     for bad in (["qa_squad"], ["niah_single_9"], []):
         with pytest.raises(ValueError, match="RULER task"):
