@@ -783,15 +783,27 @@ def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, tra
 
 
 @main.command()
-@click.argument("result", type=click.Path(exists=True, dir_okay=False))
-def show(result) -> None:
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def show(results) -> None:
     """Print the tables of a result saved with `score --json`, `bench --json`, `needle --json`, `eval --json` or
-    `retrieval-heads --json`."""
+    `retrieval-heads --json`. Several `score --json` results (TEXT.NAME.json: the text a run scored
+    first in its name) print as one matrix of predictors by texts."""
     from pathlib import Path
 
     from . import bench as bench_mod
     from . import compare as cmp
 
+    if len(results) > 1:
+        runs = []
+        for f in results:
+            try:
+                data = json.loads(Path(f).read_text())
+                runs.append((Path(f).name.split(".")[0], [cmp.ScoreResult(**r) for r in data]))
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                _fail(ValueError(f"{f}: not a `score --json` result ({e}); several results make one matrix of scores"))
+        click.echo(cmp.format_matrix(runs))
+        return
+    result = results[0]
     try:
         data = json.loads(Path(result).read_text())
     except (OSError, ValueError) as e:

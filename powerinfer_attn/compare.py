@@ -159,6 +159,33 @@ def format_scores(results: list[ScoreResult]) -> str:
     return "\n".join(out)
 
 
+def format_matrix(runs: list[tuple[str, list[ScoreResult]]]) -> str:
+    """Several ``score`` runs as one markdown matrix: a row per predictor, a column per text
+    (``runs``: (text, that run's results), several runs per text allowed). A cell is the change
+    in perplexity, the mean KL, the density and, for a trained predictor, its KL over that of
+    the oracle scored in the same run (the same fill) at the nearest density."""
+    texts = list(dict.fromkeys(t for t, _ in runs))
+    cells: dict[tuple[str, str], str] = {}
+    rows: list[str] = []
+    for text, results in runs:
+        oracles = [r for r in results if r.predictor.startswith("oracle")]
+        # an oracle runs with the fill of the run's trained file: say which, so runs do not mix
+        files = list(dict.fromkeys(r.predictor.split(":")[1] for r in results if r.predictor.startswith("trained:")))
+        for r in results:
+            if r.predictor.startswith("oracle") and files:
+                r = dataclasses.replace(r, predictor=f"{r.predictor} (fill of {', '.join(files)})")
+            rows += [r.predictor] if r.predictor not in rows else []
+            cell = f"{100 * (r.ppl_sparse / r.ppl_dense - 1):+.1f}% / {r.kl_mean:.3f} @{r.density:.2f}"
+            if r.predictor.startswith("trained") and oracles:
+                o = min(oracles, key=lambda x: abs(x.density - r.density))
+                cell += f" ({r.kl_mean / max(o.kl_mean, 1e-12):.2f}x)"
+            cells[(r.predictor, text)] = cell
+    out = ["| predictor | " + " | ".join(texts) + " |", "|---|" + "---|" * len(texts)]
+    for name in rows:
+        out.append(f"| {name} | " + " | ".join(cells.get((name, t), "") for t in texts) + " |")
+    return "\n".join(out)
+
+
 def family(name: str) -> str:
     """The predictor family of a result name, one line of a Pareto plot: ``oracle:0.8+mean`` ->
     ``oracle+mean``; a trained predictor's file stays in it, and a fixed threshold (``gain=0``)

@@ -174,3 +174,21 @@ def test_text_file_required(monkeypatch):
     monkeypatch.delenv(TEXT_ENV, raising=False)
     with pytest.raises(ValueError, match="--text-file"):
         resolve_text_file(None)
+
+
+def test_matrix_pairs_each_trained_predictor_with_the_oracle_of_its_run():
+    def res(name, ppl, kl, density):
+        return cmp.ScoreResult(name, 4, 4096, 128, 10.0, ppl, kl, 0.9, density, [density])
+    wiki = [res("trained:w.gguf:density=0.7+linear", 11.0, 0.10, 0.70), res("oracle:0.8+linear", 10.5, 0.05, 0.69),
+            res("oracle:0.6+linear", 12.0, 0.20, 0.50)]
+    mixed = [res("trained:m.gguf:density=0.7+linear", 10.6, 0.06, 0.70), res("oracle:0.8+linear", 10.4, 0.04, 0.70)]
+    code = [res("trained:w.gguf:density=0.7+linear", 13.0, 0.30, 0.71), res("oracle:0.8+linear", 11.0, 0.10, 0.70)]
+    table = cmp.format_matrix([("wiki", wiki), ("wiki", mixed), ("code", code)])
+    lines = table.splitlines()
+    assert lines[0] == "| predictor | wiki | code |"
+    row = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines[2:]}
+    assert row["trained:w.gguf:density=0.7+linear"].endswith(
+        "| +10.0% / 0.100 @0.70 (2.00x) | +30.0% / 0.300 @0.71 (3.00x) |")
+    assert "(1.50x)" in row["trained:m.gguf:density=0.7+linear"]  # against its own run's oracle, not w.gguf's
+    assert "+4.0% / 0.040" in row["oracle:0.8+linear (fill of m.gguf)"]
+    assert "+5.0% / 0.050" in row["oracle:0.8+linear (fill of w.gguf)"]
