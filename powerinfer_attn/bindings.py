@@ -3,7 +3,7 @@
 This is the bottom of the package above the build: it loads ``llama_cpp.llama_cpp`` (refusing a
 stock build), routes llama.cpp's log, and names the integer codes that the sparse-attention C
 functions take and return (``patches/llama-sparse-attn-graph.patch``,
-``llama-head-predictor.patch``, ``llama-head-fill.patch``). Keep these tables in step with
+``llama-head-predictor.patch``, the fills included). Keep these tables in step with
 ``llama.h`` there; nothing here knows what a predictor or a fill is for.
 """
 

@@ -456,7 +456,7 @@ class Engine:
 
     def _warn_off_gpu_kernel(self, what: str) -> None:
         """Warn when the head-masked attention of layers on a GPU cannot run there (its kernel,
-        cuda-sparse-attn.patch, needs flash attention and F16 or Q8_0 K and V)."""
+        ggml-cuda.patch, needs flash attention and F16 or Q8_0 K and V)."""
         if self.n_gpu_layers == 0 or (self.flash_attn and self.cache_types in (("f16", "f16"), ("q8_0", "q8_0"))):
             return
         warnings.warn(SparseFallbackWarning(

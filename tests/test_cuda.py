@@ -1,4 +1,4 @@
-"""Sparse decode on a GPU (cuda-sparse-attn.patch), for `make test-cuda` on a machine with one
+"""Sparse decode on a GPU (ggml-cuda.patch), for `make test-cuda` on a machine with one
 and a library built with `powerinfer-attn build --cuda`; skipped elsewhere (CI has no GPU).
 
 Every layer on the GPU (n_gpu_layers=99), flash attention on: the head-masked flash attention
@@ -8,7 +8,7 @@ attention kernel ignores inactive heads' queries and zeroes their outputs). Rand
 must match the CPU's oracle, dense decode with the inactive heads' outputs zeroed, and the CPU's
 own sparse decode; all heads active must match dense decode on the GPU. Tiny random-weight
 models of every architecture, MHA and GQA, head widths 64 and 128, the weight types of the CPU
-tests. The in-graph predictor and its fills on the GPU (llama-head-device.patch): its masks
+tests. The in-graph predictor and its fills on the GPU (llama-head-predictor.patch): its masks
 against the numpy rules on the GPU's own logits, its counters, and the CPU's decode. Window
 fill in the same kernels: skipped heads' outputs against numpy attention over their window, and
 dense decode when the window holds every cell."""

@@ -1,4 +1,4 @@
-"""Flash attention's grouped decode kernel (cpu-fa-grouped-decode.patch): one decode token over
+"""Flash attention's grouped decode kernel (ggml-cpu.patch): one decode token over
 512+ F16 cells with a head mask, the active query heads of each KV head computed together,
 against float64 numpy attention. Group sizes on both sides of its limit of 32 query heads per
 pass (33 runs the row kernel), K/V in blocks per KV head and in the cache's rows, head widths

@@ -208,7 +208,7 @@ def test_cols_alignment_rule(type_name, hd, ok):
     assert g.ggml_sparse_attn_cols_ok(kernels.GGML_TYPE[type_name], hd) is ok
 
 
-# --- ggml_head_select: the in-graph predictor's selection (llama-head-device.patch) -----------
+# --- ggml_head_select: the in-graph predictor's selection (ggml-ops.patch, ggml-cpu.patch) ---
 
 
 @pytest.mark.parametrize("rule,value", [("threshold", 0.2), ("topk", 3), ("mass", 0.6)])
