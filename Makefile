@@ -29,7 +29,7 @@ test: setup
 	POWERINFER_ATTN_REQUIRE_ENGINE=1 $(PY) -m pytest -v tests
 	$(MAKE) sanitize
 
-# The README's figures and the layer-budget sweep: pipelines in scripts/, run in this
+# The figures of docs/results-cpu.md and the layer-budget sweep: pipelines in scripts/, run in this
 # environment (scripts/figures.sh says what each one makes and how long it takes).
 TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 figures: setup

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's figures: quality on WikiText-2, the trained predictor's Pareto table, and decode
+# The figures of docs/results-cpu.md: quality on WikiText-2, the trained predictor's Pareto table, and decode
 # speed at 2 threads (about 75 min on 2 cores). `powerinfer-attn show figures/FILE.json` prints
 # a result's tables again. The predictor data and files go to vendor/predictor (git-ignored).
 # Run through `make figures` (which sets up the environment first), or directly once it is set up.

@@ -1,5 +1,5 @@
 """The package's layers: each module imports only modules of its own layer or below, and the
-imports between modules form no cycle (README, Layout). A new module gets a layer here."""
+imports between modules form no cycle (docs/contributing.md, Layout). A new module gets a layer here."""
 
 import ast
 import subprocess
