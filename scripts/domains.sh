@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# A predictor that holds on text it was never trained on (SmolLM2-135M): texts of five kinds,
+# a predictor trained on four of them mixed (the essays, RULER's haystack, held out of training
+# as the unseen kind), the WikiText-only predictor diagnosed on each kind against the oracle, and
+# the matrix of perplexity change and KL (and KL over the oracle's with the same fill) after
+# 4096 tokens, for both predictors at density 0.7 and 0.5, on each kind's held-out half.
+#   texts:     vendor/corpus/{wiki,code,docs,chat,essays}.txt (chat: ~25 min on 2 cores, once)
+#   predictor: vendor/predictor/pred-mix-pinned.gguf (collect ~15 min, train, pin 6 heads)
+#   diagnose:  figures/domains/diagnose-<predictor>.{json,txt} (~3 min per kind and predictor)
+#   matrix:    figures/domains/<kind>.<predictor>.json, figures/domains/matrix.txt (~5 min per cell pair)
+# The WikiText-only predictor is scripts/ruler.sh's (made here if missing). STEPS=diagnose,matrix
+# runs a part; WINDOWS (6) and KINDS narrow the matrix.
+source "$(dirname "$0")/common.sh"
+C=vendor/corpus F=figures/domains
+PRED_WIKI=$D/pred-long-pinned.gguf PRED_MIX=$D/pred-mix-pinned.gguf
+KINDS=${KINDS:-wiki code docs chat essays} WINDOWS=${WINDOWS:-6} STEPS=${STEPS:-texts,train,diagnose,matrix}
+mkdir -p "$C" "$F"
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+if has texts; then
+	"$PIA" corpus wiki "$C/wiki.txt" --text-file "$TEXT"
+	for k in code docs essays; do [ -f "$C/$k.txt" ] || "$PIA" corpus $k "$C/$k.txt"; done
+	[ -f "$C/chat.txt" ] || "$PIA" corpus chat "$C/chat.txt" --conversations 100 -t 2
+	# the articles of WikiText's second half, none of which any predictor trains on: collect reads
+	# a text's first part, so this is the held-out WikiText that `diagnose` judges on
+	"$BIN/python" - "$TEXT" "$C/wiki-heldout.txt" <<-'E'
+	import sys
+	from powerinfer_attn.text import split_articles
+	t = open(sys.argv[1]).read()
+	start = next(s for s, _, _ in split_articles(t) if s >= len(t) // 2)
+	open(sys.argv[2], "w").write(t[start:])
+	E
+fi
+
+if has train && [ ! -f "$PRED_MIX" ]; then
+	[ -f "$PRED_WIKI" ] || { echo "run scripts/ruler.sh first (it makes $PRED_WIKI)" >&2; exit 1; }
+	"$PIA" corpus-mix "$C/mix.txt" wiki="$C/wiki.txt" code="$C/code.txt" docs="$C/docs.txt" chat="$C/chat.txt"
+	"$PIA" collect --text-file "$C/mix.txt" --out "$D/data-mix" --seq-len 8192 -t 2
+	"$PIA" train-predictor "$D/data-mix" --out "$D/pred-mix.gguf"
+	"$PIA" retrieval-heads --pin "$D/pred-mix.gguf" --top 6 --out "$PRED_MIX" -t 2 > /dev/null
+fi
+
+if has diagnose; then
+	for P in "$PRED_WIKI" "$PRED_MIX"; do
+		[ -f "$P" ] || continue
+		n=$(basename "$P" .gguf) dirs=()
+		for k in wiki-heldout code docs chat essays; do
+			d=$D/diag-$n-$k
+			[ -f "$d/meta.json" ] || "$PIA" collect --text-file "$C/$k.txt" --out "$d" --tokens 8192 --seq-len 4096 \
+				--no-sensitivity --fill-from "$P" -t 2 > /dev/null
+			dirs+=("$d")
+		done
+		"$PIA" diagnose "$P" "${dirs[@]}" --json > "$F/diagnose-$n.json"
+		"$PIA" diagnose "$P" "${dirs[@]}" | tee "$F/diagnose-$n.txt"
+	done
+fi
+
+if has matrix; then
+	for k in $KINDS; do
+		for P in "$PRED_WIKI" "$PRED_MIX"; do
+			n=$(basename "$P" .gguf)
+			"$PIA" score --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t 2 --json \
+				--predictor trained:$P:density=0.7 --predictor trained:$P:density=0.5 \
+				--predictor oracle:0.8:fill=$P --predictor oracle:0.6:fill=$P > "$F/$k.$n.json"
+		done
+	done
+	"$PIA" show $(for k in $KINDS; do ls "$F/$k".*.json; done) | tee "$F/matrix.txt"
+fi
