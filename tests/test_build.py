@@ -149,6 +149,21 @@ def test_repo_series_is_valid():
         assert build.touched_files(p), f"{p.name} touches no file"
 
 
+def test_repo_series_applies_in_order_and_never_undoes_an_earlier_patch():
+    """The series is cut by layer with its history folded in (patches/README.md): a '-' line of
+    any patch removes an upstream line, never one that an earlier patch added."""
+    import subprocess
+    import sys
+
+    pristine = build.REPO_ROOT / "vendor" / "pristine"
+    if not pristine.is_dir():
+        pytest.skip("no vendor/pristine (made by the first build)")
+    r = subprocess.run([sys.executable, str(build.REPO_ROOT / "scripts" / "check-series.py"), "--pristine", str(pristine)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no-undo: OK" in r.stdout
+
+
 # --- the toolchain check: before the long pip build ------------------------------------
 
 
