@@ -550,7 +550,7 @@ def stdlib_text(out) -> None:
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--text-file", type=click.Path(dir_okay=False), default=None,
               help="For wiki: WikiText-2's file (default: $POWERINFER_ATTN_TEXT).")
-@click.option("--conversations", type=click.IntRange(1), default=100, show_default=True,
+@click.option("--conversations", type=click.IntRange(1), default=60, show_default=True,
               help="For chat: how many two-turn conversations the model writes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="For chat: the requests and the sampling.")
 @model_option

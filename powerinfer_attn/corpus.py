@@ -83,7 +83,7 @@ def chat_requests(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return [(pairs[i][0], CHAT_FOLLOW_UPS[int(rng.integers(len(CHAT_FOLLOW_UPS)))]) for i in idx]
 
 
-def chat_text(model_path: Path, n: int = 120, max_tokens: int = 320, seed: int = 0, threads: int | None = None,
+def chat_text(model_path: Path, n: int = 60, max_tokens: int = 320, seed: int = 0, threads: int | None = None,
               progress: Callable[[int], None] | None = None) -> tuple[str, list[str]]:
     """``n`` two-turn conversations the model writes (sampled at temperature 0.7, top-p 0.9),
     each as its chat template renders it, under a heading."""

@@ -85,8 +85,9 @@ def report(pred_path: Path, data_dir: Path, density: float = 0.7) -> dict:
         layers.append({"layer": il, "target": round(float(targets[il]), 4), "density_fixed": round(float(fixed), 4),
                        "fill_left": round(total / max(float(imp_zero.sum()), _EPS), 4),
                        "dropped": round(d_pred / max(total, _EPS), 4), "dropped_oracle": round(d_orc / max(total, _EPS), 4),
-                       "regret": round(d_pred / max(d_orc, _EPS), 3)})
-    mean = {k: round(float(np.mean([l[k] for l in layers])), 4)
+                       # a layer kept whole (target 1) drops nothing either way: no regret to speak of
+                       "regret": round(d_pred / d_orc, 3) if d_orc > _EPS else None})
+    mean = {k: round(float(np.mean([l[k] for l in layers if l[k] is not None])), 4)
             for k in ("density_fixed", "fill_left", "dropped", "dropped_oracle", "regret")}
     return {"kind": "diagnose", "predictor": Path(pred_path).name, "data": str(data_dir),
             "text_file": meta["text_file"], "tokens": meta["tokens"], "seq_len": meta["seq_len"],
@@ -108,7 +109,7 @@ def format_report(reports: list[dict]) -> str:
         head = "layer | " + ("target | " if key == "density_fixed" else "") + " | ".join(names)
         out.append(head)
         for il in range(len(reports[0]["layers"])):
-            cells = [f"{r['layers'][il][key]:.3f}" for r in reports]
+            cells = ["-" if r["layers"][il][key] is None else f"{r['layers'][il][key]:.3f}" for r in reports]
             tgt = [f"{reports[0]['layers'][il]['target']:.3f}"] if key == "density_fixed" else []
             out.append(f"{il:5d} | " + " | ".join(tgt + cells))
         out.append("mean  | " + ("       | " if key == "density_fixed" else "")

@@ -4,7 +4,7 @@
 # as the unseen kind), the WikiText-only predictor diagnosed on each kind against the oracle, and
 # the matrix of perplexity change and KL (and KL over the oracle's with the same fill) after
 # 4096 tokens, for both predictors at density 0.7 and 0.5, on each kind's held-out half.
-#   texts:     vendor/corpus/{wiki,code,docs,chat,essays}.txt (chat: ~25 min on 2 cores, once)
+#   texts:     vendor/corpus/{wiki,code,docs,chat,essays}.txt (chat: ~10 min on 2 cores, once)
 #   predictor: vendor/predictor/pred-mix-pinned.gguf (collect ~15 min, train, pin 6 heads)
 #   diagnose:  figures/domains/diagnose-<predictor>.{json,txt} (~3 min per kind and predictor)
 #   matrix:    figures/domains/<kind>.<predictor>.json, figures/domains/matrix.txt (~5 min per cell pair)
@@ -20,7 +20,7 @@ has() { [[ ",$STEPS," == *",$1,"* ]]; }
 if has texts; then
 	"$PIA" corpus wiki "$C/wiki.txt" --text-file "$TEXT"
 	for k in code docs essays; do [ -f "$C/$k.txt" ] || "$PIA" corpus $k "$C/$k.txt"; done
-	[ -f "$C/chat.txt" ] || "$PIA" corpus chat "$C/chat.txt" --conversations 100 -t 2
+	[ -f "$C/chat.txt" ] || "$PIA" corpus chat "$C/chat.txt" --conversations 60 -t 2
 	# the articles of WikiText's second half, none of which any predictor trains on: collect reads
 	# a text's first part, so this is the held-out WikiText that `diagnose` judges on
 	"$BIN/python" - "$TEXT" "$C/wiki-heldout.txt" <<-'E'
