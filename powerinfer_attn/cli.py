@@ -20,19 +20,44 @@ threads_option = click.option("--threads", "-t", type=int, default=None, help="C
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
-def cache_options(f):
-    """--cache-type-k/--cache-type-v (and --flash-attn, which a quantized V cache needs)."""
+def _renamed(new: str):
+    """A callback for an old spelling that is gone: a usage error naming the new one."""
+    def refuse(ctx, param, value):
+        if value:
+            raise click.UsageError(f"{param.opts[0]} is now {new} (llama.cpp's spelling)", ctx)
+    return refuse
+
+
+def engine_options(ctx_default: int | None = None, ctx_min: int = 16):
+    """llama.cpp's engine flags, one set for every command that decodes: -c (where the command
+    sizes no context itself), -ngl, -fa on|off (a bare --flash-attn is on), -ctk, -ctv. The
+    command receives n_ctx (if any), n_gpu_layers, flash_attn (bool), cache_k, cache_v."""
     from .bindings import CACHE_TYPES
 
-    f = click.option("--cache-type-v", "cache_v", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
-                     help="V cache type (quantized types need --flash-attn).")(f)
-    f = click.option("--cache-type-k", "cache_k", type=click.Choice(list(CACHE_TYPES)), default="f16", show_default=True,
-                     help="K cache type.")(f)
-    return f
+    def to_bool(ctx, param, value):
+        return value == "on"
+
+    def deco(f):
+        f = click.option("--no-flash-attn", is_flag=True, hidden=True, expose_value=False,
+                         callback=_renamed("-fa off"))(f)
+        f = click.option("--cache-type-v", "-ctv", "cache_v", type=click.Choice(list(CACHE_TYPES)), default="f16",
+                         show_default=True, help="V cache type (quantized types need -fa on).")(f)
+        f = click.option("--cache-type-k", "-ctk", "cache_k", type=click.Choice(list(CACHE_TYPES)), default="f16",
+                         show_default=True, help="K cache type.")(f)
+        f = click.option("--flash-attn", "-fa", "flash_attn", type=click.Choice(["on", "off"]), default="off",
+                         is_flag=False, flag_value="on", show_default=True, callback=to_bool,
+                         help="Flash attention (the sparse path on a GPU needs it).")(f)
+        f = click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(0), default=0, show_default=True,
+                         help="Layers on the GPU (a `build --cuda` library).")(f)
+        if ctx_default is not None:
+            f = click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(ctx_min), default=ctx_default,
+                             show_default=True, help="Context size.")(f)
+        return f
+    return deco
 
 
-def _engine_kw(flash_attn: bool, cache_k: str, cache_v: str) -> dict:
-    return dict(flash_attn=flash_attn, cache_type_k=cache_k, cache_type_v=cache_v)
+def _engine_kw(flash_attn: bool, cache_k: str, cache_v: str, n_gpu_layers: int = 0) -> dict:
+    return dict(flash_attn=flash_attn, cache_type_k=cache_k, cache_type_v=cache_v, n_gpu_layers=n_gpu_layers)
 
 
 def _fail(e: Exception) -> None:
@@ -99,8 +124,8 @@ def model(name, list_models) -> None:
 @main.command()
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
 @click.option("-n", "n_tokens", type=click.IntRange(1), default=32, show_default=True, help="Tokens to generate.")
-@click.option("--ctx", "--ctx-size", "-c", "n_ctx", type=click.IntRange(16), default=2048, show_default=True, help="Context size.")
-@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
+@engine_options(ctx_default=2048)
+@click.option("--ctx", "old_ctx", type=int, default=None, hidden=True, expose_value=False, callback=_renamed("-c/--ctx-size"))
 @click.option("--sparse", is_flag=True, help="Decode with sparse attention heads.")
 @click.option("--predictor", default=None,
               help="Head predictor for --sparse: all, random:K[:SEED], static:K[:FILE], oracle:P, oracle-topk:K, mask-file:PATH, "
@@ -109,14 +134,13 @@ def model(name, list_models) -> None:
 @click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="Top-k when sampling (0: all).")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
               help="Top-p (nucleus) when sampling.")
-@click.option("--seed", type=int, default=None, help="Seed of the sampler.")
+@click.option("--seed", "-s", type=int, default=None, help="Seed of the sampler.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the GGUF's chat template.")
-@cache_options
 @model_option
 @threads_option
 @json_option
-def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, temp, top_k, top_p, seed, chat, cache_k, cache_v,
-             model, threads, as_json) -> None:
+def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, sparse, predictor, temp, top_k, top_p,
+             seed, chat, model, threads, as_json) -> None:
     """Generation through the patched bindings (greedy by default), streamed, with decode speed."""
     from .engine import EngineError, open_engine
     from .predictors import get_predictor
@@ -128,7 +152,8 @@ def generate(prompt, n_tokens, n_ctx, flash_attn, sparse, predictor, temp, top_k
         path = resolve_model(model)
         pred = get_predictor(predictor or "all", path) if sparse else None
         sampler = Sampler(temp, top_k, top_p, seed)
-        with open_engine(path, pred, n_ctx=n_ctx, n_threads=threads, **_engine_kw(flash_attn, cache_k, cache_v)) as eng:
+        with open_engine(path, pred, n_ctx=n_ctx, n_threads=threads,
+                         **_engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers)) as eng:
             text = eng.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
             stream = None
             if not as_json:
@@ -206,7 +231,7 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @main.command()
 @click.option("--text-file", type=click.Path(dir_okay=False), default=None,
               help="Text to score on (default: $POWERINFER_ATTN_TEXT), e.g. WikiText-2's wiki.test.raw.")
-@click.option("--prefix", "prefixes", default="128", show_default=True,
+@click.option("--prefix", "-c", "prefixes", default="128", show_default=True,
               help="Dense prefill tokens per window; several comma-separated (128,1024,4096,8192) give a table each, "
                    "with one dense prefill per window shared by all predictors.")
 @click.option("--steps", type=click.IntRange(1), default=128, show_default=True, help="Sparse decode steps per window.")
@@ -220,13 +245,12 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @click.option("--dump-logits", type=click.Path(dir_okay=False), default=None,
               help="Write the (first) sparse logits ([steps, n_vocab], or [windows, steps, n_vocab]) as float32 .npy.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a density vs perplexity plot (PNG).")
-@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True)
-@cache_options
+@engine_options()
 @model_option
 @threads_option
 @json_option
-def score(text_file, prefixes, steps, windows, training, predictors, mask_file, dump_logits, plot_path, flash_attn,
-          cache_k, cache_v, model, threads, as_json) -> None:
+def score(text_file, prefixes, steps, windows, training, predictors, mask_file, dump_logits, plot_path, n_gpu_layers,
+          flash_attn, cache_k, cache_v, model, threads, as_json) -> None:
     """Teacher-forced quality of sparse decode against dense: perplexity, KL, top-1 agreement."""
     from pathlib import Path
 
@@ -247,7 +271,7 @@ def score(text_file, prefixes, steps, windows, training, predictors, mask_file, 
                                file=sys.stderr) as bar:
             results = cmp.score(path, text, preds, prefix, steps, windows, threads,
                                 Path(dump_logits) if dump_logits else None, bar.update, training,
-                                engine_kw=_engine_kw(flash_attn, cache_k, cache_v))
+                                engine_kw=_engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
         if plot_path:
             cmp.plot_pareto([r.to_json() for r in results], plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
@@ -438,15 +462,12 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
 @click.option("--rescore", type=click.Path(dir_okay=False, exists=True), multiple=True,
               help="Score the answers in this `eval --json` result with lm-eval's RULER scorer, and print it; "
                    "repeated, the results (the same samples, other predictors) are merged first.")
-@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(0), default=0, show_default=True,
-              help="Layers on the GPU (a `build --cuda` library; --via engine; sparse there needs --flash-attn).")
-@click.option("--flash-attn/--no-flash-attn", default=False, show_default=True,
-              help="Flash attention for every decoder, dense included (--via engine).")
+@engine_options()
 @model_option
 @threads_option
 @json_option
 def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samples_in, rescore, n_gpu_layers,
-             flash_attn, model, threads, as_json) -> None:
+             flash_attn, cache_k, cache_v, model, threads, as_json) -> None:
     """RULER (lm-evaluation-harness) at long context, dense and sparse, offline: a score per task,
     length and predictor, 0-100, and the difference from dense."""
     from pathlib import Path
@@ -477,11 +498,14 @@ def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samp
                 ruler.write_samples(Path(samples_out), samples, path, seed)
                 click.echo(f"wrote {samples_out}: {len(samples)} samples", err=True)
                 return
+        if via == "server" and (n_gpu_layers or flash_attn or (cache_k, cache_v) != ("f16", "f16")):
+            raise ValueError("-ngl, -fa, -ctk and -ctv apply to --via engine (the server runs on its defaults here)")
         total = len(samples) * (1 + len(preds) if via == "server" else 1)
         with click.progressbar(length=total, label=f"RULER samples ({via})", file=sys.stderr,
                                show_eta=True) as bar:
             if via == "engine":
-                doc = ruler.run_engine(path, samples, preds, seed, threads, n_gpu_layers, flash_attn, bar.update)
+                doc = ruler.run_engine(path, samples, preds, seed, threads, n_gpu_layers, flash_attn, bar.update,
+                                       (cache_k, cache_v))
             else:
                 doc = ruler.run_server(path, task_objs, samples, list(predictors), seed, threads, bar.update,
                                        log=lambda m: click.echo(m, err=True))
@@ -637,9 +661,9 @@ def diagnose(predictor_file, data, density, as_json) -> None:
 @click.option("--density", type=float, default=None, help="With a trained predictor: its density=D (density control).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(64), default=4096, show_default=True, help="Context size.")
+@engine_options(ctx_default=4096, ctx_min=64)
 @threads_option
-def serve(model, predictor, density, host, port, n_ctx, threads) -> None:
+def serve(model, predictor, density, host, port, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, threads) -> None:
     """OpenAI-compatible server (llama-cpp-python's) with sparse decode: /v1/completions,
     /v1/chat/completions (SSE streaming), /v1/models, /health; a log line per request."""
     from . import serve as serve_mod
@@ -653,7 +677,8 @@ def serve(model, predictor, density, host, port, n_ctx, threads) -> None:
 
         spec = add_option(spec, f"density={density:g}")
     try:
-        serve_mod.serve(resolve_model(model), spec, host, port, n_ctx, threads)
+        serve_mod.serve(resolve_model(model), spec, host, port, n_ctx, threads,
+                        _engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
 
@@ -720,10 +745,12 @@ def _ints(text: str) -> list[int]:
 
 @main.command()
 @model_option
-@click.option("--ctx", "ctxs", default="256,1024,4096", show_default=True, help="Context lengths, comma-separated.")
+@click.option("--depth", "-d", "ctxs", default="256,1024,4096", show_default=True,
+              help="Context depths (tokens in the cache when the step is timed), comma-separated, as llama-bench's -d.")
+@click.option("--ctx", "old_ctxs", default=None, hidden=True, help="The old spelling of -d/--depth.")
 @click.option("--density", "densities", default="1,0.75,0.5,0.25", show_default=True, help="Head densities, comma-separated.")
 @click.option("--reps", type=click.IntRange(3), default=20, show_default=True, help="Timed steps per configuration.")
-@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+@click.option("--flash-attn", "-fa", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="auto: measure dense both ways per context and use the faster for all.")
 @click.option("--gqa", is_flag=True, help="Drop whole KV groups first (saves K/V reads too).")
 @click.option("--profile/--no-profile", default=True, show_default=True,
@@ -742,10 +769,14 @@ def _ints(text: str) -> list[int]:
                    "and an F16 cache, and each ratio's limit is from bytes.")
 @threads_option
 @json_option
-def bench(model, ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, caches, window,
+def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, caches, window,
           ngl, threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
+
+    if old_ctxs is not None:
+        click.echo("note: --ctx is now -d/--depth (llama-bench's spelling); --ctx will go", err=True)
+        ctxs = old_ctxs
 
     from . import bench as bench_mod
     from .engine import EngineError

@@ -189,13 +189,15 @@ def _prompt_tokens(model_path: Path, samples: Sequence[Sample]) -> tuple[list[li
 
 def generate_engine(model_path: Path, samples: Sequence[Sample], predictors: Sequence, threads: int | None = None,
                     n_gpu_layers: int = 0, flash_attn: bool = False,
-                    progress: Callable[[int], None] | None = None) -> dict[str, list[Answer]]:
+                    progress: Callable[[int], None] | None = None,
+                    cache_types: tuple[str, str] = ("f16", "f16")) -> dict[str, list[Answer]]:
     """Answers of dense decode ("dense") and of each predictor, sample by sample."""
     from .engine import Engine, open_engine
 
     if not samples:
         raise ValueError("no samples")
-    kw = dict(n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+    kw = dict(n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, cache_type_k=cache_types[0],
+              cache_type_v=cache_types[1])
     answers: dict[str, list[Answer]] = {"dense": []} | {p.name: [] for p in predictors}
     if len(answers) != 1 + len(predictors):
         raise ValueError("two predictors of the same name")
@@ -361,11 +363,11 @@ def result_json(model_path: Path, samples: Sequence[Sample], answers: dict[str, 
 
 def run_engine(model_path: Path, samples: Sequence[Sample], predictors: Sequence, seed: int = 0,
                threads: int | None = None, n_gpu_layers: int = 0, flash_attn: bool = False,
-               progress: Callable[[int], None] | None = None) -> dict:
+               progress: Callable[[int], None] | None = None, cache_types: tuple[str, str] = ("f16", "f16")) -> dict:
     t0 = time.time()
-    answers = generate_engine(model_path, samples, predictors, threads, n_gpu_layers, flash_attn, progress)
+    answers = generate_engine(model_path, samples, predictors, threads, n_gpu_layers, flash_attn, progress, cache_types)
     doc = result_json(model_path, samples, answers, "engine", seed, time.time() - t0)
-    return doc | {"n_gpu_layers": n_gpu_layers, "flash_attn": flash_attn}
+    return doc | {"n_gpu_layers": n_gpu_layers, "flash_attn": flash_attn, "cache_types": list(cache_types)}
 
 
 def run_server(model_path: Path, task_objs: dict, samples: Sequence[Sample], predictors: Sequence[str],

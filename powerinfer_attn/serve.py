@@ -20,8 +20,9 @@ from .sparsify import head_density, predictor_name, restart, sparsify
 
 
 def make_app(model_path: Path, predictor: str | None = None, n_ctx: int = 4096, threads: int | None = None,
-             log: Callable[[str], None] | None = None):
-    """The FastAPI app: ``predictor`` None serves dense."""
+             log: Callable[[str], None] | None = None, engine_kw: dict | None = None):
+    """The FastAPI app: ``predictor`` None serves dense. ``engine_kw``: ``Engine``'s n_gpu_layers,
+    flash_attn, cache_type_k and cache_type_v, given to llama-cpp-python's model settings."""
     from llama_cpp.server import app as server_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
@@ -30,6 +31,12 @@ def make_app(model_path: Path, predictor: str | None = None, n_ctx: int = 4096, 
     settings = dict(model=str(model_path), model_alias=Path(model_path).name, n_ctx=n_ctx, verbose=False)
     if threads:
         settings |= dict(n_threads=threads, n_threads_batch=threads)
+    kw = engine_kw or {}
+    if kw:
+        from .bindings import CACHE_TYPES
+
+        settings |= dict(n_gpu_layers=kw.get("n_gpu_layers", 0), flash_attn=bool(kw.get("flash_attn", False)),
+                         type_k=CACHE_TYPES[kw.get("cache_type_k", "f16")], type_v=CACHE_TYPES[kw.get("cache_type_v", "f16")])
     app = server_app.create_app(server_settings=ServerSettings(interrupt_requests=False),
                                 model_settings=[ModelSettings(**settings)])
     llm = server_app._llama_proxy._current_model
@@ -110,10 +117,12 @@ def _say(say, llm, prompt_tokens, generated: int, seconds: float, ttft: float | 
     say(", ".join(parts))
 
 
-def serve(model_path: Path, predictor: str | None, host: str, port: int, n_ctx: int, threads: int | None) -> None:
+def serve(model_path: Path, predictor: str | None, host: str, port: int, n_ctx: int, threads: int | None,
+          engine_kw: dict | None = None) -> None:
     import uvicorn
 
-    uvicorn.run(make_app(model_path, predictor, n_ctx, threads), host=host, port=port, log_level="warning")
+    uvicorn.run(make_app(model_path, predictor, n_ctx, threads, engine_kw=engine_kw), host=host, port=port,
+                log_level="warning")
 
 
 class ServerProcess:

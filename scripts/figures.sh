@@ -27,9 +27,9 @@ PRED=$D/pred.gguf PRED_MEAN=$D/pred-mean.gguf PRED_ZERO=$D/pred-zero.gguf PRED_S
 	--predictor oracle:0.8:fill=$PRED --predictor trained:$PRED:density=0.65 \
 	--predictor trained:$PRED:density=0.7 --predictor trained:$PRED_SHARE:density=0.7 \
 	> figures/score-32windows.json
-"$PIA" bench --ctx 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \
+"$PIA" bench -d 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \
 	--json --plot figures/bench-2threads.png > figures/bench-2threads.json
-"$PIA" bench --ctx 8192 --density 0.7 --predictor trained:$PRED --reps 10 -t 2 \
+"$PIA" bench -d 8192 --density 0.7 --predictor trained:$PRED --reps 10 -t 2 \
 	--no-profile --json > figures/bench-trained-8192.json
 
 for f in score score-32windows bench-2threads bench-trained-8192; do

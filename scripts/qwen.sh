@@ -32,7 +32,7 @@ fi
 [ "${QUALITY_ONLY:-}" = 1 ] && exit 0
 
 # speed at 16384: per-head masks (with the Amdahl limit), then whole KV groups
-"$PIA" bench -m "$M" --ctx 16384 --density 1,0.5,0.25 --reps 10 -t 2 --json > figures/qwen-bench.json
-"$PIA" bench -m "$M" --ctx 16384 --density 0.5 --gqa --reps 10 -t 2 --no-profile --json > figures/qwen-bench-gqa.json
+"$PIA" bench -m "$M" -d 16384 --density 1,0.5,0.25 --reps 10 -t 2 --json > figures/qwen-bench.json
+"$PIA" bench -m "$M" -d 16384 --density 0.5 --gqa --reps 10 -t 2 --no-profile --json > figures/qwen-bench-gqa.json
 "$PIA" show figures/qwen-bench.json
 "$PIA" show figures/qwen-bench-gqa.json

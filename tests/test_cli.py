@@ -1,0 +1,61 @@
+"""The command line's shared flags: llama.cpp's spellings on every command that decodes, the old
+spellings refused (or noted) with the new one named."""
+
+import pytest
+from click.testing import CliRunner
+
+from powerinfer_attn.cli import main
+
+DECODERS = ("generate", "score", "eval", "serve")
+
+
+@pytest.mark.parametrize("command", DECODERS)
+def test_every_decoding_command_takes_llama_cpp_flags(command):
+    out = CliRunner().invoke(main, [command, "--help"]).output
+    for flag in ("-m,", "-t,", "-ngl", "-fa", "-ctk", "-ctv"):
+        assert flag in out, f"{command} lacks {flag}"
+    if command != "eval":  # eval sizes each sample's context itself
+        assert "-c," in out  # score: the context before the scored steps (its --prefix)
+
+
+@pytest.mark.parametrize("command", DECODERS)
+def test_old_no_flash_attn_names_the_new_flag(command):
+    r = CliRunner().invoke(main, [command, "--no-flash-attn"])
+    assert r.exit_code == 2 and "-fa off" in r.output
+
+
+def test_generate_old_ctx_names_the_new_flag():
+    r = CliRunner().invoke(main, ["generate", "-p", "x", "--ctx", "64"])
+    assert r.exit_code == 2 and "-c/--ctx-size" in r.output
+
+
+def test_flash_attn_bare_is_on_and_takes_on_off(monkeypatch):
+    """-fa on|off, and a bare --flash-attn (the old switch) still means on; what reaches the engine."""
+    import powerinfer_attn.compare as cmp
+
+    seen = []
+
+    def fake_score(*args, engine_kw=None, **kw):
+        seen.append(engine_kw)
+        return []
+
+    monkeypatch.setattr(cmp, "score", fake_score)
+    monkeypatch.setenv("POWERINFER_ATTN_TEXT", __file__)
+    for flags, want in ((["--flash-attn"], True), (["-fa", "off"], False), (["-fa", "on", "-ctv", "q8_0"], True), ([], False)):
+        r = CliRunner().invoke(main, ["score", "--predictor", "all", "-m", __file__, *flags])
+        assert seen, r.output
+        assert seen[-1]["flash_attn"] is want
+    assert seen[-2]["cache_type_v"] == "q8_0" and seen[-1]["n_gpu_layers"] == 0
+    r = CliRunner().invoke(main, ["score", "--predictor", "all", "-fa", "maybe"])
+    assert r.exit_code == 2
+
+
+def test_bench_depth_and_the_old_ctx_spelling(monkeypatch):
+    import powerinfer_attn.bench as bench_mod
+
+    got = []
+    monkeypatch.setattr(bench_mod, "run", lambda model, ctxs, *a, **k: got.append(ctxs) or (_ for _ in ()).throw(ValueError("stop")))
+    r = CliRunner().invoke(main, ["bench", "-m", __file__, "-d", "128,256"])
+    assert got[-1] == [128, 256], r.output
+    r = CliRunner().invoke(main, ["bench", "-m", __file__, "--ctx", "512"])
+    assert got[-1] == [512] and "-d/--depth" in r.output
