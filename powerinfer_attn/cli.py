@@ -112,8 +112,11 @@ def model(name, list_models) -> None:
     from .model import KNOWN_MODELS, known_model_path
 
     if list_models:
+        from .predictors import prepared_predictor_path
+
         for m in KNOWN_MODELS.values():
-            click.echo(f"{m.name}: {m.about}")
+            pred = prepared_predictor_path(m.file)
+            click.echo(f"{m.name}: {m.about}" + (f"; predictor: {pred}" if pred.is_file() else "; no predictor (`prepare`)"))
         return
     try:
         click.echo(str(known_model_path(name) if name else default_model_path()))
@@ -365,6 +368,64 @@ def collect(text_file, out, tokens, sensitivity, seq_len, resume, fill_from, mod
         click.echo(json.dumps(meta, indent=1))
     else:
         click.echo(f"wrote {meta['chunks']} chunks ({meta['tokens']} tokens) to {out}\nfrom {meta['articles']}")
+
+
+@main.command()
+@click.option("--text-file", type=click.Path(dir_okay=False), default=None,
+              help="WikiText-2 to mix in beside code, docs and chat (default: $POWERINFER_ATTN_TEXT if set).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the predictor (default: the model cache, where `--predictor trained` finds it).")
+@click.option("--conversations", type=click.IntRange(1), default=60, show_default=True,
+              help="Conversations the model writes for the chat text.")
+@click.option("--tokens", type=click.IntRange(512), default=32768, show_default=True, help="Tokens collect records.")
+@click.option("--seq-len", type=click.IntRange(512), default=8192, show_default=True,
+              help="Collect's sequence length (a multiple of 512): what heads do that deep into the context.")
+@click.option("--density", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.7, show_default=True,
+              help="The density the file's rule value gives on held-out data.")
+@click.option("--pin", "pin_heads", type=click.IntRange(0), default=6, show_default=True,
+              help="Retrieval heads kept always (0: none).")
+@click.option("--sensitivity/--no-sensitivity", default=True, show_default=True,
+              help="Per-layer budgets from each layer's measured sensitivity (~2 min on 2 cores).")
+@model_option
+@threads_option
+@json_option
+def prepare(text_file, out, conversations, tokens, seq_len, density, pin_heads, sensitivity, model, threads,
+            as_json) -> None:
+    """Make the model's head predictor in one command: texts of several kinds mixed, collect,
+    train, retrieval heads pinned; stored in the model cache for `--predictor trained`. A stopped
+    run goes on where it stopped (about 30 min for SmolLM2 on 2 cores)."""
+    import os
+    from pathlib import Path
+
+    from . import prepare as prep
+    from .engine import EngineError
+
+    bars: dict = {}
+    try:
+        path = resolve_model(model)
+        wiki = Path(text_file) if text_file else (Path(os.environ["POWERINFER_ATTN_TEXT"])
+                                                  if os.environ.get("POWERINFER_ATTN_TEXT") else None)
+        totals = prep.step_totals(resolve_n_layer(path), conversations, tokens, seq_len, sensitivity)
+
+        def progress(step, n):
+            if step not in bars:
+                for b in bars.values():
+                    b.render_finish()
+                bars[step] = click.progressbar(length=totals[step], label=step, file=sys.stderr, show_eta=True)
+            bars[step].update(n)
+
+        res = prep.prepare(path, wiki, Path(out) if out else None, conversations, tokens, seq_len, density, pin_heads,
+                           sensitivity, threads, say=lambda m: click.echo(m, err=True), progress=progress)
+        for b in bars.values():
+            b.render_finish()
+    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(res, indent=1))
+    else:
+        click.echo(f"wrote {res['predictor']}: trained on " + ", ".join(f"{k} ({v} characters)" for k, v in res["texts"].items())
+                   + (f"; pinned heads {res['pinned']}" if res["pinned"] else "")
+                   + "\nuse it with --predictor trained (or trained:density=D)")
 
 
 @main.command("train-predictor")

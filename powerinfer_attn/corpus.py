@@ -133,43 +133,69 @@ def kind_text(kind: str, model_path: Path | None = None, wiki: str | Path | None
     raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
 
 
-def mix(texts: dict[str, str], block_chars: int = 32000) -> tuple[str, dict[str, int]]:
-    """The training articles (``text.training_articles``) of each kind's text, as many
-    characters of each as the smallest kind has, interleaved in blocks of about ``block_chars``
-    characters per kind, each article under a ``kind/name`` heading; and the characters taken
-    from each kind."""
+def _pieces(kind: str, text: str, spans, size: int) -> list[tuple[str, str]]:
+    """The articles ``spans`` of ``text`` without their headings, cut at line ends into pieces
+    of at most about ``size`` characters, named ``kind/title[.N]``."""
+    out = []
+    for s, e, title in spans:
+        body = text[s:e]
+        first, _, rest = body.partition("\n")
+        if first.startswith("# ---- ") or re.match(r"^ = [^=].* = $", first):
+            body = rest
+        body = body.strip("\n")
+        name = f"{kind}/" + (re.sub(r"\s+", "_", title.strip()) or "untitled")
+        parts, cur, n = [], [], 0
+        for line in body.split("\n"):
+            if cur and n + len(line) > size:
+                parts.append("\n".join(cur))
+                cur, n = [], 0
+            cur.append(line)
+            n += len(line) + 1
+        if cur:
+            parts.append("\n".join(cur))
+        out += [(name if len(parts) == 1 else f"{name}.{i}", p) for i, p in enumerate(parts)]
+    return out
+
+
+def mix(texts: dict[str, str], block_chars: int = 32000, held_out_ratio: float = 1.5) -> tuple[str, dict[str, int]]:
+    """One text of several kinds for ``collect``: first the training articles
+    (``text.training_articles``) of each kind, as many characters of each as the smallest kind
+    has, interleaved a piece of at most ``block_chars`` per kind at a time; then, likewise, their
+    held-out articles, ``held_out_ratio`` times as much, so that ``collect`` (which reads a text's
+    first 45%) trains on every training piece and ``score`` on the mix reads held-out text only.
+    Returns the text and the training characters taken from each kind."""
     banned = [k for k in texts if k in NOT_FOR_TRAINING]
     if banned:
         raise ValueError(f"{', '.join(banned)}: kept out of training (RULER's haystack)")
     if not texts:
         raise ValueError("no kinds to mix")
-    queues = {}
+    train_q, held_q = {}, {}
     for kind, text in texts.items():
-        arts = [(re.sub(r"\s+", "_", title.strip()) or "untitled", text[s:e]) for s, e, title in training_articles(text)]
-        if not arts:
+        train = training_articles(text)
+        if not train:
             raise ValueError(f"{kind}: no whole article in the first part of its text")
-        queues[kind] = arts
-    # as much of each kind as of the smallest, so that no kind outweighs another
-    share = min(sum(len(b) for _, b in arts) for arts in queues.values())
+        train_q[kind] = _pieces(kind, text, train, block_chars)
+        held_q[kind] = _pieces(kind, text, split_articles(text)[len(train):], block_chars)
+    share = min(sum(len(b) for _, b in q) for q in train_q.values())
     taken = {k: 0 for k in texts}
     parts: list[str] = []
-    while any(queues.values()):
-        for kind, arts in queues.items():
-            got = 0
-            while arts and got < block_chars and taken[kind] + got < share:
-                title, body = arts.pop(0)
-                body = body.split("\n", 1)[1] if body.startswith("# ---- ") or _is_wiki_heading(body) else body
-                parts.append(HEADING.format(f"{kind}/{title}") + body.strip("\n") + "\n\n")
-                got += len(body)
-            taken[kind] += got
-            if taken[kind] >= share:
-                arts.clear()
+    while any(q and taken[k] < share for k, q in train_q.items()):
+        for kind, q in train_q.items():
+            if q and taken[kind] < share:
+                name, body = q.pop(0)
+                parts.append(HEADING.format(name) + body + "\n\n")
+                taken[kind] += len(body)
+    # the held-out part is one article (its pieces under "## kind/name" lines), so that no
+    # piece of it ends inside the first 45% that collect reads
+    parts.append(HEADING.format("held-out"))
+    want, held = held_out_ratio * sum(taken.values()), 0
+    while held < want and any(held_q.values()):
+        for kind, q in held_q.items():
+            if q and held < want:
+                name, body = q.pop(0)
+                parts.append(f"## {name}\n" + body + "\n\n")
+                held += len(body)
     return "".join(parts), taken
-
-
-def _is_wiki_heading(body: str) -> bool:
-    first = body.split("\n", 1)[0]
-    return bool(re.match(r"^ = [^=].* = $", first))
 
 
 def write(path: Path, text: str, names: Sequence[str], kind: str, meta: dict | None = None) -> None:

@@ -33,6 +33,8 @@ Built-in, by name (``get_predictor``), with what each costs per decode step:
   at D, each layer at its held-out share, at any context length (``gain=G`` sets its speed,
   ``gain=0`` keeps the fixed held-out threshold). A file trained with a fill runs with it
   (named ``...+mean`` or ``...+linear``); ``fill=zero`` turns it off. Its ``hook`` reads back the masks the graph chose (``observed``).
+  Without the file (``trained``, ``trained:density=0.7``) it is the one ``prepare`` stored for
+  the model (``prepared_predictor_path``).
 
 Any of them may end with ``:fill=window:S+W`` (``WindowFill``): a head the predictor skips still
 attends, but over the first S and the last W KV cells only, instead of contributing nothing
@@ -318,7 +320,7 @@ class WindowFill:
 
 
 NAMES = ("all", "none:fill=window:S+W", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill=PRED.gguf]", "oracle-topk:K[:fill=PRED.gguf]",
-         "mask-file:PATH", "trained:PRED.gguf[:RULE=VALUE][:gain=G][:fill=zero]", "any of them + :fill=window:S+W")
+         "mask-file:PATH", "trained[:PRED.gguf][:RULE=VALUE][:gain=G][:fill=zero]", "any of them + :fill=window:S+W")
 
 _WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
 
@@ -334,6 +336,11 @@ def add_option(spec: str, option: str) -> str:
 
 def default_calibration_path(model_path: str | Path) -> Path:
     return cache_dir() / "calibration" / (Path(model_path).name + ".json")
+
+
+def prepared_predictor_path(model_path: str | Path) -> Path:
+    """Where `prepare` stores the model's predictor, and where ``trained`` without a file looks."""
+    return cache_dir() / "predictors" / (Path(model_path).stem + ".gguf")
 
 
 def get_predictor(spec: str, model_path: str | Path) -> Predictor:
@@ -370,8 +377,16 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
             return Oracle(model_path, k=int(value), fill_from=fill_from)
         if kind == "mask-file" and arg:
             return MaskFile(arg)
-        if kind == "trained" and arg:
-            path, *opts = arg.split(":")
+        if kind == "trained":
+            # trained or trained:OPTS...: the predictor `prepare` made for this model
+            parts = arg.split(":") if arg else []
+            if not parts or "=" in parts[0]:
+                found = prepared_predictor_path(model_path)
+                if not found.is_file():
+                    raise ValueError(f"no prepared predictor for {Path(model_path).name} (looked in {found}): "
+                                     "run `powerinfer-attn prepare`, or give trained:PRED.gguf")
+                parts = [str(found)] + parts
+            path, *opts = parts
             rule = value = fill = gain = None
             for opt in opts:
                 name, eq, val = opt.partition("=")

@@ -178,8 +178,12 @@ def train(data_dir: Path, out: Path, rule: str = "threshold", density: float = 0
     # what each layer keeps at that value: the targets of density control (Engine.set_head_density)
     layers_by_density = {k: [round(float(select(rule, l, v).mean()), 4) for l in held_logits]
                          for k, v in by_density.items()} if rule == "threshold" else None
+    # a text written by `corpus-mix` says which kinds of text it holds (FILE.json beside it)
+    sidecar = Path(str(meta.get("text_file", "")) + ".json")
+    texts = json.loads(sidecar.read_text()).get("kinds") if meta.get("text_file") and sidecar.is_file() else None
     summary = {
         "data": meta["articles"],
+        "texts": texts or {"text_file": Path(meta.get("text_file", "?")).name},
         "tokens": meta["tokens"],
         "heldout_fraction": holdout,
         "target": "share of the layer's importance" if rule == "mass" else

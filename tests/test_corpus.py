@@ -15,7 +15,7 @@ from powerinfer_attn.text import split_articles, text_tokens, training_articles
 
 
 def _kind(name: str, n: int, size: int) -> str:
-    return "".join(f"# ---- {name}{i}\n" + f"{name} text {i}. " * size + "\n" for i in range(n))
+    return "".join(f"# ---- {name}{i}\n" + f"{name} text {i}.\n" * size for i in range(n))
 
 
 def test_docs_text_is_the_reference_topics_as_articles():
@@ -26,23 +26,29 @@ def test_docs_text_is_the_reference_topics_as_articles():
     assert training_articles(text)  # collect can read it
 
 
-def test_mix_interleaves_equal_shares_of_the_training_articles():
+def test_mix_trains_on_equal_shares_of_every_kind_and_holds_out_the_rest():
     texts = {"a": _kind("a", 40, 50), "b": _kind("b", 20, 300), "c": _kind("c", 60, 20)}
     mixed, taken = corpus.mix(texts, block_chars=2000)
     arts = split_articles(mixed)
-    kinds = [t.split("/")[0] for _, _, t in arts]
-    assert set(kinds) == {"a", "b", "c"}
-    # the smallest kind whole, the others as much (to within one article), never a held-out article
-    sizes = {k: sum(e - s for s, e, _ in training_articles(t)) for k, t in texts.items()}
-    small = min(sizes, key=sizes.get)
-    assert sum(k == small for k in kinds) == len(training_articles(texts[small]))
-    longest = max(e - s for t in texts.values() for s, e, _ in split_articles(t))
-    assert max(taken.values()) - min(taken.values()) < longest
-    for k, t in texts.items():
-        held_out = {n for _, _, n in split_articles(t)} - {n for _, _, n in training_articles(t)}
-        assert not held_out & {n.split("/")[1] for n in (a[2] for a in arts) if n.startswith(k + "/")}
-    # interleaved: the first third of the mix already holds every kind
-    assert set(kinds[: len(kinds) // 3]) == {"a", "b", "c"}
+    names = [t for _, _, t in arts]
+    train = {t for _, _, t in training_articles(mixed)}  # what collect reads
+    # collect's part holds the training articles of every kind, and only those
+    train_names = {k: {f"{k}/{t}" for _, _, t in training_articles(x)} for k, x in texts.items()}
+    held_names = {k: {f"{k}/{t}" for _, _, t in split_articles(x)} - train_names[k] for k, x in texts.items()}
+    base = {n.split(".")[0] for n in train}
+    assert {n.split("/")[0] for n in base} == {"a", "b", "c"}
+    assert all(n in train_names[n.split("/")[0]] for n in base)
+    # every training piece is in collect's part; the held-out articles follow as one
+    assert {n for n in names if n != "held-out"} == train and names[-1] == "held-out"
+    held_part = mixed[arts[-1][0]:]
+    held_seen = {ln[3:].split(".")[0] for ln in held_part.splitlines() if ln.startswith("## ")}
+    assert held_seen and held_seen <= set().union(*held_names.values())
+    assert {n.split("/")[0] for n in held_seen} == {"a", "b", "c"}
+    # as much of each kind as the smallest has (to within one piece)
+    assert max(taken.values()) - min(taken.values()) <= 2000 + 400
+    # pieces are at most about a block: a long article is cut
+    assert max(e - s for s, e, _ in arts[:-1]) < 2000 + 600
+    assert any("." in n for n in names if n.startswith("b/"))
 
 
 def test_mix_refuses_rulers_haystack_and_nothing():
@@ -130,3 +136,31 @@ def test_text_files_parse_the_chat_templates_control_tokens(model_path, tmp_path
         spelled = eng.tokenize(prompt, add_bos=False)
         assert len(toks) < len(spelled)  # <|im_start|> is one token, not its letters
         assert sum(eng.is_eog(t) for t in toks) >= 1  # <|im_end|> as the model's end-of-turn token
+
+
+def test_prepare_makes_a_predictor_that_trained_finds_and_resumes(model_path, tmp_path, monkeypatch):
+    """prepare end to end on a tiny budget: texts, mix, collect, train, pin; stored where
+    `--predictor trained` looks; a second run redoes nothing."""
+    from powerinfer_attn import predictor_file, prepare
+    from powerinfer_attn.predictors import get_predictor, prepared_predictor_path
+
+    monkeypatch.setenv("POWERINFER_ATTN_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="prepare"):
+        get_predictor("trained:density=0.7", model_path)
+    steps = []
+    res = prepare.prepare(model_path, conversations=2, tokens=1024, seq_len=512, pin_heads=2, sensitivity=False,
+                          threads=2, progress=lambda step, n: steps.append(step))
+    out = prepared_predictor_path(model_path)
+    assert res["predictor"] == str(out) and out.is_file()
+    assert set(res["texts"]) == {"code", "docs", "chat"} and len(res["pinned"]) == 2
+    assert {"chat", "collect", "retrieval"} <= set(steps)
+    meta = predictor_file.read_metadata(out)
+    assert set(meta["training"]["texts"]) == {"code", "docs", "chat"}  # the file says what it was trained on
+    pred = get_predictor("trained:density=0.7", model_path)
+    assert pred.name.startswith(f"trained:{out.name}:density=0.7")
+    work = prepare.work_dir(model_path)
+    stamp = (work / "pred.gguf").stat().st_mtime_ns
+    steps.clear()
+    prepare.prepare(model_path, conversations=2, tokens=1024, seq_len=512, pin_heads=2, sensitivity=False, threads=2,
+                    progress=lambda step, n: steps.append(step))
+    assert (work / "pred.gguf").stat().st_mtime_ns == stamp and "collect" not in steps and "chat" not in steps
