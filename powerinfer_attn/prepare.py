@@ -49,7 +49,7 @@ def step_totals(n_layer: int, conversations: int = 60, tokens: int = 32768, seq_
 
 def prepare(model_path: Path, wiki: Path | None = None, out: Path | None = None, conversations: int = 60,
             tokens: int = 32768, seq_len: int = 8192, density: float = 0.7, pin_heads: int = 6,
-            sensitivity: bool = True, threads: int | None = None, say: Say | None = None,
+            sensitivity: bool = True, threads: int | None = None, chat_tokens: int = 320, say: Say | None = None,
             progress: Callable[[str, int], None] | None = None) -> dict:
     """Make (or finish making) the model's predictor; returns what was made.
 
@@ -73,7 +73,8 @@ def prepare(model_path: Path, wiki: Path | None = None, out: Path | None = None,
         if not f.is_file():
             say(f"text: {kind}")
             text, names = corpus.kind_text(kind, model_path, wiki=wiki,
-                                           **({"n": conversations, "threads": threads, "progress": tick("chat")}
+                                           **({"n": conversations, "threads": threads, "progress": tick("chat"),
+                                               "max_tokens": chat_tokens}
                                               if kind == "chat" else {}))
             corpus.write(f, text, names, kind)
         texts[kind] = f.read_text(encoding="utf-8")

@@ -149,7 +149,7 @@ def test_prepare_makes_a_predictor_that_trained_finds_and_resumes(model_path, tm
         get_predictor("trained:density=0.7", model_path)
     steps = []
     res = prepare.prepare(model_path, conversations=2, tokens=1024, seq_len=512, pin_heads=2, sensitivity=False,
-                          threads=2, progress=lambda step, n: steps.append(step))
+                          threads=2, chat_tokens=48, progress=lambda step, n: steps.append(step))
     out = prepared_predictor_path(model_path)
     assert res["predictor"] == str(out) and out.is_file()
     assert set(res["texts"]) == {"code", "docs", "chat"} and len(res["pinned"]) == 2
@@ -162,5 +162,5 @@ def test_prepare_makes_a_predictor_that_trained_finds_and_resumes(model_path, tm
     stamp = (work / "pred.gguf").stat().st_mtime_ns
     steps.clear()
     prepare.prepare(model_path, conversations=2, tokens=1024, seq_len=512, pin_heads=2, sensitivity=False, threads=2,
-                    progress=lambda step, n: steps.append(step))
+                    chat_tokens=48, progress=lambda step, n: steps.append(step))
     assert (work / "pred.gguf").stat().st_mtime_ns == stamp and "collect" not in steps and "chat" not in steps

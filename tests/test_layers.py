@@ -22,7 +22,7 @@ LAYERS = {
     # 4: training and evaluation
     "collect": 4, "train": 4, "compare": 4, "needle": 4, "profile": 4, "bench": 4,
     "sparsify": 4, "serve": 4, "bench_serve": 4, "lm_eval_offline": 4, "ruler": 4,
-    "corpus": 4, "diagnose": 4,
+    "corpus": 4, "diagnose": 4, "prepare": 4,
     # 5: the command line
     "cli": 5,
 }
