@@ -159,11 +159,25 @@ def format_scores(results: list[ScoreResult]) -> str:
     return "\n".join(out)
 
 
+def oracle_kl_at(oracles: list[ScoreResult], density: float) -> float:
+    """The oracle's mean KL at ``density``: between the two oracle runs that bracket it,
+    log-linear in density (an oracle's density follows its mass fraction, not a target); else
+    the nearest run's."""
+    pts = sorted((o.density, o.kl_mean) for o in oracles)
+    below = [p for p in pts if p[0] <= density]
+    above = [p for p in pts if p[0] >= density]
+    if below and above and above[0][0] > below[-1][0] and min(below[-1][1], above[0][1]) > 0:
+        (d0, k0), (d1, k1) = below[-1], above[0]
+        t = (density - d0) / (d1 - d0)
+        return float(np.exp(np.log(k0) + t * (np.log(k1) - np.log(k0))))
+    return min(pts, key=lambda p: abs(p[0] - density))[1]
+
+
 def format_matrix(runs: list[tuple[str, list[ScoreResult]]]) -> str:
     """Several ``score`` runs as one markdown matrix: a row per predictor, a column per text
     (``runs``: (text, that run's results), several runs per text allowed). A cell is the change
     in perplexity, the mean KL, the density and, for a trained predictor, its KL over that of
-    the oracle scored in the same run (the same fill) at the nearest density."""
+    the oracle scored in the same run (the same fill) at its density (``oracle_kl_at``)."""
     texts = list(dict.fromkeys(t for t, _ in runs))
     cells: dict[tuple[str, str], str] = {}
     rows: list[str] = []
@@ -177,8 +191,7 @@ def format_matrix(runs: list[tuple[str, list[ScoreResult]]]) -> str:
             rows += [r.predictor] if r.predictor not in rows else []
             cell = f"{100 * (r.ppl_sparse / r.ppl_dense - 1):+.1f}% / {r.kl_mean:.3f} @{r.density:.2f}"
             if r.predictor.startswith("trained") and oracles:
-                o = min(oracles, key=lambda x: abs(x.density - r.density))
-                cell += f" ({r.kl_mean / max(o.kl_mean, 1e-12):.2f}x)"
+                cell += f" ({r.kl_mean / max(oracle_kl_at(oracles, r.density), 1e-12):.2f}x)"
             cells[(r.predictor, text)] = cell
     out = ["| predictor | " + " | ".join(texts) + " |", "|---|" + "---|" * len(texts)]
     for name in rows:

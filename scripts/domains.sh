@@ -9,18 +9,18 @@
 #   diagnose:  figures/domains/diagnose-<predictor>.{json,txt} (~3 min per kind and predictor)
 #   matrix:    figures/domains/<kind>.<predictor>.json, figures/domains/matrix.txt (~5 min per cell pair)
 # The WikiText-only predictor is scripts/ruler.sh's (made here if missing). STEPS=diagnose,matrix
-# runs a part; WINDOWS (6) and KINDS narrow the matrix.
+# runs a part; WINDOWS (6) and KINDS narrow the matrix; THREADS (2) per command.
 source "$(dirname "$0")/common.sh"
 C=vendor/corpus F=figures/domains
 PRED_WIKI=$D/pred-long-pinned.gguf PRED_MIX=$D/pred-mix-pinned.gguf
-KINDS=${KINDS:-wiki code docs chat essays} WINDOWS=${WINDOWS:-6} STEPS=${STEPS:-texts,train,diagnose,matrix}
+KINDS=${KINDS:-wiki code docs chat essays} WINDOWS=${WINDOWS:-6} STEPS=${STEPS:-texts,train,diagnose,matrix} T=${THREADS:-2}
 mkdir -p "$C" "$F"
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 if has texts; then
 	"$PIA" corpus wiki "$C/wiki.txt" --text-file "$TEXT"
 	for k in code docs essays; do [ -f "$C/$k.txt" ] || "$PIA" corpus $k "$C/$k.txt"; done
-	[ -f "$C/chat.txt" ] || "$PIA" corpus chat "$C/chat.txt" --conversations 60 -t 2
+	[ -f "$C/chat.txt" ] || "$PIA" corpus chat "$C/chat.txt" --conversations 60 -t $T
 	# the articles of WikiText's second half, none of which any predictor trains on: collect reads
 	# a text's first part, so this is the held-out WikiText that `diagnose` judges on
 	"$BIN/python" - "$TEXT" "$C/wiki-heldout.txt" <<-'E'
@@ -35,9 +35,9 @@ fi
 if has train && [ ! -f "$PRED_MIX" ]; then
 	[ -f "$PRED_WIKI" ] || { echo "run scripts/ruler.sh first (it makes $PRED_WIKI)" >&2; exit 1; }
 	"$PIA" corpus-mix "$C/mix.txt" wiki="$C/wiki.txt" code="$C/code.txt" docs="$C/docs.txt" chat="$C/chat.txt"
-	"$PIA" collect --text-file "$C/mix.txt" --out "$D/data-mix" --seq-len 8192 -t 2
+	"$PIA" collect --text-file "$C/mix.txt" --out "$D/data-mix" --seq-len 8192 -t $T
 	"$PIA" train-predictor "$D/data-mix" --out "$D/pred-mix.gguf"
-	"$PIA" retrieval-heads --pin "$D/pred-mix.gguf" --top 6 --out "$PRED_MIX" -t 2 > /dev/null
+	"$PIA" retrieval-heads --pin "$D/pred-mix.gguf" --top 6 --out "$PRED_MIX" -t $T > /dev/null
 fi
 
 if has diagnose; then
@@ -47,7 +47,7 @@ if has diagnose; then
 		for k in wiki-heldout code docs chat essays; do
 			d=$D/diag-$n-$k
 			[ -f "$d/meta.json" ] || "$PIA" collect --text-file "$C/$k.txt" --out "$d" --tokens 8192 --seq-len 4096 \
-				--no-sensitivity --fill-from "$P" -t 2 > /dev/null
+				--no-sensitivity --fill-from "$P" -t $T > /dev/null
 			dirs+=("$d")
 		done
 		"$PIA" diagnose "$P" "${dirs[@]}" --json > "$F/diagnose-$n.json"
@@ -59,7 +59,7 @@ if has matrix; then
 	for k in $KINDS; do
 		for P in "$PRED_WIKI" "$PRED_MIX"; do
 			n=$(basename "$P" .gguf)
-			"$PIA" score --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t 2 --json \
+			"$PIA" score --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t $T --json \
 				--predictor trained:$P:density=0.7 --predictor trained:$P:density=0.5 \
 				--predictor oracle:0.8:fill=$P --predictor oracle:0.6:fill=$P > "$F/$k.$n.json"
 		done

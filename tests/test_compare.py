@@ -192,3 +192,6 @@ def test_matrix_pairs_each_trained_predictor_with_the_oracle_of_its_run():
     assert "(1.50x)" in row["trained:m.gguf:density=0.7+linear"]  # against its own run's oracle, not w.gguf's
     assert "+4.0% / 0.040" in row["oracle:0.8+linear (fill of m.gguf)"]
     assert "+5.0% / 0.050" in row["oracle:0.8+linear (fill of w.gguf)"]
+    # between two oracle runs the oracle's KL is interpolated (log-linear in density)
+    assert cmp.oracle_kl_at(wiki[1:], 0.595) == pytest.approx((0.05 * 0.20) ** 0.5, rel=1e-3)
+    assert cmp.oracle_kl_at(wiki[1:], 0.3) == 0.20
