@@ -356,8 +356,8 @@ def collect(text_file, out, tokens, sensitivity, seq_len, resume, fill_from, mod
     try:
         path = resolve_model(model)
         text = resolve_text_file(text_file)
-        # the fills are fitted on every FILL_EVERY-th chunk first
-        length = tokens + (0 if fill_from else tokens // col.FILL_EVERY) + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
+        # the fills are fitted first (collect.fill_sequences)
+        length = tokens + (0 if fill_from else col.fill_tokens(tokens, seq_len)) + (col.SENSITIVITY_STEPS * resolve_n_layer(path) if sensitivity else 0)
         with click.progressbar(length=length, label="collecting", file=sys.stderr) as bar:
             meta = col.collect(path, text, Path(out), tokens, threads=threads, sensitivity=sensitivity,
                                progress=bar.update, seq_len=seq_len, resume=resume,

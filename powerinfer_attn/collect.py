@@ -19,7 +19,8 @@ in the output directory so memory stays bounded by one chunk:
 - ``dev-mean-NNNNN.npy`` and ``dev-linear-NNNNN.npy``: float32 ``[n_tokens, n_layer, n_head]``,
   the norm of each contribution's deviation from what mean fill and linear fill would put in
   its place (a head's importance under that fill; ``fill.py``), with both fills in
-  ``fill.npz``, fitted first on every ``FILL_EVERY``-th chunk.
+  ``fill.npz``, fitted first on every ``FILL_EVERY``-th chunk (every sequence when there are few:
+  ``fill_sequences``).
 
 ``meta.json`` says which model, text and articles, and the shapes, and holds each layer's
 sensitivity, with skipped heads zeroed (``layer_sensitivity``) and with them linearly filled
@@ -78,6 +79,20 @@ class _Recorder(TensorHook):
 
 SENSITIVITY_STEPS = 4 * 32  # windows x steps per layer in layer_sensitivity's defaults
 FILL_EVERY = 4  # the fills are fitted on every 4th chunk (a quarter of the cost of the data)
+
+
+def fill_sequences(seqs: list) -> list:
+    """The sequences the fills are fitted on: every ``FILL_EVERY``-th when there are enough for
+    that to spread over the whole text, else all of them. (Four 8192-token sequences of a mixed
+    text gave a fill of one sequence, two kinds of text: it stood in worse on WikiText than a
+    WikiText fill, docs/results-cpu.md.)"""
+    return seqs[::FILL_EVERY] if len(seqs) >= 4 * FILL_EVERY else list(seqs)
+
+
+def fill_tokens(tokens: int, seq_len: int) -> int:
+    """About how many tokens ``fill_sequences`` fits on, for progress bars."""
+    n = max(1, tokens // seq_len)
+    return (len(range(0, n, FILL_EVERY)) if n >= 4 * FILL_EVERY else n) * seq_len
 
 
 def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, batch: int = 512,
@@ -142,14 +157,14 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
     if resume:
         fill = HeadFill.load(out / "fill.npz")
         if progress:
-            progress(sum(len(sq) for sq in seqs[::FILL_EVERY]))
+            progress(sum(len(sq) for sq in fill_sequences(seqs)))
     elif fill_from is not None:
         if given_fill.w.shape[0] != n_layer or given_fill.w.shape[2] != n_embd:
             raise ValueError(f"{fill_from} does not fit {Path(model_path).name}")
         fill = given_fill
         fill.save(out / "fill.npz")
     else:
-        fill = fit_fill(model_path, seqs[::FILL_EVERY], n_layer, n_head, batch, threads, progress)
+        fill = fit_fill(model_path, fill_sequences(seqs), n_layer, n_head, batch, threads, progress)
         fill.save(out / "fill.npz")
     rec = _Recorder(model_path, n_layer, n_head, fill=fill)
     n_chunks = 0
@@ -193,7 +208,7 @@ def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, b
         "n_head": n_head,
         "n_embd": n_embd,
         "scored_from_token": whole // 2,
-        "fill_tokens": 0 if fill_from else sum(len(sq) for sq in seqs[::FILL_EVERY]),
+        "fill_tokens": 0 if fill_from else sum(len(sq) for sq in fill_sequences(seqs)),
         "fill_from": str(fill_from) if fill_from else None,
         "sensitivity_prefix": sens_prefix,
         "layer_sensitivity": layer_sensitivity(model_path, train_toks, prefix=sens_prefix, threads=threads,

@@ -40,10 +40,10 @@ def _distances(seq_len: int) -> list[int]:
 def step_totals(n_layer: int, conversations: int = 60, tokens: int = 32768, seq_len: int = 8192,
                 sensitivity: bool = True) -> dict[str, int]:
     """How many units each step of ``prepare`` counts, for progress bars."""
-    from .collect import FILL_EVERY, SENSITIVITY_STEPS
+    from .collect import SENSITIVITY_STEPS, fill_tokens
 
     return {"chat": conversations,
-            "collect": tokens + tokens // FILL_EVERY + (SENSITIVITY_STEPS * n_layer if sensitivity else 0),
+            "collect": tokens + fill_tokens(tokens, seq_len) + (SENSITIVITY_STEPS * n_layer if sensitivity else 0),
             "retrieval": 2 * len(_distances(seq_len))}
 
 

@@ -601,3 +601,10 @@ def test_pareto_plot(tmp_path):
     assert compare.family("trained:p.gguf:density=0.6") == "trained:p.gguf"
     assert compare.family("trained:p.gguf:density=0.7:gain=0+linear") == "trained:p.gguf:fixed+linear"
     assert compare.family("trained:q.gguf:density=0.7+linear") == "trained:q.gguf+linear"
+
+
+def test_fills_are_fitted_on_sequences_spread_over_the_text():
+    # many short chunks: every 4th, spread over the text; a few long sequences: all of them
+    assert collect.fill_sequences(list(range(64))) == list(range(0, 64, 4))
+    assert collect.fill_sequences(list(range(4))) == [0, 1, 2, 3]
+    assert collect.fill_tokens(32768, 512) == 8192 and collect.fill_tokens(32768, 8192) == 32768
