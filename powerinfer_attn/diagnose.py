@@ -14,6 +14,9 @@ Per layer, over the data's tokens, at the file's per-layer target densities for 
 - ``regret``: the importance the predictor drops over what the oracle drops keeping the same
   number of heads at every token (1 = the oracle's ranking), with a threshold that meets the
   layer's target on this data. This is what density control cannot fix: the order of the heads.
+- ``regret_spread``: the same against an oracle that keeps as many heads in the layer over the
+  data but spreads them over the tokens as it likes: it adds how well the predictor tells the
+  tokens that need many heads from those that need few (the threshold's level per token).
 - ``dropped`` and ``dropped_oracle``: the share of the layer's importance each drops.
 
 ``report`` gives these per layer and their means; ``format_report`` a table of several texts.
@@ -82,13 +85,17 @@ def report(pred_path: Path, data_dir: Path, density: float = 0.7) -> dict:
         oracle = _oracle_keep(dev, keep.sum(axis=1))
         total = float(dev.sum())
         d_pred, d_orc = _dropped(dev, keep), _dropped(dev, oracle)
+        # the oracle free to spread the same number of heads over the tokens as it likes
+        flat = np.sort(dev.ravel())[::-1]
+        d_free = float(flat[int(keep.sum()):].sum())
         layers.append({"layer": il, "target": round(float(targets[il]), 4), "density_fixed": round(float(fixed), 4),
                        "fill_left": round(total / max(float(imp_zero.sum()), _EPS), 4),
                        "dropped": round(d_pred / max(total, _EPS), 4), "dropped_oracle": round(d_orc / max(total, _EPS), 4),
                        # a layer kept whole (target 1) drops nothing either way: no regret to speak of
-                       "regret": round(d_pred / d_orc, 3) if d_orc > _EPS else None})
+                       "regret": round(d_pred / d_orc, 3) if d_orc > _EPS else None,
+                       "regret_spread": round(d_pred / d_free, 3) if d_free > _EPS else None})
     mean = {k: round(float(np.mean([l[k] for l in layers if l[k] is not None])), 4)
-            for k in ("density_fixed", "fill_left", "dropped", "dropped_oracle", "regret")}
+            for k in ("density_fixed", "fill_left", "dropped", "dropped_oracle", "regret", "regret_spread")}
     return {"kind": "diagnose", "predictor": Path(pred_path).name, "data": str(data_dir),
             "text_file": meta["text_file"], "tokens": meta["tokens"], "seq_len": meta["seq_len"],
             "density": density, "layers": layers, "mean": mean}
@@ -102,6 +109,8 @@ def format_report(reports: list[dict]) -> str:
     data = ", ".join(f"{n} {r['tokens']} tokens" for n, r in zip(names, reports))
     out = [f"{reports[0]['predictor']} at density {reports[0]['density']:g} (targets per layer from the file; data: {data})"]
     for key, what in (("regret", "importance dropped / the oracle's at the same counts (1 = the oracle's order)"),
+                      ("regret_spread", "importance dropped / the oracle's with as many heads in the layer, spread "
+                                        "over the tokens as it likes (which tokens get heads)"),
                       ("dropped", "share of importance dropped"),
                       ("density_fixed", "density at the file's fixed threshold (target in the first column)"),
                       ("fill_left", "share of the heads' output the fill leaves unexplained")):

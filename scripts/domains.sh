@@ -8,12 +8,14 @@
 #   predictor: vendor/predictor/pred-mix-pinned.gguf (collect ~15 min, train, pin 6 heads)
 #   diagnose:  figures/domains/diagnose-<predictor>.{json,txt} (~3 min per kind and predictor)
 #   matrix:    figures/domains/<kind>.<predictor>.json, figures/domains/matrix.txt (~5 min per cell pair)
+#   budget:    figures/domains/budget-<kind>.json: the WikiText predictor with and without its per-layer
+#              budgets (train-predictor --no-layer-budget on the same data) and the oracle, on BUDGET_KINDS
 # The WikiText-only predictor is scripts/ruler.sh's (made here if missing). STEPS=diagnose,matrix
 # runs a part; WINDOWS (6) and KINDS narrow the matrix; THREADS (2) per command.
 source "$(dirname "$0")/common.sh"
 C=vendor/corpus F=figures/domains
 PRED_WIKI=$D/pred-long-pinned.gguf PRED_MIX=$D/pred-mix-pinned.gguf
-KINDS=${KINDS:-wiki code docs chat essays} WINDOWS=${WINDOWS:-6} STEPS=${STEPS:-texts,train,diagnose,matrix} T=${THREADS:-2}
+KINDS=${KINDS:-wiki code docs chat essays} WINDOWS=${WINDOWS:-6} STEPS=${STEPS:-texts,train,diagnose,matrix,budget} T=${THREADS:-2}
 mkdir -p "$C" "$F"
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -65,4 +67,14 @@ if has matrix; then
 		done
 	done
 	"$PIA" show $(for k in $KINDS; do ls "$F/$k".*.json; done) | tee "$F/matrix.txt"
+fi
+
+if has budget; then
+	[ -f "$D/pred-long-nobudget.gguf" ] || "$PIA" train-predictor "$D/data-long" --out "$D/pred-long-nobudget.gguf" --no-layer-budget
+	for k in ${BUDGET_KINDS:-essays}; do
+		"$PIA" score --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t $T --json \
+			--predictor trained:$D/pred-long.gguf:density=0.7 --predictor trained:$D/pred-long-nobudget.gguf:density=0.7 \
+			--predictor oracle:0.8:fill=$D/pred-long.gguf > "$F/budget-$k.json"
+		"$PIA" show "$F/budget-$k.json"
+	done
 fi

@@ -106,6 +106,8 @@ def test_diagnose_regret_is_one_for_the_oracles_order_and_more_for_a_worse_one(t
     rep = diagnose.report(good, data, density=0.5)
     assert [l["regret"] for l in rep["layers"]] == pytest.approx([1.0, 1.0], abs=1e-3)
     assert all(abs(l["dropped"] - l["dropped_oracle"]) < 1e-3 for l in rep["layers"])
+    # an oracle free to spread the heads over the tokens does at least as well as one held to the counts
+    assert all(l["regret_spread"] >= l["regret"] - 1e-6 for l in rep["layers"])
     assert rep["mean"]["fill_left"] == pytest.approx(0.5)  # importance under the fill is half the zero-fill one
     assert all(0.4 < l["density_fixed"] < 0.6 for l in rep["layers"])  # threshold 0 cuts a symmetric logit in half
     # the bad file ranks layer 0 backwards: it drops far more than the oracle there, and layer 1 as well as it
