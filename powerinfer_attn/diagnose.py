@@ -78,7 +78,7 @@ def report(pred_path: Path, data_dir: Path, density: float = 0.7) -> dict:
     layers = []
     for il, (w, b) in enumerate(zip(ws, bs)):
         x, dev, _ = load_layer(data_dir, il, "linear")
-        imp_zero = load_layer(data_dir, il, "zero")[1]
+        imp_zero = np.concatenate([np.load(data_dir / f"imp-{c:05d}.npy")[:, il] for c in range(meta["chunks"])])
         logits = x @ w.T + b
         fixed = ((logits > value) | (logits >= logits.max(axis=1, keepdims=True))).mean()
         keep = _keep_at_density(logits, targets[il])
