@@ -150,7 +150,7 @@ def test_prepare_makes_a_predictor_that_trained_finds_and_resumes(model_path, tm
     with pytest.raises(ValueError, match="prepare"):
         get_predictor("trained:density=0.7", model_path)
     steps = []
-    res = prepare.prepare(model_path, conversations=2, tokens=1024, seq_len=512, pin_heads=2, sensitivity=False,
+    res = prepare.prepare(model_path, conversations=6, tokens=1024, seq_len=512, pin_heads=2, sensitivity=False,
                           threads=2, chat_tokens=48, progress=lambda step, n: steps.append(step))
     out = prepared_predictor_path(model_path)
     assert res["predictor"] == str(out) and out.is_file()
@@ -163,6 +163,6 @@ def test_prepare_makes_a_predictor_that_trained_finds_and_resumes(model_path, tm
     work = prepare.work_dir(model_path)
     stamp = (work / "pred.gguf").stat().st_mtime_ns
     steps.clear()
-    prepare.prepare(model_path, conversations=2, tokens=1024, seq_len=512, pin_heads=2, sensitivity=False, threads=2,
+    prepare.prepare(model_path, conversations=6, tokens=1024, seq_len=512, pin_heads=2, sensitivity=False, threads=2,
                     chat_tokens=48, progress=lambda step, n: steps.append(step))
     assert (work / "pred.gguf").stat().st_mtime_ns == stamp and "collect" not in steps and "chat" not in steps
