@@ -330,6 +330,9 @@ def merge(docs: Sequence[dict]) -> dict:
         for s in d["samples"]:
             key = (s["task"], s["length"], s["doc_id"])
             have = by_key.setdefault(key, {**s, "answers": {}})
+            if have["doc"] != s["doc"]:
+                raise ValueError(f"{key} is not the same sample in two results (RULER's samples depend on the seed "
+                                 "and on every length built with it)")
             for name, a in s["answers"].items():
                 old = have["answers"].get(name)
                 if old is not None and old["text"] != a["text"]:

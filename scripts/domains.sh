@@ -10,12 +10,14 @@
 #   matrix:    figures/domains/<kind>.<predictor>.json, figures/domains/matrix.txt (~5 min per cell pair)
 #   budget:    figures/domains/budget-<kind>.json: the WikiText predictor with and without its per-layer
 #              budgets (train-predictor --no-layer-budget on the same data) and the oracle, on BUDGET_KINDS
+#   ruler:     figures/ruler-smollm2-4096-mix.json: RULER at 4096 (4 subtasks x 10, the samples a 4096,8192
+#              build makes) for dense and the mixed predictor at 0.7 (~40 min at THREADS=1)
 # The WikiText-only predictor is scripts/ruler.sh's (made here if missing). STEPS=diagnose,matrix
 # runs a part; WINDOWS (6) and KINDS narrow the matrix; THREADS (2) per command.
 source "$(dirname "$0")/common.sh"
 C=vendor/corpus F=figures/domains
 PRED_WIKI=$D/pred-long-pinned.gguf PRED_MIX=$D/pred-mix-pinned.gguf
-KINDS=${KINDS:-wiki code docs chat essays} WINDOWS=${WINDOWS:-6} STEPS=${STEPS:-texts,train,diagnose,matrix,budget} T=${THREADS:-2}
+KINDS=${KINDS:-wiki code docs chat essays} WINDOWS=${WINDOWS:-6} STEPS=${STEPS:-texts,train,diagnose,matrix,budget,ruler} T=${THREADS:-2}
 mkdir -p "$C" "$F"
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
@@ -77,4 +79,18 @@ if has budget; then
 			--predictor oracle:0.8:fill=$D/pred-long.gguf > "$F/budget-$k.json"
 		"$PIA" show "$F/budget-$k.json"
 	done
+fi
+
+if has ruler; then
+	S=$D/ruler-samples-4096-8192.json
+	[ -f "$S" ] || "$PIA" eval --lengths 4096,8192 --samples 10 --samples-out "$S"
+	"$BIN/python" - "$S" "$D/ruler-samples-4096.json" <<-'E'
+	import json, sys
+	d = json.load(open(sys.argv[1]))
+	d["samples"] = [s for s in d["samples"] if s["length"] == 4096]
+	json.dump(d, open(sys.argv[2], "w"))
+	E
+	"$PIA" eval --samples-in "$D/ruler-samples-4096.json" -t $T --json \
+		--predictor trained:$PRED_MIX:density=0.7 > figures/ruler-smollm2-4096-mix.json
+	"$PIA" show figures/ruler-smollm2-4096-mix.json
 fi

@@ -53,6 +53,10 @@ def test_merge_joins_the_predictors_of_runs_over_the_same_samples():
         ruler.merge([a, run({0: {"dense": ("8", 0.0)}, 1: {"dense": ("3", 1.0)}})])
     with pytest.raises(ValueError, match="every sample"):
         ruler.merge([a, run({0: {"dense": ("7", 1.0), "q": ("5", 0.0)}})])
+    other = run({0: {"dense": ("7", 1.0)}, 1: {"dense": ("3", 1.0)}})
+    other["samples"][1]["doc"] = {"outputs": ["9"]}
+    with pytest.raises(ValueError, match="not the same sample"):
+        ruler.merge([a, other])
     with pytest.raises(ValueError, match="different models"):
         ruler.merge([a, {**b, "model": "n.gguf"}])
 
