@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from . import build as build_mod
+from .corpus import KINDS
 from .model import default_model_path, resolve_model
 from .text import resolve_text_file
 
@@ -399,12 +400,12 @@ def prepare(text_file, out, conversations, tokens, seq_len, density, pin_heads, 
 
     from . import prepare as prep
     from .engine import EngineError
+    from .text import TEXT_ENV
 
     bars: dict = {}
     try:
         path = resolve_model(model)
-        wiki = Path(text_file) if text_file else (Path(os.environ["POWERINFER_ATTN_TEXT"])
-                                                  if os.environ.get("POWERINFER_ATTN_TEXT") else None)
+        wiki = Path(text_file) if text_file else (Path(os.environ[TEXT_ENV]) if os.environ.get(TEXT_ENV) else None)
         totals = prep.step_totals(resolve_n_layer(path), conversations, tokens, seq_len, sensitivity)
 
         def progress(step, n):
@@ -631,7 +632,7 @@ def stdlib_text(out) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["wiki", "code", "docs", "chat", "essays"]))
+@click.argument("kind", type=click.Choice(list(KINDS)))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--text-file", type=click.Path(dir_okay=False), default=None,
               help="For wiki: WikiText-2's file (default: $POWERINFER_ATTN_TEXT).")
@@ -652,12 +653,9 @@ def corpus(kind, out, text_file, conversations, seed, model, threads) -> None:
 
     try:
         path = resolve_model(model) if kind == "chat" else None
-        extra = {}
         if kind == "chat":
-            bar = click.progressbar(length=conversations, label="conversations", file=sys.stderr)
-            extra = {"n": conversations, "seed": seed, "threads": threads, "progress": bar.update}
-            with bar:
-                text, names = cp.kind_text(kind, path, **extra)
+            with click.progressbar(length=conversations, label="conversations", file=sys.stderr) as bar:
+                text, names = cp.kind_text(kind, path, n=conversations, seed=seed, threads=threads, progress=bar.update)
         else:
             text, names = cp.kind_text(kind, wiki=text_file)
         cp.write(Path(out), text, names, kind, {"model": path.name, "seed": seed} if path else None)

@@ -91,8 +91,7 @@ def fill_sequences(seqs: list) -> list:
 
 def fill_tokens(tokens: int, seq_len: int) -> int:
     """About how many tokens ``fill_sequences`` fits on, for progress bars."""
-    n = max(1, tokens // seq_len)
-    return (len(range(0, n, FILL_EVERY)) if n >= 4 * FILL_EVERY else n) * seq_len
+    return len(fill_sequences(range(max(1, tokens // seq_len)))) * seq_len
 
 
 def collect(model_path: Path, text_file: Path, out: Path, tokens: int = 32768, batch: int = 512,

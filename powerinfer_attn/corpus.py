@@ -12,9 +12,10 @@ score it on each kind. Everything comes from this machine or the package registr
 
 Each kind is written as one file of articles under ``# ---- NAME`` headings (``text.split_articles``):
 ``collect`` trains on the articles in its first 45% and ``score`` reads windows from its second
-half, as for WikiText. ``mix`` interleaves the training articles of several kinds, in blocks of
-about ``block_chars`` per kind, into one file for ``collect``, so that every sequence it reads
-holds few kinds and every stretch of the file holds all of them.
+half, as for WikiText. ``mix`` interleaves the training articles of several kinds, a piece of at
+most ``block_chars`` per kind at a time and as much of each kind as of the smallest, into the
+first part of one file for ``collect``; their held-out articles follow as one article, so that
+``collect`` reads every training piece and nothing held out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .text import resolve_text_file, split_articles, stdlib_text, training_articles
+from .text import is_heading, resolve_text_file, split_articles, stdlib_text, training_articles
 
 KINDS = ("wiki", "code", "docs", "chat", "essays")
 NOT_FOR_TRAINING = ("essays",)  # RULER's haystack
@@ -75,12 +76,12 @@ def essays_text(cache: Path) -> tuple[str, list[str]]:
 
 def chat_requests(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """``n`` distinct (request, follow-up) pairs drawn with ``seed``."""
-    pairs = [(r.format(s), f) for r in CHAT_REQUESTS for s in CHAT_SUBJECTS for f in CHAT_FOLLOW_UPS[:1]]
-    if n > len(pairs):
-        raise ValueError(f"at most {len(pairs)} conversations")
+    requests = [r.format(s) for r in CHAT_REQUESTS for s in CHAT_SUBJECTS]
+    if n > len(requests):
+        raise ValueError(f"at most {len(requests)} conversations")
     rng = np.random.default_rng(seed)
-    idx = rng.permutation(len(pairs))[:n]
-    return [(pairs[i][0], CHAT_FOLLOW_UPS[int(rng.integers(len(CHAT_FOLLOW_UPS)))]) for i in idx]
+    idx = rng.permutation(len(requests))[:n]
+    return [(requests[i], CHAT_FOLLOW_UPS[int(rng.integers(len(CHAT_FOLLOW_UPS)))]) for i in idx]
 
 
 def chat_text(model_path: Path, n: int = 60, max_tokens: int = 320, seed: int = 0, threads: int | None = None,
@@ -140,7 +141,7 @@ def _pieces(kind: str, text: str, spans, size: int) -> list[tuple[str, str]]:
     for s, e, title in spans:
         body = text[s:e]
         first, _, rest = body.partition("\n")
-        if first.startswith("# ---- ") or re.match(r"^ = [^=].* = $", first):
+        if is_heading(first):
             body = rest
         body = body.strip("\n")
         name = f"{kind}/" + (re.sub(r"\s+", "_", title.strip()) or "untitled")

@@ -31,6 +31,7 @@ import numpy as np
 
 from .collect import load_layer
 from .predictor_file import read_metadata, read_weights
+from .train import select, value_for_density
 
 _EPS = 1e-9
 
@@ -45,19 +46,6 @@ def _oracle_keep(imp: np.ndarray, counts: np.ndarray) -> np.ndarray:
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(imp.shape[1])[None, :].repeat(len(imp), 0), axis=1)
     return (ranks < counts[:, None]).astype(np.int8)
-
-
-def _keep_at_density(logits: np.ndarray, density: float) -> np.ndarray:
-    """The threshold rule's masks (at least the top head per token) with the threshold set so
-    that the mean density is ``density``."""
-    top = np.zeros_like(logits, dtype=np.int8)
-    np.put_along_axis(top, np.argmax(logits, axis=1)[:, None], 1, axis=1)
-    lo, hi = float(logits.min()) - 1, float(logits.max()) + 1
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        d = float(((logits > mid) | top.astype(bool)).mean())
-        lo, hi = (mid, hi) if d > density else (lo, mid)
-    return ((logits > (lo + hi) / 2) | top.astype(bool)).astype(np.int8)
 
 
 def report(pred_path: Path, data_dir: Path, density: float = 0.7) -> dict:
@@ -80,8 +68,9 @@ def report(pred_path: Path, data_dir: Path, density: float = 0.7) -> dict:
         x, dev, _ = load_layer(data_dir, il, "linear")
         imp_zero = np.concatenate([np.load(data_dir / f"imp-{c:05d}.npy")[:, il] for c in range(meta["chunks"])])
         logits = x @ w.T + b
-        fixed = ((logits > value) | (logits >= logits.max(axis=1, keepdims=True))).mean()
-        keep = _keep_at_density(logits, targets[il])
+        fixed = select("threshold", logits, value).mean()
+        # the threshold that meets the layer's target on this data, as density control would
+        keep = select("threshold", logits, value_for_density("threshold", [logits], targets[il]))
         oracle = _oracle_keep(dev, keep.sum(axis=1))
         total = float(dev.sum())
         d_pred, d_orc = _dropped(dev, keep), _dropped(dev, oracle)

@@ -29,12 +29,17 @@ STDLIB_MODULES = ("argparse", "ast", "calendar", "configparser", "csv", "datacla
                   "threading", "tokenize", "typing", "uuid", "zipfile")
 
 
+def is_heading(line: str) -> bool:
+    """Does ``line`` (without its newline) start an article: a WikiText top-level heading or ``# ---- NAME``?"""
+    return _HEADING.match(line) is not None
+
+
 def split_articles(text: str) -> list[tuple[int, int, str]]:
     """``(start, end, title)`` character spans of the articles (WikiText) or modules (``stdlib_text``) in ``text``."""
     starts: list[tuple[int, str]] = []
     pos = 0
     for line in text.splitlines(keepends=True):
-        if _HEADING.match(line.rstrip("\n")):
+        if is_heading(line.rstrip("\n")):
             starts.append((pos, line.strip(" =\n").removeprefix("# ---- ")))
         pos += len(line)
     if not starts:
