@@ -27,6 +27,7 @@ from . import build
 # enum ggml_type values used here
 GGML_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 GGML_TYPE_I32 = 26
+GGML_TYPE_I64 = 27
 MODES = {"v1": 1, "v2": 2, "v3": 3}
 # ggml_head_select: its rules (enum ggml_head_select_rule) and the slots of its I32 state
 # (enum ggml_head_select_slot; floats as their bits, counters as two 32-bit halves, low first)
@@ -111,6 +112,9 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_flash_attn_ext_set_heads"): ([P, P], None),
         (g, "ggml_flash_attn_ext_set_window"): ([P, I32, I32], None),
         (g, "ggml_head_select"): ([P, P, P, I32], P),
+        (g, "ggml_kv_page_bounds"): ([P, P, P, P, I32], P),
+        (g, "ggml_kv_page_select"): ([P, P, P, P, P, I32, I32, I32, I32], P),
+        (g, "ggml_mul_mat_sparse_attn_set_pages"): ([P, P, I32, ctypes.c_bool], None),
         (g, "ggml_new_graph"): ([P], P),
         (g, "ggml_build_forward_expand"): ([P, P], None),
         (g, "ggml_quantize_chunk"): ([I32, P, P, I64, I64, I64, P], ctypes.c_size_t),
@@ -220,9 +224,11 @@ class _Ctx:
         ctypes.memmove(self.allocate(t), data, n)
         return t
 
-    def compute(self, t, n_threads: int, shape: tuple[int, ...]) -> np.ndarray:
+    def compute(self, t, n_threads: int, shape: tuple[int, ...], out: int | None = None) -> np.ndarray:
+        """Run the graph that ends in t; its result as float32 of ``shape``, read from t's own
+        new allocation or, for a t that is a view (an in-place op), from ``out``."""
         g, cpu = self.g, self.cpu
-        out = self.allocate(t)
+        out = out or self.allocate(t)
         gf = g.ggml_new_graph(self.ctx)
         g.ggml_build_forward_expand(gf, t)
         plan = cpu.ggml_graph_plan(gf, n_threads, None)
@@ -348,7 +354,7 @@ def mul_mat_v1_fill(a: bytes, a_type: str, a_ne: tuple[int, int], b: np.ndarray,
 def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, heads: np.ndarray | None,
               window: tuple[int, int] | None = None, n_threads: int = 1, flash: bool = False,
               inplace: bool = False, max_bias: float = 0.0, softcap: float = 0.0,
-              cache_layout: bool = False) -> np.ndarray:
+              cache_layout: bool = False, pages: tuple[int, np.ndarray] | None = None) -> np.ndarray:
     """One decode token's attention as llama builds it with a head mask, optionally with window
     fill: ``k``, ``v`` ``(n_head_kv, n_kv, d)`` (stored F16), ``q`` ``(n_head, d)``, ``mask``
     ``(n_kv,)`` (0 or -inf), scale 1/sqrt(d). Without ``flash``: v2 K*q, the head-masked softmax,
@@ -356,7 +362,9 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
     asked (llama's graph allocator may do that); with ``flash``: flash attention with the head
     mask, or with ``heads`` None stock flash attention (``max_bias``: ALiBi slopes on the mask's
     values, ``softcap``: logit soft-capping; ``cache_layout``: K and V are views of one row per
-    cell, as in llama's cache, instead of one block per KV head). Returns ``(n_head, d)``."""
+    cell, as in llama's cache, instead of one block per KV head). ``pages``: (page, selection
+    I32 ``(n_head_kv, ceil(n_kv/page))``), the token budget's pages on both v2 ops (without
+    flash attention). Returns ``(n_head, d)``."""
     n_head_kv, n_kv, d = k.shape
     n_head = q.shape[0]
     stock = heads is None  # flash attention without a head mask: stock llama.cpp's kernel
@@ -396,6 +404,13 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
         kq = g.ggml_mul_mat_sparse_attn_v2(c.ctx, tk, tq, th)
         if window:
             g.ggml_mul_mat_sparse_attn_set_window(kq, tm, window[0], window[1], True)
+        tp = None
+        if pages is not None:
+            page, sel = pages[0], np.ascontiguousarray(pages[1], dtype=np.int32)
+            if page < 1 or sel.shape != (n_head_kv, -(-n_kv // page)) or not np.isin(sel, (0, 1)).all():
+                raise ValueError(f"pages: a 0/1 selection of shape {(n_head_kv, -(-n_kv // max(page, 1)))} is needed")
+            tp = c.tensor(GGML_TYPE_I32, (sel.shape[1], n_head_kv), sel.tobytes())
+            g.ggml_mul_mat_sparse_attn_set_pages(kq, tp, page, True)
         c.allocate(kq)
         sm = (g.ggml_soft_max_ext_inplace if inplace else g.ggml_soft_max_ext)(c.ctx, kq, tm, scale, 0.0)
         g.ggml_soft_max_ext_set_heads(sm, th)
@@ -406,6 +421,8 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
         t = g.ggml_mul_mat_sparse_attn_v2(c.ctx, tvt, sm, th)
         if window:
             g.ggml_mul_mat_sparse_attn_set_window(t, tm, window[0], window[1], False)
+        if tp is not None:
+            g.ggml_mul_mat_sparse_attn_set_pages(t, tp, pages[0], False)
         return c.compute(t, n_threads, (n_head, 1, d))[:, 0]
     finally:
         c.close()
@@ -447,3 +464,52 @@ def head_select(logits: np.ndarray, state: np.ndarray, il: int) -> tuple[np.ndar
     finally:
         c.close()
     return out[:logits.size].copy(), out[logits.size:].copy()
+
+
+def page_bounds(k: bytes, k_type: str, n_cells: int, d: int, n_head_kv: int, bounds: np.ndarray,
+                idxs, page: int, n_threads: int = 1) -> np.ndarray:
+    """``ggml_kv_page_bounds``: ``bounds`` (float32 ``(n_pages, n_head_kv, 2*d)``, min then max)
+    with the pages that hold the cells ``idxs`` recomputed from ``k`` (``n_cells`` rows of
+    ``d*n_head_kv`` values in ``k_type``, as the cache holds them). Returns the new bounds."""
+    bounds = np.ascontiguousarray(bounds, dtype=np.float32)
+    idx = np.ascontiguousarray(idxs, dtype=np.int64)
+    if page < 1 or n_cells % page or bounds.shape != (n_cells // page, n_head_kv, 2 * d):
+        raise ValueError(f"bounds must be {(n_cells // max(page, 1), n_head_kv, 2 * d)} and n_cells whole pages")
+    if idx.ndim != 1 or idx.size == 0 or (idx < 0).any() or (idx >= n_cells).any():
+        raise ValueError(f"idxs must be a non-empty vector of cells in [0, {n_cells})")
+    c = _Ctx()
+    try:
+        tb = c.tensor(GGML_TYPE["F32"], (2 * d, n_head_kv, n_cells // page), bounds.tobytes())
+        tk = c.tensor(_type_id(k_type), (d * n_head_kv, n_cells), k)
+        ti = c.tensor(GGML_TYPE_I64, (idx.size,), idx.tobytes())
+        t = c.g.ggml_kv_page_bounds(c.ctx, tb, tk, ti, page)
+        return c.compute(t, n_threads, bounds.shape, out=c.g.ggml_get_data(tb))
+    finally:
+        c.close()
+
+
+def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.ndarray, page: int,
+                budget: int, n_sink: int, n_recent: int, n_threads: int = 1) -> np.ndarray:
+    """``ggml_kv_page_select`` for one decode token: ``q`` ``(n_head, d)``, ``bounds``
+    ``(n_pages, n_head_kv, 2*d)``, ``mask`` ``(n_kv,)`` (0 or -inf). Returns the selection,
+    int32 ``(n_head_kv, ceil(n_kv/page))``."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    bounds = np.ascontiguousarray(bounds, dtype=np.float32)
+    heads = np.ascontiguousarray(heads, dtype=np.int32)
+    n_head, d = q.shape
+    n_pages, n_head_kv, d2 = bounds.shape
+    npk = -(-mask.size // max(page, 1))
+    if page < 1 or d2 != 2 * d or n_head % n_head_kv or heads.shape != (n_head,) or npk > n_pages:
+        raise ValueError("page_select: shapes do not agree")
+    if min(budget, n_sink, n_recent) < 0:
+        raise ValueError("page_select: budget, n_sink and n_recent must be >= 0")
+    c = _Ctx()
+    try:
+        tq = c.tensor(GGML_TYPE["F32"], (d, n_head, 1), q.tobytes())
+        tb = c.tensor(GGML_TYPE["F32"], (2 * d, n_head_kv, n_pages), bounds.tobytes())
+        th = c.tensor(GGML_TYPE_I32, (n_head,), heads.tobytes())
+        tm = c.tensor(GGML_TYPE["F32"], (mask.size, 1), np.ascontiguousarray(mask, np.float32).tobytes())
+        t = c.g.ggml_kv_page_select(c.ctx, tq, tb, th, tm, page, budget, n_sink, n_recent)
+        return c.compute(t, n_threads, (n_head_kv, npk)).view(np.int32).copy()
+    finally:
+        c.close()

@@ -1,0 +1,183 @@
+"""The token budget in the kernels: page bounds (ggml_kv_page_bounds) against numpy min/max over
+each page's cells, F16 and quantized K; page selection (ggml_kv_page_select) against a numpy
+selection on the same q and bounds, GQA groups of 1 to 7 heads, holes in the mask; and v2
+attention over the selected pages (K*q, the head-masked softmax, softmax*V) against numpy
+attention restricted to exactly those cells, bit for bit equal to head-only sparse attention
+when every visible page is selected."""
+
+import numpy as np
+import pytest
+
+from powerinfer_attn import kernels
+
+pytestmark = pytest.mark.usefixtures("ggml_lib")
+
+
+def ref_bounds(k_rows, page, n_head_kv):
+    n_cells, n_embd = k_rows.shape
+    x = k_rows.reshape(n_cells // page, page, n_head_kv, n_embd // n_head_kv)
+    return np.concatenate([x.min(1), x.max(1)], -1)
+
+
+@pytest.mark.parametrize("k_type", ["F16", "Q8_0", "Q4_0", "F32"])
+@pytest.mark.parametrize("page", [8, 16, 64])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_bounds_are_min_and_max_of_the_written_pages(k_type, page, n_threads):
+    rng = np.random.default_rng(page + n_threads)
+    d, n_head_kv, n_cells = 64, 2, 512
+    k = rng.standard_normal((n_cells, d * n_head_kv)).astype(np.float32)
+    data = kernels.quantize(k, k_type)
+    seen = kernels.dequantize(data, k_type, k.shape)
+    full = ref_bounds(seen, page, n_head_kv)
+    old = rng.standard_normal(full.shape).astype(np.float32)  # stale bounds of earlier contents
+    # a decode step's cell, a prefill's run, and cells in no order with repeats
+    for idxs in ([300], list(range(40, 40 + 3 * page + 5)), [511, 0, 77, 0, 78, 300]):
+        out = kernels.page_bounds(data, k_type, n_cells, d, n_head_kv, old, idxs, page, n_threads)
+        touched = sorted({c // page for c in idxs})
+        want = old.copy()
+        want[touched] = full[touched]
+        assert np.array_equal(out, want)
+
+
+def visible_cells(mask):
+    return np.flatnonzero(mask != -np.inf)
+
+
+def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent):
+    n_head, d = q.shape
+    n_head_kv = bounds.shape[1]
+    r = n_head // n_head_kv
+    npk = -(-mask.size // page)
+    vis = visible_cells(mask)
+    sel = np.zeros((n_head_kv, npk), np.int32)
+    for g in range(n_head_kv):
+        act = [h for h in range(g * r, (g + 1) * r) if heads[h]]
+        if not act:
+            continue
+        forced = {c // page for c in vis[:n_sink]} | {c // page for c in vis[len(vis) - n_recent:]} if n_recent else \
+            {c // page for c in vis[:n_sink]}
+        mn, mx = bounds[:npk, g, :d].astype(np.float64), bounds[:npk, g, d:].astype(np.float64)
+        score = sum(np.maximum(q[h] * mn, q[h] * mx).sum(1) for h in act)
+        cand = [p for p in range(npk) if p not in forced and np.any((vis >= p * page) & (vis < (p + 1) * page))]
+        cand.sort(key=lambda p: (-score[p], p))
+        take = max(0, min(len(cand), budget // page - len(forced)))
+        for p in list(forced) + cand[:take]:
+            sel[g, p] = 1
+        if take == len(cand):  # every visible page: the whole view, as without a budget
+            sel[g] = 1
+    return sel
+
+
+def budget_case(rng, n_kv, n_head, n_head_kv, d=64, pad=37, holes=()):
+    k = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    v = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    # a few cells with large keys so that the scores have clear winners
+    k[:, rng.choice(n_kv - pad, 6, replace=False)] *= 4
+    q = (rng.standard_normal((n_head, d)) * 2).astype(np.float32)
+    mask = np.zeros(n_kv, np.float32)
+    mask[n_kv - pad:] = -np.inf
+    for lo, hi in holes:  # cells of another sequence or removed ones
+        mask[lo:hi] = -np.inf
+    return k, v, q, mask
+
+
+def bounds_of(k, page, n_pages):
+    n_head_kv, n_kv, d = k.shape
+    rows = np.zeros((n_pages * page, n_head_kv * d), np.float32)
+    rows[:n_kv] = k.astype(np.float16).astype(np.float32).transpose(1, 0, 2).reshape(n_kv, -1)
+    return ref_bounds(rows, page, n_head_kv)
+
+
+@pytest.mark.parametrize("n_head,n_head_kv", [(3, 3), (6, 3), (8, 2), (7, 1), (9, 3)])
+@pytest.mark.parametrize("page", [8, 16, 32])
+@pytest.mark.parametrize("n_threads", [1, 2, 4])
+def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads):
+    rng = np.random.default_rng(n_head * 100 + page + n_threads)
+    n_kv = 768
+    k, _, q, mask = budget_case(rng, n_kv, n_head, n_head_kv, holes=[(100, 180), (301, 302)])
+    bounds = bounds_of(k, page, n_kv // page + 4)  # the cache is larger than the view
+    heads = (rng.random(n_head) < 0.6).astype(np.int32)
+    heads[0] = 1
+    for budget, n_sink, n_recent in [(128, 4, 32), (0, 4, 32), (256, 0, 0), (64, 40, 100), (10**6, 4, 32)]:
+        got = kernels.page_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, n_threads)
+        want = ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent)
+        assert np.array_equal(got, want), (budget, n_sink, n_recent)
+        vis_pages = {c // page for c in visible_cells(mask)}
+        for g in range(n_head_kv):
+            kept = set(np.flatnonzero(got[g]))
+            if heads[g * (n_head // n_head_kv):(g + 1) * (n_head // n_head_kv)].any() and budget >= 10**6:
+                assert kept == set(range(got.shape[1]))
+            elif budget < len(vis_pages) * page:
+                assert kept <= vis_pages  # never a page the token cannot see
+
+
+def test_selection_keeps_the_pages_with_the_largest_bound():
+    # one KV group, one head, q = e_0: a page's bound is the max of K's channel 0 over it
+    page, n_kv, d = 16, 256, 8
+    k = np.zeros((1, n_kv, d), np.float32)
+    k[0, 5 * page + 3, 0] = 9.0
+    k[0, 9 * page + 1, 0] = 7.0
+    k[0, 2 * page, 0] = -50.0  # a large negative key bounds nothing from above
+    q = np.zeros((1, d), np.float32)
+    q[0, 0] = 1.0
+    mask = np.zeros(n_kv, np.float32)
+    got = kernels.page_select(q, bounds_of(k, page, n_kv // page), np.ones(1, np.int32), mask, page, 4 * page, 1, 1)
+    assert sorted(np.flatnonzero(got[0])) == [0, 5, 9, n_kv // page - 1]
+
+
+def restricted_reference(k, v, q, mask, heads, page, sel):
+    n_head_kv, n_kv, d = k.shape
+    r = q.shape[0] // n_head_kv
+    kf, vf = k.astype(np.float16).astype(np.float64), v.astype(np.float16).astype(np.float64)
+    out = np.zeros((q.shape[0], d))
+    for h in range(q.shape[0]):
+        if not heads[h]:
+            continue
+        cells = [c for c in range(n_kv) if sel[h // r, c // page] and mask[c] != -np.inf]
+        s = kf[h // r, cells] @ q[h].astype(np.float16).astype(np.float64) / np.sqrt(d)
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ vf[h // r, cells]
+    return out
+
+
+@pytest.mark.parametrize("n_head,n_head_kv", [(6, 2), (9, 3), (7, 1), (4, 4)])
+@pytest.mark.parametrize("page", [8, 16, 64])
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_attention_over_selected_pages_matches_restricted_reference(n_head, n_head_kv, page, n_threads, inplace):
+    rng = np.random.default_rng(n_head + page + n_threads)
+    n_kv = 1024
+    k, v, q, mask = budget_case(rng, n_kv, n_head, n_head_kv, holes=[(200, 260)])
+    heads = np.ones(n_head, np.int32)
+    heads[1] = 0
+    npk = n_kv // page
+    sel = kernels.page_select(q, bounds_of(k, page, npk), heads, mask, page, 256, 4, 64, 2)
+    out = kernels.attention(k, v, q, mask, heads, None, n_threads, inplace=inplace, pages=(page, sel))
+    ref = restricted_reference(k, v, q, mask, heads, page, sel)
+    np.testing.assert_allclose(out, ref, atol=3e-3, rtol=0)
+    assert np.all(out[heads == 0] == 0)
+    # a budget differs from full attention: the test would not see a selection that is ignored
+    full = kernels.attention(k, v, q, mask, heads, None, n_threads)
+    assert np.abs(out - full).max() > 1e-2
+
+
+@pytest.mark.parametrize("page", [8, 16, 32])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_every_visible_page_selected_is_head_only_sparse_bit_for_bit(page, n_threads):
+    rng = np.random.default_rng(page)
+    n_kv = 2048
+    k, v, q, mask = budget_case(rng, n_kv, 9, 3, pad=200, holes=[(64, 70)])
+    heads = np.array([1, 0, 1, 1, 1, 0, 0, 0, 1], np.int32)
+    sel = kernels.page_select(q, bounds_of(k, page, n_kv // page), heads, mask, page, n_kv, 4, 64, n_threads)
+    out = kernels.attention(k, v, q, mask, heads, None, n_threads, pages=(page, sel))
+    plain = kernels.attention(k, v, q, mask, heads, None, n_threads)
+    assert np.array_equal(out, plain)
+
+
+def test_pages_refused_with_a_wrong_shape():
+    rng = np.random.default_rng(1)
+    k, v, q, mask = budget_case(rng, 128, 4, 2)
+    with pytest.raises(ValueError, match="selection of shape"):
+        kernels.attention(k, v, q, mask, np.ones(4, np.int32), pages=(16, np.ones((2, 3), np.int32)))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        kernels.page_select(q, bounds_of(k, 16, 8), np.ones(4, np.int32), mask, 16, -1, 0, 0)
