@@ -68,6 +68,7 @@ class BenchRow:
     flash_attn: bool
     repack: bool
     cache: str = "f16"   # K and V cache type
+    kv_budget: int = 0   # token budget, cells per KV group (0: none)
 
 
 # weight types the CPU backend may repack into its own layout (ggml-cpu/repack.cpp)
@@ -256,6 +257,20 @@ def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict
     return out
 
 
+def budget_limit(dense_profile: dict, kept: float, budget: int, ctx: int) -> float:
+    """The Amdahl limit of a step with head density ``kept`` and a token budget: from the dense
+    profile's parts, wq, wo and the softmax scale with ``kept``, K*q and softmax*V with ``kept``
+    times the budget's share of the context (the page bounds' reads and the selection not
+    counted: the limit of skipping, as for heads alone)."""
+    ms = dense_profile["parts_ms"]
+    total = sum(ms.values())
+    frac = min(1.0, budget / max(ctx, 1))
+    heads_only = sum(ms.get(k, 0.0) for k in ("wq", "wo", "softmax"))
+    kv = sum(ms.get(k, 0.0) for k in ("kq", "kqv"))
+    after = total - heads_only - kv + kept * heads_only + kept * frac * kv
+    return total / after
+
+
 def kv_head_density(masks: np.ndarray, n_head_kv: int) -> float:
     """Mean share of KV heads that keep one of their query heads (whose K/V rows are then read),
     over masks [..., n_head] whose query heads are grouped n_head // n_head_kv per KV head."""
@@ -286,7 +301,8 @@ def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spe
 def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
         progress: Callable[[str], None] | None = None, text_file: Path | None = None,
-        caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None, ngl: int = 0) -> dict:
+        caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None, ngl: int = 0,
+        kv_budget: int = 0) -> dict:
     """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up). With
     ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence.
     ``caches``: the KV cache types the fastest-stock search tries (quantized ones with flash
@@ -294,7 +310,9 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     rows run with window fill (skipped heads attend over S + W KV cells). ``ngl``: layers on the
     GPU; the sparse contexts then run with flash attention and an F16 cache (the CUDA kernel's
     fastest) whatever the dense winner, there is no profile, and each ratio's limit is the
-    bytes-based one (``byte_share``)."""
+    bytes-based one (``byte_share``). ``kv_budget``: the fixed-density rows (and a trained spec
+    without its own ``:budget=``) read about that many cells per KV group (``Engine.set_kv_budget``);
+    their limit counts K*q and softmax*V at the budget's share of the context (``budget_limit``)."""
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
     repack_types = repackable_types(model_path) if not ngl else []
@@ -326,6 +344,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             sparse.set_sparse(True)
             if window:
                 sparse.set_head_window(*window)
+            if kv_budget:
+                sparse.set_kv_budget(kv_budget)
             masks = {d: heads_for_density(d, sparse.n_layer, sparse.n_head, sparse.n_head_kv, gqa) for d in densities}
             layer_ops = sparse.layer_ops()
             # warm-up: build both graphs
@@ -336,7 +356,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             ratios = {d: [] for d in densities}
             t_eng = None
             if trained:
-                t_eng = stack_trained(model_path, trained, n_ctx, threads, s_fa, rp, s_cache, ngl)
+                spec = trained if not kv_budget or ":budget=" in trained else trained + f":budget={kv_budget}"
+                t_eng = stack_trained(model_path, spec, n_ctx, threads, s_fa, rp, s_cache, ngl)
                 trained_ops = t_eng.layer_ops()
                 _fill(t_eng, ctx, toks)
                 t_eng.set_sparse(True)
@@ -377,16 +398,22 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             kept = float(masks[d].mean())
             if ngl:  # K/V rows are read for every KV head that keeps one of its query heads
                 limit = amdahl_limit(share, kv_head_density(masks[d], sparse.n_head_kv))
+            elif kv_budget:
+                limit = budget_limit(profiles[ctx]["dense"], kept, kv_budget, ctx) if share is not None else None
             else:
                 limit = amdahl_limit(share, kept) if share is not None else None
-            rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache))
+            rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache, kv_budget))
             say(f"ctx {ctx}: sparse density {d:g}: {1 / med:.1f} tok/s ({ratio:.3f}x dense {1 / dense_med:.1f}"
                 + (f", limit {limit:.3f}x)" if limit else ")"))
         if trained:
             kept, kv_kept = _trained_density(model_path, ctx, threads, s_fa, rp, trained, toks, s_cache, ngl)
             med, ratio = statistics.median(times["trained"]), statistics.median(ratios["trained"])
             limit = amdahl_limit(share, kv_kept if ngl else kept) if share is not None else None
-            rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache))
+            t_budget = kv_budget if ":budget=" not in trained else int(trained.split(":budget=")[1].split(":")[0])
+            if t_budget and share is not None and not ngl:
+                limit = budget_limit(profiles[ctx]["dense"], kept, t_budget, ctx)
+            rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache,
+                                 t_budget))
             say(f"ctx {ctx}: {trained} (density {kept:.3f} here, predictor included): {1 / med:.1f} tok/s "
                 f"({ratio:.3f}x dense {1 / dense_med:.1f})")
     _prefills.clear()
@@ -399,6 +426,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         "gqa_masks": gqa,
         "trained": trained,
         "window": list(window) if window else None,
+        "kv_budget": kv_budget,
         "context_text": str(text_file) if text_file else "filler",
         "dense_config": {str(c): v for c, v in choices.items()},
         "repackable_types": repack_types,

@@ -25,6 +25,10 @@ RULE_IDS = {"file": 0, "threshold": 1, "topk": 2, "mass": 3}
 # llama_set_head_fill's fill kinds: what a skipped head contributes
 FILLS = ("zero", "mean", "linear")
 FILL_IDS = {"zero": 0, "mean": 1, "linear": 2}
+# llama_set_kv_budget: the page sizes it takes, and the defaults of the token budget (cells per
+# page, sinks and recent cells always read); see docs/results-cpu.md for how they were chosen
+KV_PAGES = (8, 16, 32, 64, 128, 256)
+KV_PAGE, KV_SINK, KV_RECENT = 16, 4, 64
 
 # llama_sparse_attn_layer_ops's bits: which parts of a layer run on the sparse ops
 OP_WQ, OP_KQV, OP_WO = 1, 2, 4

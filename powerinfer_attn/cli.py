@@ -57,6 +57,19 @@ def engine_options(ctx_default: int | None = None, ctx_min: int = 16):
     return deco
 
 
+def kv_budget_option(f):
+    """--kv-budget N: every predictor of the command reads about N cells per KV group
+    (``:budget=N`` added to its spec)."""
+    return click.option("--kv-budget", "kv_budget", type=click.IntRange(0), default=0, show_default=True,
+                        help="Token budget: cells each KV group's kept heads read per step (pages chosen in the graph; "
+                             "0: all). Same as :budget=N on --predictor; needs -fa off.")(f)
+
+
+def with_budget(spec: str, kv_budget: int) -> str:
+    """``spec`` with ``:budget=kv_budget`` unless it has a budget of its own or kv_budget is 0."""
+    return spec if not kv_budget or ":budget=" in spec else spec + f":budget={kv_budget}"
+
+
 def _engine_kw(flash_attn: bool, cache_k: str, cache_v: str, n_gpu_layers: int = 0) -> dict:
     return dict(flash_attn=flash_attn, cache_type_k=cache_k, cache_type_v=cache_v, n_gpu_layers=n_gpu_layers)
 
@@ -133,7 +146,8 @@ def model(name, list_models) -> None:
 @click.option("--sparse", is_flag=True, help="Decode with sparse attention heads.")
 @click.option("--predictor", default=None,
               help="Head predictor for --sparse: all, random:K[:SEED], static:K[:FILE], oracle:P, oracle-topk:K, mask-file:PATH, "
-                   "trained:PRED.gguf[:RULE=VALUE].")
+                   "trained:PRED.gguf[:RULE=VALUE], each with an optional :budget=N.")
+@kv_budget_option
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature; 0 is greedy (for comparisons).")
 @click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="Top-k when sampling (0: all).")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
@@ -143,18 +157,18 @@ def model(name, list_models) -> None:
 @model_option
 @threads_option
 @json_option
-def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, sparse, predictor, temp, top_k, top_p,
-             seed, chat, model, threads, as_json) -> None:
+def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, sparse, predictor, kv_budget, temp, top_k,
+             top_p, seed, chat, model, threads, as_json) -> None:
     """Generation through the patched bindings (greedy by default), streamed, with decode speed."""
     from .engine import EngineError, open_engine
     from .predictors import get_predictor
     from .sampling import Sampler
 
-    if predictor and not sparse:
-        _fail(ValueError("--predictor needs --sparse"))
+    if (predictor or kv_budget) and not sparse:
+        _fail(ValueError("--predictor and --kv-budget need --sparse"))
     try:
         path = resolve_model(model)
-        pred = get_predictor(predictor or "all", path) if sparse else None
+        pred = get_predictor(with_budget(predictor or "all", kv_budget), path) if sparse else None
         sampler = Sampler(temp, top_k, top_p, seed)
         with open_engine(path, pred, n_ctx=n_ctx, n_threads=threads,
                          **_engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers)) as eng:
@@ -249,12 +263,13 @@ def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
 @click.option("--dump-logits", type=click.Path(dir_okay=False), default=None,
               help="Write the (first) sparse logits ([steps, n_vocab], or [windows, steps, n_vocab]) as float32 .npy.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a density vs perplexity plot (PNG).")
+@kv_budget_option
 @engine_options()
 @model_option
 @threads_option
 @json_option
-def score(text_file, prefixes, steps, windows, training, predictors, mask_file, dump_logits, plot_path, n_gpu_layers,
-          flash_attn, cache_k, cache_v, model, threads, as_json) -> None:
+def score(text_file, prefixes, steps, windows, training, predictors, mask_file, dump_logits, plot_path, kv_budget,
+          n_gpu_layers, flash_attn, cache_k, cache_v, model, threads, as_json) -> None:
     """Teacher-forced quality of sparse decode against dense: perplexity, KL, top-1 agreement."""
     from pathlib import Path
 
@@ -263,7 +278,7 @@ def score(text_file, prefixes, steps, windows, training, predictors, mask_file, 
 
     if bool(predictors) == bool(mask_file):
         _fail(ValueError("give --predictor (one or more) or --mask-file"))
-    specs = list(predictors) or [f"mask-file:{mask_file}"]
+    specs = [with_budget(sp, kv_budget) for sp in list(predictors) or [f"mask-file:{mask_file}"]]
     try:
         path = resolve_model(model)
         text = resolve_text_file(text_file)
@@ -479,10 +494,11 @@ def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no
               help="Head predictor for the sparse answers (see `generate --help`); repeat it for several. Dense always runs.")
 @click.option("--answer-tokens", type=click.IntRange(2), default=8, show_default=True, help="Tokens of answer decoded.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the keys.")
+@kv_budget_option
 @model_option
 @threads_option
 @json_option
-def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, seed, model, threads, as_json) -> None:
+def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, seed, kv_budget, model, threads, as_json) -> None:
     """Retrieval at long context: exact-match accuracy on a hidden pass key, dense and sparse."""
     from . import needle as nd
     from .engine import EngineError
@@ -491,7 +507,7 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
         path = resolve_model(model)
         kinds = [h for h in haystacks.split(",") if h]
         text = resolve_text_file(text_file) if "text" in kinds else None
-        preds = [_open_predictor(sp, path) for sp in predictors]
+        preds = [_open_predictor(with_budget(sp, kv_budget), path) for sp in predictors]
         lens = _ints(lengths)
         with click.progressbar(length=len(lens) * trials * len(kinds), label="needle trials", file=sys.stderr) as bar:
             results = nd.run(path, lens, trials, preds, kinds, text, answer_tokens, threads, seed, bar.update)
@@ -720,9 +736,11 @@ def diagnose(predictor_file, data, density, as_json) -> None:
 @click.option("--density", type=float, default=None, help="With a trained predictor: its density=D (density control).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@kv_budget_option
 @engine_options(ctx_default=4096, ctx_min=64)
 @threads_option
-def serve(model, predictor, density, host, port, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, threads) -> None:
+def serve(model, predictor, density, host, port, kv_budget, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v,
+          threads) -> None:
     """OpenAI-compatible server (llama-cpp-python's) with sparse decode: /v1/completions,
     /v1/chat/completions (SSE streaming), /v1/models, /health; a log line per request."""
     from . import serve as serve_mod
@@ -735,6 +753,10 @@ def serve(model, predictor, density, host, port, n_ctx, n_gpu_layers, flash_attn
         from .predictors import add_option
 
         spec = add_option(spec, f"density={density:g}")
+    if kv_budget:
+        if spec is None:
+            _fail(ValueError("--kv-budget needs a sparse --predictor (none serves dense)"))
+        spec = with_budget(spec, kv_budget)
     try:
         serve_mod.serve(resolve_model(model), spec, host, port, n_ctx, threads,
                         _engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
@@ -823,13 +845,14 @@ def _ints(text: str) -> list[int]:
               help="KV cache types the fastest-dense search tries (quantized ones with flash attention), comma-separated.")
 @click.option("--window", default=None, metavar="S+W",
               help="Window fill at the fixed densities: skipped heads attend over the first S and last W KV cells.")
+@kv_budget_option
 @click.option("-ngl", "--n-gpu-layers", "ngl", type=click.IntRange(0), default=0, show_default=True,
               help="Layers to offload to the GPU (a `build --cuda` library); sparse then runs with flash attention "
                    "and an F16 cache, and each ratio's limit is from bytes.")
 @threads_option
 @json_option
 def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, caches, window,
-          ngl, threads, as_json) -> None:
+          kv_budget, ngl, threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
@@ -844,7 +867,8 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
                                threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
-                               caches=_cache_list(caches), window=_window(window) if window else None, ngl=ngl)
+                               caches=_cache_list(caches), window=_window(window) if window else None, ngl=ngl,
+                               kv_budget=kv_budget)
         if plot_path:
             bench_mod.plot(result, plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
@@ -856,6 +880,7 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
                    f"context: {result['context_text']}"
                    + (", GQA-group masks" if gqa else "")
                    + (f", window fill {window}" if window else "")
+                   + (f", token budget {kv_budget} cells per KV group" if kv_budget else "")
                    + (f", {ngl} layers on the GPU" if ngl else "")
                    + "; cells: sparse tok/s (ratio to dense"
                    + (" of its bytes-based limit)" if ngl else " of its Amdahl limit)" if profile else ")"))

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bindings import FILLS
+from .bindings import FILLS, KV_PAGE, KV_RECENT, KV_SINK
 from .engine import Predictor
 from .importance import HeadContributions, mass_mask, topk_mask
 from .model import cache_dir
@@ -319,8 +319,43 @@ class WindowFill:
         return self.inner.observed()
 
 
+class KVBudget:
+    """Any predictor, with a token budget for the heads it keeps (``Engine.set_kv_budget``): each
+    KV group's active heads read about ``budget`` cells, pages chosen in the graph per step."""
+
+    def __init__(self, inner: Predictor, budget: int, page: int = KV_PAGE, n_sink: int = KV_SINK,
+                 n_recent: int = KV_RECENT):
+        if budget < 1:
+            raise ValueError(f"a token budget is a number of cells >= 1 (got {budget}); leave :budget= out for none")
+        self.inner, self.budget, self.page, self.n_sink, self.n_recent = inner, budget, page, n_sink, n_recent
+        self.name = f"{inner.name}+budget:{budget}"
+        self.in_graph = getattr(inner, "in_graph", False)
+        if hasattr(inner, "hook"):
+            self.hook = inner.hook
+
+    def bind(self, engine) -> None:
+        self.inner.bind(engine)
+        engine.set_kv_budget(self.budget, self.page, self.n_sink, self.n_recent)
+
+    def predict(self, state):
+        return self.inner.predict(state)
+
+    def restart(self, engine) -> None:
+        if hasattr(self.inner, "restart"):
+            self.inner.restart(engine)
+
+    def observed(self) -> np.ndarray:
+        return self.inner.observed()
+
+    def __getattr__(self, name):  # what callers read from the inner predictor (fill, targets, ...)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
 NAMES = ("all", "none:fill=window:S+W", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill=PRED.gguf]", "oracle-topk:K[:fill=PRED.gguf]",
-         "mask-file:PATH", "trained[:PRED.gguf][:RULE=VALUE][:gain=G][:fill=zero]", "any of them + :fill=window:S+W")
+         "mask-file:PATH", "trained[:PRED.gguf][:RULE=VALUE][:gain=G][:fill=zero]", "any of them + :fill=window:S+W",
+         "any of them + :budget=N (cells per KV group)")
 
 _WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
 
@@ -343,8 +378,16 @@ def prepared_predictor_path(model_path: str | Path) -> Path:
     return cache_dir() / "predictors" / (Path(model_path).stem + ".gguf")
 
 
+_BUDGET = re.compile(r":budget=([^:]*)")
+
+
 def get_predictor(spec: str, model_path: str | Path) -> Predictor:
     """A predictor from its command-line name (see the module doc). Call ``bind(engine)`` next."""
+    budgets = _BUDGET.findall(spec)
+    if budgets:
+        if len(budgets) > 1 or not budgets[0].isdigit():
+            raise ValueError(f"bad predictor {spec!r}: a token budget is one :budget=N, N a number of cells")
+        return KVBudget(get_predictor(_BUDGET.sub("", spec), model_path), int(budgets[0]))
     window = _WINDOW.search(spec)
     if window:
         base = spec[:window.start()]

@@ -1,0 +1,109 @@
+"""The token budget in the engine (``Engine.set_kv_budget``, ``:budget=N``): a budget that covers
+the context gives head-only sparse decode bit for bit; a small one reads only its pages (the
+graph's own selection, read back through the eval callback) and changes the logits; the page
+bounds follow a sequence state loaded over another one; errors. The kernels' own tests are in
+test_budget_kernels.py."""
+
+import numpy as np
+import pytest
+
+from powerinfer_attn.engine import Engine, EngineError
+from powerinfer_attn.predictors import KVBudget, get_predictor
+
+from test_engine import random_masks, rel_diff, teacher_forced_logits
+
+# a few hundred tokens of varied text, so that a budget of a few pages is a real cut
+TEXT = " ".join(f"Entry {i}: the {w} of {c} was recorded as {i * 37 % 101}." for i, (w, c) in enumerate(
+    [("river", "Rome"), ("bridge", "Paris"), ("harbour", "Oslo"), ("tower", "Pisa"), ("market", "Cairo"),
+     ("garden", "Kyoto"), ("library", "Prague"), ("station", "Lima")] * 4))
+
+
+def test_budget_covering_the_context_is_head_only_sparse_bit_for_bit(model_path):
+    with Engine(model_path, n_ctx=1024, n_threads=2) as eng:
+        toks = eng.tokenize(TEXT)
+        assert len(toks) > 300
+        masks = random_masks(np.random.default_rng(3), 24, eng.n_layer, eng.n_head, 0.6)
+        seq = toks[:len(toks) - 24] + toks[-24:]
+        heads_only = teacher_forced_logits(eng, seq, len(seq) - 24, masks)
+        eng.set_kv_budget(1024)
+        covered = teacher_forced_logits(eng, seq, len(seq) - 24, masks)
+        eng.set_kv_budget(64, page=16, n_sink=4, n_recent=16)
+        cut = teacher_forced_logits(eng, seq, len(seq) - 24, masks)
+        eng.set_kv_budget(0)
+        off_again = teacher_forced_logits(eng, seq, len(seq) - 24, masks)
+    assert np.array_equal(covered, heads_only)
+    assert np.array_equal(off_again, heads_only)
+    # 64 of ~320 cells per KV group: another attention (how close is for `score` to say)
+    assert np.isfinite(cut).all() and rel_diff(cut, heads_only).max() > 1e-3
+
+
+class PagesHook:
+    """Reads back every layer's page selection (the graph's kv_pages-IL tensors)."""
+
+    def __init__(self):
+        self.pages = {}
+
+    def wants(self, name: str) -> bool:
+        return name.startswith("kv_pages-")
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        self.pages[int(name.split("-")[1])] = data.copy()
+
+
+def test_small_budget_reads_its_pages_only(model_path):
+    hook = PagesHook()
+    with Engine(model_path, n_ctx=1024, n_threads=2, tensor_hook=hook) as eng:
+        toks = eng.tokenize(TEXT)
+        eng.prefill(toks[:-1])
+        eng.set_sparse(True)
+        mask = np.ones((eng.n_layer, eng.n_head), np.int32)
+        mask[:, eng.n_head // eng.n_head_kv:] = 0  # only the first KV group keeps heads
+        eng.set_mask(mask)
+        eng.set_kv_budget(96, page=16, n_sink=4, n_recent=32)
+        eng.step(toks[-1])
+        n_kv_pages = -(-len(toks) // 16)
+    assert sorted(hook.pages) == list(range(eng.n_layer))
+    for il, sel in hook.pages.items():
+        sel = sel.reshape(eng.n_head_kv, -1)
+        assert sel[0].sum() == 96 // 16  # the budget's pages, sinks and recent ones among them
+        assert sel[0, 0] == 1 and sel[0, (len(toks) - 1) // 16] == 1
+        assert sel[1:].sum() == 0  # groups without an active head read nothing
+        assert not sel[0, n_kv_pages:].any()  # nor the cache view's padding
+
+
+def test_page_bounds_follow_a_loaded_state(model_path):
+    """A state loaded over another sequence: the bounds are recomputed before the next step, so
+    decoding goes on as in the engine that made the state."""
+    budget = dict(budget=64, page=16, n_sink=4, n_recent=16)
+    with Engine(model_path, n_ctx=1024, n_threads=2) as a, Engine(model_path, n_ctx=1024, n_threads=2) as b:
+        toks = a.tokenize(TEXT)
+        other = b.tokenize(TEXT.replace("Entry", "Record").replace("recorded", "noted"))
+        for eng in (a, b):
+            eng.set_sparse(True)
+            eng.set_mask(np.ones((eng.n_layer, eng.n_head), np.int32))
+            eng.set_kv_budget(**budget)
+        a.prefill(toks[:-8])
+        state = a.save_state()
+        want = [a.step(t) for t in toks[-8:]]
+        b.prefill(other)  # bounds of another text, then the state of the first
+        b.load_state(state)
+        got = [b.step(t) for t in toks[-8:]]
+    assert np.array_equal(np.array(got), np.array(want))
+
+
+def test_budget_errors_and_specs(model_path):
+    with Engine(model_path, n_ctx=256, n_threads=1) as eng:
+        with pytest.raises(ValueError, match="page must be"):
+            eng.set_kv_budget(64, page=12)
+        with pytest.raises(ValueError, match=">= 0"):
+            eng.set_kv_budget(-1)
+    with Engine(model_path, n_ctx=256, n_threads=1, flash_attn=True) as eng:
+        with pytest.raises(EngineError, match="without flash attention"):
+            eng.set_kv_budget(64)
+    p = get_predictor("all:budget=512", model_path)
+    assert isinstance(p, KVBudget) and p.budget == 512 and p.name == "all+budget:512"
+    p = get_predictor("random:3:1:budget=128:fill=window:4+60", model_path)
+    assert p.name == "random:3+window:4+60+budget:128"
+    for bad in ("all:budget=", "all:budget=x", "all:budget=0", "all:budget=1:budget=2"):
+        with pytest.raises(ValueError, match="budget"):
+            get_predictor(bad, model_path)
