@@ -89,7 +89,7 @@ sanitize: $(SAN_BUILD)/CMakeCache.txt
 	LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	POWERINFER_ATTN_GGML_LIB_DIR=$(abspath $(SAN_BUILD))/lib \
-		$(PY) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_properties.py tests/test_window_kernels.py \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernel_properties.py tests/test_window_kernels.py tests/test_budget_kernels.py \
 		tests/test_fa_grouped.py
 
 clean:

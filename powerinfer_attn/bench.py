@@ -233,8 +233,10 @@ def _label(fa: bool, rp: bool, cache: str) -> str:
 
 
 def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say,
-             text_file: Path | None = None, cache: str = "f16", window: tuple[int, int] | None = None) -> dict:
-    """Per-part profile of the dense step and of the sparse step at each density."""
+             text_file: Path | None = None, cache: str = "f16", window: tuple[int, int] | None = None,
+             kv_budget: int = 0) -> dict:
+    """Per-part profile of the dense step and of the sparse step at each density (with window
+    fill and the token budget of the sparse rows)."""
     timer = NodeTimer()
     with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp, tensor_hook=timer,
                 cache_type_k=cache, cache_type_v=cache) as eng:
@@ -250,6 +252,8 @@ def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict
         eng.set_sparse(True)
         if window:
             eng.set_head_window(*window)
+        if kv_budget:
+            eng.set_kv_budget(kv_budget)
         out["sparse"] = {}
         for d, m in masks.items():
             eng.set_mask(m)
@@ -384,7 +388,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         share = byte_share(model_path, ctx, s_cache, gpu=True) if ngl else None
         if profile:
             profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say, text_file, cache,
-                                     window)
+                                     window, kv_budget)
             if trustworthy(profiles[ctx]["dense"]):
                 share = profiles[ctx]["dense"]["skippable_share"]
             else:

@@ -39,6 +39,8 @@ def part_of(name: str, op: str) -> str:
         return "softmax"
     if op == "FLASH_ATTN_EXT":
         return "flash_attn"
+    if op in ("KV_PAGE_BOUNDS", "KV_PAGE_SELECT"):
+        return "pages"  # the token budget's page bounds and selection
     return "other"
 
 
