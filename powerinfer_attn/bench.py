@@ -360,9 +360,11 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             ratios = {d: [] for d in densities}
             t_eng = None
             if trained:
-                spec = trained if not kv_budget or ":budget=" in trained else trained + f":budget={kv_budget}"
-                t_eng = stack_trained(model_path, spec, n_ctx, threads, s_fa, rp, s_cache, ngl)
+                from .predictors import with_budget
+
+                t_eng = stack_trained(model_path, with_budget(trained, kv_budget), n_ctx, threads, s_fa, rp, s_cache, ngl)
                 trained_ops = t_eng.layer_ops()
+                t_budget = t_eng.kv_budget[0] if t_eng.kv_budget else 0
                 _fill(t_eng, ctx, toks)
                 t_eng.set_sparse(True)
                 _timed_step(t_eng, toks[ctx], ctx)
@@ -413,7 +415,6 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             kept, kv_kept = _trained_density(model_path, ctx, threads, s_fa, rp, trained, toks, s_cache, ngl)
             med, ratio = statistics.median(times["trained"]), statistics.median(ratios["trained"])
             limit = amdahl_limit(share, kv_kept if ngl else kept) if share is not None else None
-            t_budget = kv_budget if ":budget=" not in trained else int(trained.split(":budget=")[1].split(":")[0])
             if t_budget and share is not None and not ngl:
                 limit = budget_limit(profiles[ctx]["dense"], kept, t_budget, ctx)
             rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache,

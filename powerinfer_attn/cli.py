@@ -57,17 +57,18 @@ def engine_options(ctx_default: int | None = None, ctx_min: int = 16):
     return deco
 
 
+def with_budget(spec: str, kv_budget: int) -> str:
+    from .predictors import with_budget as add_budget
+
+    return add_budget(spec, kv_budget)
+
+
 def kv_budget_option(f):
     """--kv-budget N: every predictor of the command reads about N cells per KV group
     (``:budget=N`` added to its spec)."""
     return click.option("--kv-budget", "kv_budget", type=click.IntRange(0), default=0, show_default=True,
                         help="Token budget: cells each KV group's kept heads read per step (pages chosen in the graph; "
                              "0: all). Same as :budget=N on --predictor; needs -fa off.")(f)
-
-
-def with_budget(spec: str, kv_budget: int) -> str:
-    """``spec`` with ``:budget=kv_budget`` unless it has a budget of its own or kv_budget is 0."""
-    return spec if not kv_budget or ":budget=" in spec else spec + f":budget={kv_budget}"
 
 
 def _engine_kw(flash_attn: bool, cache_k: str, cache_v: str, n_gpu_layers: int = 0) -> dict:

@@ -357,6 +357,11 @@ _WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
 DENSITY_GAIN = 0.05
 
 
+def with_budget(spec: str, kv_budget: int) -> str:
+    """``spec`` with ``:budget=kv_budget`` unless it has a budget of its own or kv_budget is 0."""
+    return spec if not kv_budget or ":budget=" in spec else spec + f":budget={kv_budget}"
+
+
 def add_option(spec: str, option: str) -> str:
     """``spec`` with ``:option`` added, before a window fill, which must stay last."""
     window = _WINDOW.search(spec)
