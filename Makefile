@@ -47,7 +47,6 @@ long-context: setup
 qwen: setup
 	BIN=$(BIN) TEXT=$(TEXT) scripts/qwen.sh
 
-# the pure-Python tests, no build needed
 # On a machine with an NVIDIA GPU and the CUDA toolkit (CI has none: tests/test_cuda.py skips
 # there). On the lent GPU machine, which has no network: scripts/gpu/pack.sh here, then
 # scripts/gpu/run.sh build and test there (figures/test-cuda.txt).
@@ -55,8 +54,9 @@ test-cuda: $(BIN)/powerinfer-attn
 	$(BIN)/powerinfer-attn build --cuda
 	$(PY) -m pytest -v tests/test_cuda.py
 
+# the tests that need no build (no engine, no GPU): pytest -m "not engine and not gpu"
 test-fast: $(BIN)/powerinfer-attn
-	$(PY) -m pytest -q tests/test_build.py tests/test_model.py
+	$(PY) -m pytest -q -m "not engine and not gpu" tests
 
 # The kernel tests against ggml-base + ggml-cpu built alone from the patched tree with
 # AddressSanitizer and UndefinedBehaviorSanitizer (any UB aborts). Same CPU options as the

@@ -1,7 +1,8 @@
 """powerinfer-attn: decode-time attention-head sparsity for llama.cpp.
 
-Modules: ``build`` (fetch, patch, build the engine), ``model`` (the default GGUF),
-``engine`` (step-by-step decode through the patched bindings), ``cli``.
+Layers, each importing only those before it: ``native`` (build, bindings, model files),
+``engine`` (decode with head masks), ``predictors``, ``serving``, ``evaluation``, ``training``;
+``cli`` on top.
 """
 
 __version__ = "0.1.0"

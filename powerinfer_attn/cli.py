@@ -9,10 +9,10 @@ import sys
 import click
 import numpy as np
 
-from . import build as build_mod
-from .corpus import KINDS
-from .model import default_model_path, resolve_model
-from .text import resolve_text_file
+from .native import build as build_mod
+from .training.corpus import KINDS
+from .native.model import default_model_path, resolve_model
+from .engine.text import resolve_text_file
 
 model_option = click.option("--model", "-m", "model", type=click.Path(dir_okay=False), default=None,
                             help="GGUF model path (llama, qwen2 or qwen3 architecture for sparse decode) or a known "
@@ -33,7 +33,7 @@ def engine_options(ctx_default: int | None = None, ctx_min: int = 16):
     """llama.cpp's engine flags, one set for every command that decodes: -c (where the command
     sizes no context itself), -ngl, -fa on|off (a bare --flash-attn is on), -ctk, -ctv. The
     command receives n_ctx (if any), n_gpu_layers, flash_attn (bool), cache_k, cache_v."""
-    from .bindings import CACHE_TYPES
+    from .native.bindings import CACHE_TYPES
 
     def to_bool(ctx, param, value):
         return value == "on"
@@ -58,7 +58,7 @@ def engine_options(ctx_default: int | None = None, ctx_min: int = 16):
 
 
 def with_budget(spec: str, kv_budget: int) -> str:
-    from .predictors import with_budget as add_budget
+    from .predictors.specs import with_budget as add_budget
 
     return add_budget(spec, kv_budget)
 
@@ -124,10 +124,10 @@ def build(check: bool, force: bool, stock: bool, cuda: bool, as_json: bool) -> N
 @click.option("--list", "list_models", is_flag=True, help="List the models known by name.")
 def model(name, list_models) -> None:
     """Print the path of the default model, or of the known model NAME, fetching it on first use."""
-    from .model import KNOWN_MODELS, known_model_path
+    from .native.model import KNOWN_MODELS, known_model_path
 
     if list_models:
-        from .predictors import prepared_predictor_path
+        from .predictors.specs import prepared_predictor_path
 
         for m in KNOWN_MODELS.values():
             pred = prepared_predictor_path(m.file)
@@ -161,9 +161,9 @@ def model(name, list_models) -> None:
 def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, sparse, predictor, kv_budget, temp, top_k,
              top_p, seed, chat, model, threads, as_json) -> None:
     """Generation through the patched bindings (greedy by default), streamed, with decode speed."""
-    from .engine import EngineError, open_engine
-    from .predictors import get_predictor
-    from .sampling import Sampler
+    from .engine.decode import EngineError, open_engine
+    from .predictors.specs import get_predictor
+    from .engine.sampling import Sampler
 
     if (predictor or kv_budget) and not sparse:
         _fail(ValueError("--predictor and --kv-budget need --sparse"))
@@ -215,7 +215,7 @@ def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v
 
 
 def _open_predictor(spec: str, path):
-    from .predictors import get_predictor
+    from .predictors.specs import get_predictor
 
     return get_predictor(spec, path)
 
@@ -224,17 +224,20 @@ def _open_predictor(spec: str, path):
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
 @click.option("-n", "n_tokens", type=click.IntRange(1), default=48, show_default=True, help="Tokens to generate.")
 @click.option("--predictor", required=True, help="Head predictor (see `generate --help`).")
+@engine_options(ctx_default=2048)
 @model_option
 @threads_option
 @json_option
-def compare(prompt, n_tokens, predictor, model, threads, as_json) -> None:
+def compare(prompt, n_tokens, predictor, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, model, threads,
+            as_json) -> None:
     """Generate greedily dense and sparse from one prompt, side by side."""
-    from . import compare as cmp
-    from .engine import EngineError
+    from .evaluation import compare as cmp
+    from .engine.decode import EngineError
 
     try:
         path = resolve_model(model)
-        res = cmp.compare(path, prompt, n_tokens, _open_predictor(predictor, path), threads)
+        res = cmp.compare(path, prompt, n_tokens, _open_predictor(predictor, path), threads, n_ctx,
+                          engine_kw=_engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
@@ -274,8 +277,8 @@ def score(text_file, prefixes, steps, windows, training, predictors, mask_file, 
     """Teacher-forced quality of sparse decode against dense: perplexity, KL, top-1 agreement."""
     from pathlib import Path
 
-    from . import compare as cmp
-    from .engine import EngineError
+    from .evaluation import compare as cmp
+    from .engine.decode import EngineError
 
     if bool(predictors) == bool(mask_file):
         _fail(ValueError("give --predictor (one or more) or --mask-file"))
@@ -321,9 +324,9 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
     """Mean importance of each head on a text, for the static:K predictor."""
     from pathlib import Path
 
-    from . import compare as cmp
-    from .engine import EngineError
-    from .predictors import default_calibration_path
+    from .evaluation import compare as cmp
+    from .engine.decode import EngineError
+    from .predictors.specs import default_calibration_path
 
     try:
         path = resolve_model(model)
@@ -367,8 +370,8 @@ def collect(text_file, out, tokens, sensitivity, seq_len, resume, fill_from, mod
     """Record each layer's attention input and each head's importance, for train-predictor."""
     from pathlib import Path
 
-    from . import collect as col
-    from .engine import EngineError
+    from .training import collect as col
+    from .engine.decode import EngineError
 
     try:
         path = resolve_model(model)
@@ -414,9 +417,9 @@ def prepare(text_file, out, conversations, tokens, seq_len, density, pin_heads, 
     import os
     from pathlib import Path
 
-    from . import prepare as prep
-    from .engine import EngineError
-    from .text import TEXT_ENV
+    from .training import prepare as prep
+    from .engine.decode import EngineError
+    from .engine.text import TEXT_ENV
 
     bars: dict = {}
     try:
@@ -469,7 +472,7 @@ def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no
     """Fit a per-layer linear head predictor (numpy ridge) and write it as a GGUF sidecar."""
     from pathlib import Path
 
-    from . import train as tr
+    from .training import train as tr
 
     try:
         summary = tr.train(Path(data_dir), Path(out), rule, density, value, label=label, layer_budget=0.0 if no_budget else layer_budget, fill=fill,
@@ -496,13 +499,15 @@ def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no
 @click.option("--answer-tokens", type=click.IntRange(2), default=8, show_default=True, help="Tokens of answer decoded.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the keys.")
 @kv_budget_option
+@engine_options()
 @model_option
 @threads_option
 @json_option
-def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, seed, kv_budget, model, threads, as_json) -> None:
+def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, seed, kv_budget, n_gpu_layers, flash_attn,
+           cache_k, cache_v, model, threads, as_json) -> None:
     """Retrieval at long context: exact-match accuracy on a hidden pass key, dense and sparse."""
-    from . import needle as nd
-    from .engine import EngineError
+    from .evaluation import needle as nd
+    from .engine.decode import EngineError
 
     try:
         path = resolve_model(model)
@@ -511,7 +516,8 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
         preds = [_open_predictor(with_budget(sp, kv_budget), path) for sp in predictors]
         lens = _ints(lengths)
         with click.progressbar(length=len(lens) * trials * len(kinds), label="needle trials", file=sys.stderr) as bar:
-            results = nd.run(path, lens, trials, preds, kinds, text, answer_tokens, threads, seed, bar.update)
+            results = nd.run(path, lens, trials, preds, kinds, text, answer_tokens, threads, seed, bar.update,
+                             engine_kw=_engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
@@ -551,8 +557,8 @@ def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samp
     length and predictor, 0-100, and the difference from dense."""
     from pathlib import Path
 
-    from . import ruler
-    from .engine import EngineError
+    from .evaluation import ruler
+    from .engine.decode import EngineError
 
     def emit(doc):
         if as_json:
@@ -611,8 +617,8 @@ def retrieval_heads(distances, steps, sequences, pin_path, top, out, seed, model
     optionally pin them in a trained predictor."""
     from pathlib import Path
 
-    from . import retrieval
-    from .engine import EngineError
+    from .training import retrieval
+    from .engine.decode import EngineError
 
     if (pin_path is None) != (out is None) or (pin_path is not None and top is None):
         _fail(ValueError("--pin PRED.gguf, --top K and --out FILE go together"))
@@ -641,7 +647,7 @@ def stdlib_text(out) -> None:
     modules of this interpreter) to OUT, for `score --text-file`, `needle` and `bench`."""
     from pathlib import Path
 
-    from .text import stdlib_text as make
+    from .engine.text import stdlib_text as make
 
     text, found = make()
     Path(out).write_text(text, encoding="utf-8")
@@ -665,8 +671,8 @@ def corpus(kind, out, text_file, conversations, seed, model, threads) -> None:
     essays (Paul Graham's, RULER's haystack: never mixed into training)."""
     from pathlib import Path
 
-    from . import corpus as cp
-    from .engine import EngineError
+    from .training import corpus as cp
+    from .engine.decode import EngineError
 
     try:
         path = resolve_model(model) if kind == "chat" else None
@@ -692,7 +698,7 @@ def corpus_mix(out, texts, block_chars) -> None:
     has seen every kind, and none of their held-out halves."""
     from pathlib import Path
 
-    from . import corpus as cp
+    from .training import corpus as cp
 
     try:
         named = {}
@@ -721,7 +727,7 @@ def diagnose(predictor_file, data, density, as_json) -> None:
     (`collect --fill-from PREDICTOR_FILE` over a text): regret, density at its threshold, what its fill leaves."""
     from pathlib import Path
 
-    from . import diagnose as dg
+    from .training import diagnose as dg
 
     try:
         reports = [dg.report(Path(predictor_file), Path(d), density) for d in data]
@@ -744,14 +750,14 @@ def serve(model, predictor, density, host, port, kv_budget, n_ctx, n_gpu_layers,
           threads) -> None:
     """OpenAI-compatible server (llama-cpp-python's) with sparse decode: /v1/completions,
     /v1/chat/completions (SSE streaming), /v1/models, /health; a log line per request."""
-    from . import serve as serve_mod
-    from .engine import EngineError
+    from .serving import serve as serve_mod
+    from .engine.decode import EngineError
 
     spec = None if predictor == "none" else predictor
     if density is not None:
         if spec is None or not spec.startswith("trained:"):
             _fail(ValueError("--density goes with a trained:PRED.gguf predictor"))
-        from .predictors import add_option
+        from .predictors.specs import add_option
 
         spec = add_option(spec, f"density={density:g}")
     if kv_budget:
@@ -777,8 +783,8 @@ def serve(model, predictor, density, host, port, kv_budget, n_ctx, n_gpu_layers,
 @json_option
 def bench_serve(model, predictor, text_file, prompt_tokens, gen_tokens, requests, threads, as_json) -> None:
     """End to end through HTTP: dense server against sparse server, long prompts, streamed answers."""
-    from . import bench_serve as bs
-    from .engine import EngineError
+    from .evaluation import bench_serve as bs
+    from .engine.decode import EngineError
 
     try:
         result = bs.run(resolve_model(model), predictor, resolve_text_file(text_file), prompt_tokens, gen_tokens,
@@ -808,7 +814,7 @@ def _window(spec: str) -> tuple[int, int]:
 
 
 def _cache_list(text: str) -> tuple[str, ...]:
-    from .bindings import CACHE_TYPES
+    from .native.bindings import CACHE_TYPES
 
     out = tuple(c for c in text.split(",") if c)
     bad = [c for c in out if c not in CACHE_TYPES]
@@ -861,8 +867,8 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
         click.echo("note: --ctx is now -d/--depth (llama-bench's spelling); --ctx will go", err=True)
         ctxs = old_ctxs
 
-    from . import bench as bench_mod
-    from .engine import EngineError
+    from .evaluation import bench as bench_mod
+    from .engine.decode import EngineError
 
     try:
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
@@ -906,8 +912,8 @@ def show(results) -> None:
     first in its name) print as one matrix of predictors by texts."""
     from pathlib import Path
 
-    from . import bench as bench_mod
-    from . import compare as cmp
+    from .evaluation import bench as bench_mod
+    from .evaluation import compare as cmp
 
     if len(results) > 1:
         runs = []
@@ -927,22 +933,22 @@ def show(results) -> None:
     if isinstance(data, list) and data and "kl_mean" in data[0]:
         click.echo(cmp.format_scores([cmp.ScoreResult(**r) for r in data]))
     elif isinstance(data, list) and data and "haystack" in data[0]:
-        from . import needle as nd
+        from .evaluation import needle as nd
 
         fields = {f.name for f in dataclasses.fields(nd.NeedleResult)}
         click.echo(nd.format_table([nd.NeedleResult(**{k: v for k, v in r.items() if k in fields}) for r in data]))
     elif isinstance(data, dict) and "scores" in data and "distances" in data:
-        from . import retrieval
+        from .training import retrieval
 
         res = retrieval.RetrievalScores(np.array(data["scores"]), data["distances"], data["steps"], data["sequences"])
         click.echo(f"{data.get('model', '')}: " + retrieval.format_top(res)
                    + (f"\npinned in {data['out']}: {data['pinned']}" if data.get("pinned") else ""))
     elif isinstance(data, dict) and data.get("kind") == "ruler":
-        from . import ruler
+        from .evaluation import ruler
 
         click.echo(ruler.format_result(data))
     elif isinstance(data, dict) and "servers" in data:
-        from . import bench_serve as bs
+        from .evaluation import bench_serve as bs
 
         click.echo(bs.format_table(data))
     elif isinstance(data, dict) and "rows" in data:

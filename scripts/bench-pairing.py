@@ -9,9 +9,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from powerinfer_attn import bench
-from powerinfer_attn.engine import Engine
-from powerinfer_attn.model import default_model_path
+from powerinfer_attn.evaluation import bench
+from powerinfer_attn.engine.decode import Engine
+from powerinfer_attn.native.model import default_model_path
 
 STEPS = 12  # timed steps per measurement
 

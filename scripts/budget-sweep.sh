@@ -12,5 +12,5 @@ for a in $BUDGETS; do
 	preds+=(--predictor "trained:$D/pred-budget-$a.gguf:density=0.7")
 done
 "$PIA" score --text-file "$TEXT" --training-articles --windows 8 -t 2 --json \
-	"${preds[@]}" --predictor "oracle:0.8:fill=$D/pred.gguf" > figures/budget-sweep.json
+	"${preds[@]}" --predictor "oracle:0.8:fill-from=$D/pred.gguf" > figures/budget-sweep.json
 "$PIA" show figures/budget-sweep.json

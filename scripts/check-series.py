@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from powerinfer_attn.build import apply_series, read_series  # noqa: E402
+from powerinfer_attn.native.build import apply_series, read_series  # noqa: E402
 
 
 def apply_to(patches_dir: Path, pristine: Path, out: Path) -> set[str]:

@@ -29,7 +29,7 @@ if has texts; then
 	# a text's first part, so this is the held-out WikiText that `diagnose` judges on
 	"$BIN/python" - "$TEXT" "$C/wiki-heldout.txt" <<-'E'
 	import sys
-	from powerinfer_attn.text import split_articles
+	from powerinfer_attn.engine.text import split_articles
 	t = open(sys.argv[1]).read()
 	start = next(s for s, _, _ in split_articles(t) if s >= len(t) // 2)
 	open(sys.argv[2], "w").write(t[start:])
@@ -65,7 +65,7 @@ if has matrix; then
 			n=$(basename "$P" .gguf)
 			"$PIA" score --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t $T --json \
 				--predictor trained:$P:density=0.7 --predictor trained:$P:density=0.5 \
-				--predictor oracle:0.8:fill=$P --predictor oracle:0.6:fill=$P > "$F/$k.$n.json"
+				--predictor oracle:0.8:fill-from=$P --predictor oracle:0.6:fill-from=$P > "$F/$k.$n.json"
 		done
 	done
 	"$PIA" show $(for k in $KINDS; do ls "$F/$k".*.json; done) | tee "$F/matrix.txt"
@@ -76,7 +76,7 @@ if has budget; then
 	for k in ${BUDGET_KINDS:-essays}; do
 		"$PIA" score --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t $T --json \
 			--predictor trained:$D/pred-long.gguf:density=0.7 --predictor trained:$D/pred-long-nobudget.gguf:density=0.7 \
-			--predictor oracle:0.8:fill=$D/pred-long.gguf > "$F/budget-$k.json"
+			--predictor oracle:0.8:fill-from=$D/pred-long.gguf > "$F/budget-$k.json"
 		"$PIA" show "$F/budget-$k.json"
 	done
 fi

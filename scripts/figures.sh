@@ -15,8 +15,8 @@ PRED=$D/pred.gguf PRED_MEAN=$D/pred-mean.gguf PRED_ZERO=$D/pred-zero.gguf PRED_S
 
 "$PIA" score --text-file "$TEXT" --windows 8 -t 2 --json --plot figures/pareto.png \
 	--predictor all --predictor oracle:0.8 --predictor oracle:0.85 --predictor oracle:0.9 \
-	--predictor oracle:0.8:fill=$PRED --predictor oracle:0.85:fill=$PRED \
-	--predictor oracle:0.9:fill=$PRED --predictor oracle:0.85:fill=$PRED_MEAN \
+	--predictor oracle:0.8:fill-from=$PRED --predictor oracle:0.85:fill-from=$PRED \
+	--predictor oracle:0.9:fill-from=$PRED --predictor oracle:0.85:fill-from=$PRED_MEAN \
 	--predictor static:7 --predictor random:7 \
 	--predictor trained:$PRED:density=0.6 --predictor trained:$PRED:density=0.65 \
 	--predictor trained:$PRED:density=0.7 --predictor trained:$PRED:density=0.75 \
@@ -24,7 +24,7 @@ PRED=$D/pred.gguf PRED_MEAN=$D/pred-mean.gguf PRED_ZERO=$D/pred-zero.gguf PRED_S
 	--predictor trained:$PRED_MEAN:density=0.7 --predictor trained:$PRED_ZERO:density=0.7 \
 	--predictor trained:$PRED_SHARE:density=0.7 > figures/score.json
 "$PIA" score --text-file "$TEXT" --windows 32 -t 2 --json \
-	--predictor oracle:0.8:fill=$PRED --predictor trained:$PRED:density=0.65 \
+	--predictor oracle:0.8:fill-from=$PRED --predictor trained:$PRED:density=0.65 \
 	--predictor trained:$PRED:density=0.7 --predictor trained:$PRED_SHARE:density=0.7 \
 	> figures/score-32windows.json
 "$PIA" bench -d 1024,4096,8192 --density 1,0.5,0.25 --reps 20 -t 2 \

@@ -1,5 +1,5 @@
 """How well a linear fill fitted on one kind of text stands in on another, by ridge strength
-(FILL_RIDGE in powerinfer_attn/fill.py). Needs the texts of scripts/domains.sh in vendor/corpus.
+(FILL_RIDGE in powerinfer_attn/predictors/fill.py). Needs the texts of scripts/domains.sh in vendor/corpus.
 For each text, dense runs over TOKENS tokens of its training articles (sequences of 2048)
 accumulate each layer's sums; a fill fitted on some texts is then judged on each by the share
 of the heads' output energy it leaves (sum over heads of |o - fill(x)|^2 over |o|^2, the mean
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from powerinfer_attn.engine import Engine
-from powerinfer_attn.fill import _NAMED, FillFitter
-from powerinfer_attn.model import default_model_path
-from powerinfer_attn.text import text_tokens
+from powerinfer_attn.engine.decode import Engine
+from powerinfer_attn.predictors.fill import _NAMED, FillFitter
+from powerinfer_attn.native.model import default_model_path
+from powerinfer_attn.engine.text import text_tokens
 
 
 class Fitter(FillFitter):

@@ -28,13 +28,13 @@ fi
 
 # quality after 4096 and 8192 tokens, WINDOWS windows x 128 steps of the held-out half
 "$PIA" score --text-file "$TEXT" --prefix 4096,8192 --windows "$WINDOWS" -t 2 --json --plot figures/pareto-long.png \
-	--predictor oracle:0.8:fill=$PRED_LONG \
+	--predictor oracle:0.8:fill-from=$PRED_LONG \
 	--predictor trained:$PRED:density=0.7 \
 	--predictor trained:$PRED_LONG:density=0.6 --predictor trained:$PRED_LONG:density=0.7 \
 	--predictor trained:$PRED_LONG:density=0.7:gain=0 --predictor trained:$PRED_LONG:density=0.8 > figures/score-long.json
 # the same windows with the retrieval heads pinned, beside the oracle at the same density
 "$PIA" score --text-file "$TEXT" --prefix 4096,8192 --windows "$WINDOWS" -t 2 --json \
-	--predictor oracle:0.8:fill=$PRED_LONG --predictor trained:$PRED_PIN:density=0.7 > figures/score-long-pinned.json
+	--predictor oracle:0.8:fill-from=$PRED_LONG --predictor trained:$PRED_PIN:density=0.7 > figures/score-long-pinned.json
 # the fills at long context: linear (the file's own), zero and window fill (4 sinks + 60 recent
 # cells), each at density 0.5 and 0.7; WINDOWS_FILLS windows x 128 steps
 FILLS=()

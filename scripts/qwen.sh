@@ -22,7 +22,7 @@ fi
 
 # quality: 8 windows x 128 steps of the held-out modules after 1024 tokens, and WikiText
 "$PIA" score -m "$M" --text-file "$CODE" --prefix 1024 --windows 8 -t 2 --json --plot figures/qwen-pareto.png \
-	--predictor random:10 --predictor static:10 --predictor oracle:0.8:fill=$Q/pred.gguf \
+	--predictor random:10 --predictor static:10 --predictor oracle:0.8:fill-from=$Q/pred.gguf \
 	--predictor trained:$Q/pred.gguf:density=0.7 --predictor trained:$Q/pred.gguf:density=0.7:fill=zero \
 	> figures/qwen-score-code.json
 "$PIA" score -m "$M" --text-file "$TEXT" --windows 4 -t 2 --json \

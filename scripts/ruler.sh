@@ -25,7 +25,7 @@ fi
 
 "$PIA" eval --tasks "$TASKS" --lengths "$LENGTHS" --samples "$SAMPLES" -t 2 --json \
 	--predictor trained:$PRED_PIN:density=0.7 --predictor trained:$PRED_PIN:density=0.5 \
-	--predictor oracle:0.8:fill=$PRED_PIN \
+	--predictor oracle:0.8:fill-from=$PRED_PIN \
 	--predictor none:fill=window:4+60 > figures/ruler-$TAG.json
 "$PIA" show figures/ruler-$TAG.json
 

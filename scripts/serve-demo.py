@@ -5,8 +5,8 @@ import json
 
 import httpx
 
-from powerinfer_attn.model import default_model_path
-from powerinfer_attn.serve import ServerProcess
+from powerinfer_attn.native.model import default_model_path
+from powerinfer_attn.serving.serve import ServerProcess
 
 srv = ServerProcess(default_model_path(), "--predictor", "all", n_ctx=512, threads=2)
 try:

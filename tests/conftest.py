@@ -2,7 +2,19 @@ import os
 
 import pytest
 
-from powerinfer_attn import build
+from powerinfer_attn.native import build
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers from what a test needs, so ``-m`` selects without a list to keep up to date:
+    ``engine`` for any test that uses the built library (the ``engine_lib`` fixture, directly or
+    through ``model_path``, ``engine``, ``ggml_lib``), ``gpu`` for tests/test_cuda.py. ``timing``
+    is set by hand on the tests whose assertions depend on timings (a loaded machine can fail them)."""
+    for item in items:
+        if "engine_lib" in getattr(item, "fixturenames", ()) or "ggml_lib" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.engine)
+        if item.path.name == "test_cuda.py":
+            item.add_marker(pytest.mark.gpu)
 
 
 def _engine_available() -> str | None:
@@ -30,7 +42,7 @@ def ggml_lib(request):
     """libggml-base/libggml-cpu for the kernel tests: those of the patched package (as
     ``engine_lib``), or the build ``$POWERINFER_ATTN_GGML_LIB_DIR`` names (``make sanitize``),
     which must then be there."""
-    from powerinfer_attn import kernels
+    from powerinfer_attn.native import kernels
 
     if os.environ.get(kernels.LIB_DIR_ENV):
         try:
@@ -43,21 +55,21 @@ def ggml_lib(request):
 
 @pytest.fixture(scope="session")
 def model_path(engine_lib):
-    from powerinfer_attn.model import default_model_path
+    from powerinfer_attn.native.model import default_model_path
 
     return default_model_path()
 
 
 @pytest.fixture(scope="session")
 def f32_model_path(model_path):
-    from powerinfer_attn.model import derived_model_path
+    from powerinfer_attn.native.model import derived_model_path
 
     return derived_model_path("F32", model_path)
 
 
 @pytest.fixture(scope="session")
 def engine(model_path):
-    from powerinfer_attn.engine import Engine
+    from powerinfer_attn.engine.decode import Engine
 
     eng = Engine(model_path, n_ctx=512, n_threads=2)
     yield eng

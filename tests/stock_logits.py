@@ -12,8 +12,8 @@ import numpy as np
 os.environ["POWERINFER_ATTN_ALLOW_STOCK"] = "1"
 sys.path.insert(1, os.path.join(os.path.dirname(__file__), ".."))
 
-from powerinfer_attn.build import PATCH_SYMBOL  # noqa: E402
-from powerinfer_attn.engine import Engine  # noqa: E402
+from powerinfer_attn.native.build import PATCH_SYMBOL  # noqa: E402
+from powerinfer_attn.engine.decode import Engine  # noqa: E402
 
 
 def main():

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from test_faults import half_masks, oracle_logits, write_tiny_llama
 
-from powerinfer_attn import bindings
-from powerinfer_attn.bindings import OP_KQV, OP_WO, OP_WQ
-from powerinfer_attn.engine import Engine, EngineError
+from powerinfer_attn.native import bindings
+from powerinfer_attn.native.bindings import OP_KQV, OP_WO, OP_WQ
+from powerinfer_attn.engine.decode import Engine, EngineError
 
 ARCHS = ("llama", "qwen2", "qwen3")
 # (n_head, n_head_kv, head width): MHA, GQA groups of 4 and 2 at width 64; GQA 4 and MHA at 128
@@ -24,7 +24,7 @@ FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q8_0": 7, "Q4_K"
 STEPS, PROMPT = 6, 5
 
 # the dense fallbacks are what some cases check; their warning is expected
-pytestmark = pytest.mark.filterwarnings("ignore::powerinfer_attn.engine.SparseFallbackWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::powerinfer_attn.engine.decode.SparseFallbackWarning")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_quantized_k_cache_without_flash_attention(tiny_models):
 def test_graph_names_what_collect_records(tiny_models, arch):
     """Every supported architecture names attn_norm, kqv_out, attn_out and ffn_inp per layer:
     `collect` (predictor training data) reads them through the eval callback."""
-    from powerinfer_attn.engine import TensorHook
+    from powerinfer_attn.engine.decode import TensorHook
 
     class Names(TensorHook):
         seen: set = set()

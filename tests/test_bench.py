@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from powerinfer_attn import bench, profile
-from powerinfer_attn.engine import Engine
+from powerinfer_attn.evaluation import bench
+from powerinfer_attn.evaluation import profile
+from powerinfer_attn.engine.decode import Engine
 
 
 def test_part_of_names():
@@ -30,6 +31,7 @@ def test_amdahl_limit():
     assert profile.amdahl_limit(0.75, 0.5) == pytest.approx(1 / (0.25 + 0.375))
 
 
+@pytest.mark.timing
 def test_profile_accounts_for_the_step(model_path):
     timer = profile.NodeTimer()
     with Engine(model_path, n_ctx=320, n_threads=2, tensor_hook=timer) as eng:
@@ -58,6 +60,7 @@ def test_profile_accounts_for_the_step(model_path):
             assert p["parts_ms"][part] > 0.0, (p is sparse, part, p["parts_ms"])
 
 
+@pytest.mark.timing
 def test_run_reports_ratios_limits_and_plot(model_path, tmp_path):
     res = bench.run(model_path, [64], [1.0, 0.5], threads=2, reps=3, flash_attn="off", progress=lambda m: None)
     json.dumps(res)  # JSON-ready

@@ -7,8 +7,9 @@ test_budget_kernels.py."""
 import numpy as np
 import pytest
 
-from powerinfer_attn.engine import Engine, EngineError
-from powerinfer_attn.predictors import KVBudget, get_predictor
+from powerinfer_attn.engine.decode import Engine, EngineError
+from powerinfer_attn.predictors.wrappers import KVBudget
+from powerinfer_attn.predictors.specs import get_predictor
 
 from test_engine import random_masks, rel_diff, teacher_forced_logits
 

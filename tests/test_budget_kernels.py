@@ -8,7 +8,7 @@ when every visible page is selected."""
 import numpy as np
 import pytest
 
-from powerinfer_attn import kernels
+from powerinfer_attn.native import kernels
 
 pytestmark = pytest.mark.usefixtures("ggml_lib")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from powerinfer_attn import build
-from powerinfer_attn.build import BuildError, HashMismatch, PatchError
+from powerinfer_attn.native import build
+from powerinfer_attn.native.build import BuildError, HashMismatch, PatchError
 
 
 def make_patch(tmp: Path, rel: str, before, after, header: str = "") -> str:

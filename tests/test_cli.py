@@ -31,7 +31,7 @@ def test_generate_old_ctx_names_the_new_flag():
 
 def test_flash_attn_bare_is_on_and_takes_on_off(monkeypatch):
     """-fa on|off, and a bare --flash-attn (the old switch) still means on; what reaches the engine."""
-    import powerinfer_attn.compare as cmp
+    import powerinfer_attn.evaluation.compare as cmp
 
     seen = []
 
@@ -51,7 +51,7 @@ def test_flash_attn_bare_is_on_and_takes_on_off(monkeypatch):
 
 
 def test_bench_depth_and_the_old_ctx_spelling(monkeypatch):
-    import powerinfer_attn.bench as bench_mod
+    import powerinfer_attn.evaluation.bench as bench_mod
 
     got = []
     monkeypatch.setattr(bench_mod, "run", lambda model, ctxs, *a, **k: got.append(ctxs) or (_ for _ in ()).throw(ValueError("stop")))

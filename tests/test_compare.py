@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from powerinfer_attn import compare as cmp
-from powerinfer_attn import predictor_file
-from powerinfer_attn.predictors import get_predictor
-from powerinfer_attn.text import TEXT_ENV, resolve_text_file, text_tokens
+from powerinfer_attn.evaluation import compare as cmp
+from powerinfer_attn.predictors import predictor_file
+from powerinfer_attn.predictors.specs import get_predictor
+from powerinfer_attn.engine.text import TEXT_ENV, resolve_text_file, text_tokens
 
 TEXT = (
     "The Tiber is the third longest river in Italy. It rises in the Apennine Mountains in Emilia-Romagna "
@@ -73,7 +73,7 @@ def test_score_orders_oracle_static_random(model_path, text_file, tmp_path):
 
 
 def test_score_on_training_articles(model_path, text_file, tmp_path):
-    from powerinfer_attn.engine import Engine
+    from powerinfer_attn.engine.decode import Engine
 
     train_part = " = Tiber = \n" + TEXT + "\n"
     text = train_part + " = Other = \n" + "Completely different words about a cat and a dog. " * 60
@@ -89,8 +89,8 @@ def test_score_on_training_articles(model_path, text_file, tmp_path):
 
 
 def test_contribution_moments(model_path):
-    from powerinfer_attn.engine import Engine
-    from powerinfer_attn.importance import HeadContributions
+    from powerinfer_attn.engine.decode import Engine
+    from powerinfer_attn.predictors.importance import HeadContributions
 
     plain = HeadContributions(model_path, 30, 9)
     with pytest.raises(ValueError, match="moments"):
@@ -110,7 +110,7 @@ def test_contribution_moments(model_path):
     assert (expl <= 1 + 1e-6).all() and expl.min() < 0.9  # Jensen, and some heads do vary
     assert 0 < hook.mean_explained_overall() < 1
     # deviation from a head's mean: none for the token the mean was taken from, the plain norm around zero
-    from powerinfer_attn.fill import HeadFill
+    from powerinfer_attn.predictors.fill import HeadFill
 
     centered = HeadContributions(model_path, 30, 9, fill=HeadFill(mean_post=one_token_mean))
     around_zero = HeadContributions(model_path, 30, 9, fill=HeadFill(mean_post=np.zeros_like(one_token_mean)))
@@ -128,9 +128,9 @@ def test_oracle_full_mass_keeps_every_head(model_path, text_file):
 
 
 def test_oracle_with_fills(model_path, text_file, tmp_path):
-    """oracle:P:fill=F runs with F's fill on and ranks heads by their deviation from that fill."""
-    from powerinfer_attn import collect
-    from powerinfer_attn.engine import Engine
+    """oracle:P:fill-from=F runs with F's fill on and ranks heads by their deviation from that fill."""
+    from powerinfer_attn.training import collect
+    from powerinfer_attn.engine.decode import Engine
 
     with Engine(model_path, n_ctx=200, n_threads=1) as eng:
         toks = text_tokens(eng, text_file)
@@ -142,20 +142,23 @@ def test_oracle_with_fills(model_path, text_file, tmp_path):
                           means=[m.T for m in fill.mean_post])
     predictor_file.write_predictor(tmp_path / "l.gguf", zeros, zb, model_path.name, "threshold", 0.0, {},
                           linear=(fill.w, fill.b))
-    mean, linear, plain = run_score(model_path, text_file, f"oracle:0.8:fill={tmp_path / 'm.gguf'}",
-                                    f"oracle:0.8:fill={tmp_path / 'l.gguf'}", "oracle:0.8")
+    mean, linear, plain = run_score(model_path, text_file, f"oracle:0.8:fill-from={tmp_path / 'm.gguf'}",
+                                    f"oracle:0.8:fill-from={tmp_path / 'l.gguf'}", "oracle:0.8")
     assert (mean.predictor, linear.predictor, plain.predictor) == ("oracle:0.8+mean", "oracle:0.8+linear", "oracle:0.8")
     for r in (mean, linear):
         assert 0 < r.density < 1 and np.isfinite(r.kl_mean) and r.kl_mean != plain.kl_mean
-    with pytest.raises(ValueError, match="fill=PRED.gguf"):
+    with pytest.raises(ValueError, match="fill-from=PRED.gguf"):
         get_predictor("oracle:0.8:means=x.gguf", model_path)
+    # the spelling before the rename is refused with the new one named
+    with pytest.raises(ValueError, match="the oracle's fill file is fill-from=PRED.gguf"):
+        get_predictor(f"oracle:0.8:fill={tmp_path / 'l.gguf'}", model_path)
     predictor_file.write_predictor(tmp_path / "plain.gguf", zeros, zb, model_path.name, "threshold", 0.0, {})
     with pytest.raises(ValueError, match="holds no fill"):
-        get_predictor(f"oracle:0.8:fill={tmp_path / 'plain.gguf'}", model_path)
+        get_predictor(f"oracle:0.8:fill-from={tmp_path / 'plain.gguf'}", model_path)
 
 
 def test_static_refuses_other_model(model_path, f32_model_path, text_file, tmp_path):
-    from powerinfer_attn.engine import open_engine
+    from powerinfer_attn.engine.decode import open_engine
 
     calib = tmp_path / "calib.json"
     cmp.calibrate(model_path, text_file, calib, tokens=128, batch=128, threads=2)

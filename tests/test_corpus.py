@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from powerinfer_attn import corpus, diagnose, predictor_file
-from powerinfer_attn.engine import Engine
-from powerinfer_attn.fill import HeadFill
-from powerinfer_attn.text import split_articles, text_tokens, training_articles
+from powerinfer_attn.training import corpus
+from powerinfer_attn.training import diagnose
+from powerinfer_attn.predictors import predictor_file
+from powerinfer_attn.engine.decode import Engine
+from powerinfer_attn.predictors.fill import HeadFill
+from powerinfer_attn.engine.text import split_articles, text_tokens, training_articles
 
 # --- pure Python ---------------------------------------------------------------------
 
@@ -143,8 +145,9 @@ def test_text_files_parse_the_chat_templates_control_tokens(model_path, tmp_path
 def test_prepare_makes_a_predictor_that_trained_finds_and_resumes(model_path, tmp_path, monkeypatch):
     """prepare end to end on a tiny budget: texts, mix, collect, train, pin; stored where
     `--predictor trained` looks; a second run redoes nothing."""
-    from powerinfer_attn import predictor_file, prepare
-    from powerinfer_attn.predictors import get_predictor, prepared_predictor_path
+    from powerinfer_attn.predictors import predictor_file
+    from powerinfer_attn.training import prepare
+    from powerinfer_attn.predictors.specs import get_predictor, prepared_predictor_path
 
     monkeypatch.setenv("POWERINFER_ATTN_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="prepare"):

@@ -21,10 +21,11 @@ from test_architectures import ARCHS, PROMPT, SHAPES, STEPS, _rel, _tokens, spar
 from test_faults import half_masks, oracle_logits
 from test_predictor import _Graph, _random_predictor
 
-from powerinfer_attn import build, train
-from powerinfer_attn.bindings import OP_KQV, OP_ON_DEVICE, OP_PREDICTOR_ON_DEVICE
-from powerinfer_attn.engine import Engine, SparseFallbackWarning
-from powerinfer_attn.reference import _KQV_OUT, WindowedHeads
+from powerinfer_attn.native import build
+from powerinfer_attn.training import train
+from powerinfer_attn.native.bindings import OP_KQV, OP_ON_DEVICE, OP_PREDICTOR_ON_DEVICE
+from powerinfer_attn.engine.decode import Engine, SparseFallbackWarning
+from powerinfer_attn.engine.reference import _KQV_OUT, WindowedHeads
 
 
 def _has_cuda() -> bool:
@@ -36,7 +37,7 @@ def _has_cuda() -> bool:
 
 pytestmark = [
     pytest.mark.skipif(not _has_cuda(), reason="no CUDA backend in the installed library (powerinfer-attn build --cuda)"),
-    pytest.mark.filterwarnings("ignore::powerinfer_attn.engine.SparseFallbackWarning"),
+    pytest.mark.filterwarnings("ignore::powerinfer_attn.engine.decode.SparseFallbackWarning"),
 ]
 
 GPU = dict(n_gpu_layers=99, flash_attn=True)

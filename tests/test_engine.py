@@ -4,10 +4,11 @@ oracle (all heads: the dense tokens; a mask: dense attention with those heads ze
 import numpy as np
 import pytest
 
-from powerinfer_attn import predictor_file
-from powerinfer_attn.engine import Engine, EngineError
-from powerinfer_attn.predictors import AllHeads, MaskFile, get_predictor
-from powerinfer_attn.reference import FilledHeads, LinearFilledHeads, ZeroedHeads
+from powerinfer_attn.predictors import predictor_file
+from powerinfer_attn.engine.decode import Engine, EngineError
+from powerinfer_attn.predictors.basic import AllHeads, MaskFile
+from powerinfer_attn.predictors.specs import get_predictor
+from powerinfer_attn.engine.reference import FilledHeads, LinearFilledHeads, ZeroedHeads
 
 PROMPT = "The history of the Roman Empire begins with"
 N_STEPS = 24
@@ -115,7 +116,7 @@ def test_masked_sparse_matches_zeroed_dense_f32(f32_model_path, seed, density):
 def test_mean_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, density):
     """Mean fill adds, after wo, mean [n_head, n_embd] x (1 - mask): the same as dense decode
     whose inactive heads output the vector m_h whose image through wo is that mean."""
-    from powerinfer_attn.importance import load_wo
+    from powerinfer_attn.predictors.importance import load_wo
 
     rng = np.random.default_rng(seed)
     with Engine(f32_model_path, n_ctx=512, n_threads=2) as eng:
@@ -149,7 +150,7 @@ def test_mean_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, dens
 def test_linear_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, density):
     """Linear fill puts w x + b (x: the layer's attn_norm output) in the skipped heads' outputs
     before a dense wo: the same as dense decode whose inactive heads output that."""
-    from powerinfer_attn.fill import HeadFill
+    from powerinfer_attn.predictors.fill import HeadFill
 
     rng = np.random.default_rng(seed)
     with Engine(f32_model_path, n_ctx=512, n_threads=2) as eng:
@@ -178,7 +179,7 @@ def test_linear_fill_matches_filled_dense_f32(tmp_path, f32_model_path, seed, de
 
 
 def test_mean_fill_errors(tmp_path, model_path, engine):
-    from powerinfer_attn.engine import EngineError
+    from powerinfer_attn.engine.decode import EngineError
 
     with Engine(model_path, n_ctx=64, n_threads=1) as eng:
         with pytest.raises(EngineError, match="needs a head predictor"):
@@ -344,7 +345,7 @@ def test_load_state_refuses_what_does_not_fit(engine, model_path):
 
 
 def test_generate_streams_and_samples(engine):
-    from powerinfer_attn.sampling import Sampler
+    from powerinfer_attn.engine.sampling import Sampler
 
     seen = []
     g = engine.generate("The capital of France is", 8, on_token=seen.append)

@@ -7,7 +7,7 @@ pass (33 runs the row kernel), K/V in blocks per KV head and in the cache's rows
 import numpy as np
 import pytest
 
-from powerinfer_attn import kernels
+from powerinfer_attn.native import kernels
 
 pytestmark = pytest.mark.usefixtures("ggml_lib")
 

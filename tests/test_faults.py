@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from test_engine import ORACLE_TEXT, PROMPT, rel_diff, teacher_forced_logits
 
-from powerinfer_attn.engine import (
+from powerinfer_attn.engine.decode import (
     Engine,
     EngineError,
     SparseFallbackWarning,
     TensorHook,
 )
-from powerinfer_attn.predictors import AllHeads
-from powerinfer_attn.reference import ZeroedHeads
+from powerinfer_attn.predictors.basic import AllHeads
+from powerinfer_attn.engine.reference import ZeroedHeads
 
 # --- helpers ------------------------------------------------------------------
 
@@ -42,7 +42,7 @@ def run_isolated(code: str, *args, timeout: int = 300) -> list[dict]:
 LOAD_EACH = """
 import json, sys
 import numpy as np
-from powerinfer_attn.engine import Engine, EngineError
+from powerinfer_attn.engine.decode import Engine, EngineError
 for path in sys.argv[1:]:
     try:
         with Engine(path, n_ctx=256, n_threads=1) as e:
@@ -62,7 +62,7 @@ def write_tiny_llama(path, arch="llama", n_head=4, n_head_kv=2, head_dim=64, n_l
     No tokenizer ("no_vocab"): decode it from token ids."""
     import gguf
 
-    from powerinfer_attn import kernels
+    from powerinfer_attn.native import kernels
 
     types = types or {}
     rng = np.random.default_rng(seed)
@@ -264,7 +264,7 @@ def test_other_architecture_is_refused_cleanly(tiny_dir):
     (res,) = run_isolated("""
         import ctypes, json, sys
         import numpy as np
-        from powerinfer_attn.engine import Engine, EngineError
+        from powerinfer_attn.engine.decode import Engine, EngineError
         out = {}
         with Engine(sys.argv[1], n_ctx=64, n_threads=1) as e:
             out["dense_ok"] = bool(np.isfinite(e.prefill([1, 2, 3])).all() and np.isfinite(e.step(4)).all())
@@ -326,7 +326,7 @@ def test_unservable_wo_falls_back_to_dense_with_a_warning(tiny_dir, wo_type, hea
 def test_repacked_weights_fall_back_with_a_warning(model_path):
     """Q4_0 weights that the CPU backend repacks (on AVX2 and others) are read by the dense op
     only; without repacking the same model runs fully sparse."""
-    from powerinfer_attn.model import derived_model_path
+    from powerinfer_attn.native.model import derived_model_path
 
     path = derived_model_path("Q4_0", model_path)
     with Engine(path, n_ctx=256, n_threads=2, repack=False) as eng:

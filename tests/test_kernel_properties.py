@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_kernels import WEIGHT_TYPES, tolerance
 
-from powerinfer_attn import kernels
+from powerinfer_attn.native import kernels
 
 pytestmark = pytest.mark.usefixtures("ggml_lib")
 

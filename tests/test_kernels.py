@@ -5,7 +5,7 @@ float64 and zeroes what inactive heads produce."""
 import numpy as np
 import pytest
 
-from powerinfer_attn import kernels
+from powerinfer_attn.native import kernels
 
 pytestmark = pytest.mark.usefixtures("ggml_lib")
 
@@ -215,7 +215,7 @@ def test_cols_alignment_rule(type_name, hd, ok):
 def test_head_select_rules_match_numpy(rule, value):
     """Each rule against train.select, with ties (the lower index ranks first), all-negative
     logits (mass keeps only the top head), and the counters carried over 2**32."""
-    from powerinfer_attn.train import select
+    from powerinfer_attn.training.train import select
 
     rng = np.random.default_rng(3)
     cases = [rng.normal(size=n).astype(np.float32) for n in (1, 7, 32, 40)]
@@ -232,7 +232,7 @@ def test_head_select_rules_match_numpy(rule, value):
 def test_head_select_density_controller():
     """Threshold with a gain: the mask at value + offset, then offset += gain * (kept/n - target[il])
     in float32, layer after layer."""
-    from powerinfer_attn.train import select
+    from powerinfer_attn.training.train import select
 
     rng = np.random.default_rng(5)
     targets = np.array([0.25, 0.75, 0.5], np.float32)

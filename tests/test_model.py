@@ -4,8 +4,8 @@ import zipfile
 
 import pytest
 
-from powerinfer_attn import model
-from powerinfer_attn.build import HashMismatch
+from powerinfer_attn.native import model
+from powerinfer_attn.native.build import HashMismatch
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):

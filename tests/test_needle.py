@@ -2,8 +2,8 @@
 
 import pytest
 
-from powerinfer_attn import needle
-from powerinfer_attn.predictors import get_predictor
+from powerinfer_attn.evaluation import needle
+from powerinfer_attn.predictors.specs import get_predictor
 
 
 def _tok(s):

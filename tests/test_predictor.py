@@ -8,11 +8,15 @@ import warnings
 import numpy as np
 import pytest
 
-from powerinfer_attn import collect, compare, predictor_file, train
-from powerinfer_attn.engine import Engine, EngineError, TensorHook
-from powerinfer_attn.importance import mass_mask, topk_mask
-from powerinfer_attn.predictors import TrainedHeads, get_predictor
-from powerinfer_attn.text import split_articles, training_articles
+from powerinfer_attn.training import collect
+from powerinfer_attn.evaluation import compare
+from powerinfer_attn.predictors import predictor_file
+from powerinfer_attn.training import train
+from powerinfer_attn.engine.decode import Engine, EngineError, TensorHook
+from powerinfer_attn.predictors.importance import mass_mask, topk_mask
+from powerinfer_attn.predictors.trained import TrainedHeads
+from powerinfer_attn.predictors.specs import get_predictor
+from powerinfer_attn.engine.text import split_articles, training_articles
 
 # --- pure Python ---------------------------------------------------------------------
 
@@ -61,7 +65,7 @@ def _fake_data(dirpath, n_layer=2, n_head=3, n_embd=8, chunks=6, batch=64, seed=
             np.save(dirpath / f"dev-mean-{c:05d}.npy", np.exp(-wx * 0.5).astype(np.float32))
             np.save(dirpath / f"dev-linear-{c:05d}.npy", np.exp(wx * 0.25).astype(np.float32))
     if means:
-        from powerinfer_attn.fill import HeadFill
+        from powerinfer_attn.predictors.fill import HeadFill
 
         d = 4
         HeadFill(mean_post=rng.normal(size=(n_layer, n_head, n_embd)).astype(np.float32),
@@ -109,7 +113,7 @@ def test_density_spec_uses_the_held_out_table(tmp_path):
 
 
 def test_bench_times_the_trained_predictor(tmp_path, model_path, engine):
-    from powerinfer_attn import bench
+    from powerinfer_attn.evaluation import bench
 
     _random_predictor(tmp_path / "p.gguf", model_path, engine, value=0.5)
     res = bench.run(model_path, [64], [1.0], threads=2, reps=3, flash_attn="off", profile=False,
@@ -124,7 +128,7 @@ def test_bench_times_the_trained_predictor(tmp_path, model_path, engine):
 
 def test_bench_engine_runs_the_predictors_fill(tmp_path, model_path, engine):
     """bench times the trained predictor with the fill its file holds, not without it."""
-    from powerinfer_attn import bench
+    from powerinfer_attn.evaluation import bench
 
     L, H, E = engine.n_layer, engine.n_head, engine.n_embd
     rng = np.random.default_rng(0)
@@ -147,7 +151,7 @@ def test_bench_engine_runs_the_predictors_fill(tmp_path, model_path, engine):
 
 @pytest.mark.parametrize("fill", ["linear", "mean"])
 def test_fill_training_uses_deviations_and_stores_the_fill(tmp_path, fill):
-    from powerinfer_attn.fill import HeadFill
+    from powerinfer_attn.predictors.fill import HeadFill
 
     _fake_data(tmp_path, means=True)
     out = tmp_path / "p.gguf"
@@ -364,7 +368,7 @@ def test_restart_starts_density_control_anew(tmp_path, model_path):
 def test_density_rule_sets_control_targets(tmp_path):
     """train records what each layer keeps at every density of its grid; trained:...:density=D
     turns density control on with those targets (gain=0: the fixed held-out threshold)."""
-    from powerinfer_attn.predictors import DENSITY_GAIN
+    from powerinfer_attn.predictors.trained import DENSITY_GAIN
 
     _fake_data(tmp_path)
     s = train.train(tmp_path, tmp_path / "p.gguf", density=0.5)
@@ -387,7 +391,7 @@ def test_in_graph_predictor_with_every_head_gives_dense_tokens(tmp_path, model_p
     pred = get_predictor(f"trained:{tmp_path / 'p.gguf'}", model_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from powerinfer_attn.engine import open_engine
+        from powerinfer_attn.engine.decode import open_engine
 
         with open_engine(model_path, pred, n_ctx=engine.n_ctx, n_threads=2) as eng:
             gen = eng.generate("Once upon a time", 16, predictor=pred, stop_at_eog=False)
@@ -397,7 +401,7 @@ def test_in_graph_predictor_with_every_head_gives_dense_tokens(tmp_path, model_p
 
 def test_in_graph_masks_match_python_masks(tmp_path, model_path):
     """The same masks set from Python give the same logits: the in-graph mask is really used."""
-    from powerinfer_attn.engine import open_engine
+    from powerinfer_attn.engine.decode import open_engine
 
     with Engine(model_path, n_ctx=32, n_threads=1) as probe:
         _random_predictor(tmp_path / "p.gguf", model_path, probe, value=0.5)
@@ -459,7 +463,7 @@ def test_collect_records_shapes_and_keeps_to_training_articles(tmp_path, model_p
         assert x.shape == (meta["tokens"], eng.n_embd) and imp.shape == (meta["tokens"], eng.n_head)
     assert resid.shape == (meta["tokens"],) and (resid > 0).all() and (imp > 0).all()
     # the fills' data: the fills, and deviations from them that differ from the raw importance
-    from powerinfer_attn.fill import HeadFill
+    from powerinfer_attn.predictors.fill import HeadFill
 
     for kind in ("mean", "linear"):
         _, dev, _ = collect.load_layer(tmp_path / "d", 3, kind)
@@ -591,7 +595,7 @@ def test_level_label_is_log_importance_less_the_layers_mean_log_total():
 
 
 def test_pareto_plot(tmp_path):
-    from powerinfer_attn import compare
+    from powerinfer_attn.evaluation import compare
 
     res = [{"predictor": p, "density": d, "ppl_dense": 10.0, "ppl_sparse": q}
            for p, d, q in [("trained:p.gguf:density=0.6", 0.6, 12.0), ("trained:p.gguf", 0.7, 11.0),

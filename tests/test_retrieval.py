@@ -5,8 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from powerinfer_attn import predictor_file, retrieval
-from powerinfer_attn.engine import Engine, TensorHook
+from powerinfer_attn.predictors import predictor_file
+from powerinfer_attn.training import retrieval
+from powerinfer_attn.engine.decode import Engine, TensorHook
 
 
 def test_scores_single_out_a_few_copying_heads(model_path):

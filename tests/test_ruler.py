@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from powerinfer_attn import ruler
-from powerinfer_attn.predictors import NoHeads, WindowFill, get_predictor
+from powerinfer_attn.evaluation import ruler
+from powerinfer_attn.predictors.basic import NoHeads
+from powerinfer_attn.predictors.wrappers import WindowFill
+from powerinfer_attn.predictors.specs import get_predictor
 
 
 def _doc(rows_scores):
@@ -79,7 +81,7 @@ def test_tokenizer_dir_gives_llama_cpp_token_ids(model_path, engine):
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from powerinfer_attn.lm_eval_offline import tokenizer_dir
+    from powerinfer_attn.evaluation.lm_eval_offline import tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(model_path)))
     text = ("The quick brown fox, 12345 and 3.14159; don't I'LL go?\n\n  tabs\t\there   spaces\n"

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from powerinfer_attn.bench import heads_for_density
-from powerinfer_attn.importance import mass_mask, topk_mask
-from powerinfer_attn.text import log_softmax, window_starts
+from powerinfer_attn.evaluation.bench import heads_for_density
+from powerinfer_attn.predictors.importance import mass_mask, topk_mask
+from powerinfer_attn.engine.text import log_softmax, window_starts
 
 
 def test_mass_mask_keeps_fewest_heads_covering_fraction():
@@ -72,14 +72,14 @@ def test_log_softmax():
 
 
 def test_stdlib_text_is_fixed_code():
-    from powerinfer_attn.text import STDLIB_MODULES, stdlib_text
+    from powerinfer_attn.engine.text import STDLIB_MODULES, stdlib_text
 
     text, found = stdlib_text()
     assert found == [m for m in STDLIB_MODULES if m in found] and len(found) >= 20
     assert text.startswith(f"# ---- {found[0]}.py\n") and "def " in text and len(text) > 500_000
     assert stdlib_text(("argparse", "no_such_module"))[1] == ["argparse"]
     # split by module, as WikiText is split by article
-    from powerinfer_attn.text import split_articles, training_articles
+    from powerinfer_attn.engine.text import split_articles, training_articles
 
     arts = split_articles(text)
     assert [a[2] for a in arts] == [f"{m}.py" for m in found] and arts[0][0] == 0 and arts[-1][1] == len(text)
@@ -90,7 +90,7 @@ def test_stdlib_text_is_fixed_code():
 
 
 def test_sampler():
-    from powerinfer_attn.sampling import Sampler
+    from powerinfer_attn.engine.sampling import Sampler
 
     logits = np.array([0.0, 3.0, 2.9, -1.0, 2.0])
     assert Sampler()(logits) == 1  # temperature 0: greedy

@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
-from powerinfer_attn import predictor_file
-from powerinfer_attn.serve import ServerProcess
+from powerinfer_attn.predictors import predictor_file
+from powerinfer_attn.serving.serve import ServerProcess
 
 PROMPTS = ["The capital of France is", "Once upon a time, a small", "The river Tiber flows",
            "In 1492, Columbus", "A good recipe for bread", "The first law of motion",
@@ -78,7 +78,7 @@ def test_all_heads_server_is_dense_and_keeps_serving(model_path, dense_texts):
 
 
 def test_trained_predictor_server_and_concurrent_clients(model_path, dense_texts, tmp_path):
-    from powerinfer_attn.engine import Engine
+    from powerinfer_attn.engine.decode import Engine
 
     with Engine(model_path, n_ctx=32, n_threads=1) as e:
         L, H, E = e.n_layer, e.n_head, e.n_embd
@@ -122,7 +122,7 @@ def test_density_needs_a_trained_predictor(model_path):
 def test_bench_serve_end_to_end(model_path, tmp_path):
     """A small run of bench-serve: both servers answer every request, the dense one at density 1,
     the sparse one (all heads) at 1 too, with the table printed."""
-    from powerinfer_attn import bench_serve
+    from powerinfer_attn.evaluation import bench_serve
 
     text = tmp_path / "t.txt"
     text.write_text("The river flows through the valley and reaches the sea after many miles. " * 300)

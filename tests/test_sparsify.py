@@ -6,7 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from powerinfer_attn import predictor_file, sparsify
+from powerinfer_attn.predictors import predictor_file
+from powerinfer_attn.serving import sparsify
 
 PROMPT = "The history of the Roman Empire begins with"
 
@@ -90,6 +91,6 @@ def test_window_fill_through_llama(llm, tmp_path):
 
 
 def test_refuses_per_step_python_predictors(llm):
-    with pytest.raises(ValueError, match="needs powerinfer_attn.engine.Engine"):
+    with pytest.raises(ValueError, match="needs powerinfer_attn.engine.decode.Engine"):
         sparsify.sparsify(llm, "random:3")
     assert sparsify.predictor_name(llm) is None

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from powerinfer_attn import build
+from powerinfer_attn.native import build
 
 HERE = Path(__file__).parent
 
@@ -27,7 +27,7 @@ def stock_site(engine_lib):
 
 @pytest.mark.parametrize("which", ["default", "f32"])
 def test_sparse_off_equals_stock(stock_site, engine, model_path, f32_model_path, tmp_path, which):
-    from powerinfer_attn.engine import Engine
+    from powerinfer_attn.engine.decode import Engine
 
     path = model_path if which == "default" else f32_model_path
     toks = engine.tokenize("Stock and patched builds must agree on every logit of this sentence.")

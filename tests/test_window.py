@@ -6,9 +6,10 @@ kernels' own tests are in test_window_kernels.py."""
 import numpy as np
 import pytest
 
-from powerinfer_attn.engine import Engine
-from powerinfer_attn.predictors import WindowFill, get_predictor
-from powerinfer_attn.reference import WindowedHeads
+from powerinfer_attn.engine.decode import Engine
+from powerinfer_attn.predictors.wrappers import WindowFill
+from powerinfer_attn.predictors.specs import get_predictor
+from powerinfer_attn.engine.reference import WindowedHeads
 
 from test_engine import ORACLE_TEXT, random_masks, rel_diff, teacher_forced_logits
 from test_faults import oracle_logits
@@ -51,7 +52,7 @@ def test_window_fill_errors_and_specs(model_path, tmp_path):
     assert isinstance(p, WindowFill) and p.name == "random:3+window:4+60"
     p = get_predictor("oracle:0.8:fill=window:0+16", model_path)
     assert p.name == "oracle:0.8+window:0+16" and p.hook is p.inner.hook
-    from powerinfer_attn.predictors import add_option
+    from powerinfer_attn.predictors.specs import add_option
 
     assert add_option("trained:p.gguf:fill=window:4+60", "density=0.7") == "trained:p.gguf:density=0.7:fill=window:4+60"
     assert add_option("trained:p.gguf", "density=0.7") == "trained:p.gguf:density=0.7"
@@ -75,7 +76,7 @@ def test_window_fill_generates_with_a_predictor(engine):
 
 def test_bench_times_window_fill(model_path):
     """bench --window: the fixed-density rows run with window fill, and say so."""
-    from powerinfer_attn import bench
+    from powerinfer_attn.evaluation import bench
 
     res = bench.run(model_path, [300], [0.5], threads=2, reps=3, flash_attn="on", profile=False,
                     caches=("f16",), window=(4, 16), progress=lambda m: None)

@@ -6,7 +6,7 @@ cache view's padding and a hole."""
 import numpy as np
 import pytest
 
-from powerinfer_attn import kernels
+from powerinfer_attn.native import kernels
 
 pytestmark = pytest.mark.usefixtures("ggml_lib")
 

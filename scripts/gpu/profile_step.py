@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import torch
 from torch.profiler import profile, ProfilerActivity
-from powerinfer_attn.engine import Engine
-from powerinfer_attn.bench import _timed_step, heads_for_density
+from powerinfer_attn.engine.decode import Engine
+from powerinfer_attn.evaluation.bench import _timed_step, heads_for_density
 
 m, ctx = sys.argv[1], int(sys.argv[2])
 toks = [int(t) for t in np.random.default_rng(0).integers(100, 30000, ctx + 1)]

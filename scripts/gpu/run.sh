@@ -33,7 +33,7 @@ build() {
 	(cd .gpu/new/src && find . -type f) | while read -r f; do
 		cmp -s ".gpu/new/src/$f" ".gpu/src/$f" || { mkdir -p ".gpu/src/$(dirname "$f")"; cp ".gpu/new/src/$f" ".gpu/src/$f"; }
 	done
-	args=$($PY -c "from powerinfer_attn.build import cmake_args_from_env; print(' '.join(cmake_args_from_env(True)))")
+	args=$($PY -c "from powerinfer_attn.native.build import cmake_args_from_env; print(' '.join(cmake_args_from_env(True)))")
 	CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $PY -m pip install -q --no-build-isolation --no-deps --upgrade \
 		--target .gpu/site -C build-dir="$PWD/.gpu/build" ./.gpu/src
 	$PY -c "from powerinfer_attn import build; print(build.check())"

@@ -4,8 +4,8 @@ import sys
 
 import numpy as np
 
-from powerinfer_attn.bench import _timed_step
-from powerinfer_attn.engine import Engine
+from powerinfer_attn.evaluation.bench import _timed_step
+from powerinfer_attn.engine.decode import Engine
 
 
 def timed(e, tok, n_past, n=20):

@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGUFReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from powerinfer_attn import predictor_file  # noqa: E402
+from powerinfer_attn.predictors import predictor_file  # noqa: E402
 
 
 def main(argv: list[str]) -> None:

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import Engine, TensorHook
+from ..engine.decode import Engine, TensorHook
 
 _SOFTMAX = re.compile(r"^kq_soft_max-(\d+)$")
 
@@ -119,7 +119,7 @@ def format_top(res: RetrievalScores, n: int = 12) -> str:
 def pin(pred_path: Path, out: Path, mask: np.ndarray) -> list[list[int]]:
     """A copy of the predictor file ``pred_path`` that always keeps the heads of ``mask``;
     returns them as ``[layer, head]`` pairs."""
-    from .predictor_file import read_metadata, rewrite_biases
+    from ..predictors.predictor_file import read_metadata, rewrite_biases
 
     meta = read_metadata(pred_path)
     if (int(meta["n_layer"]), int(meta["n_head"])) != mask.shape:

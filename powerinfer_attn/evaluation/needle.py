@@ -20,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import Engine, Predictor, open_engine
-from .text import window_starts
+from ..engine.decode import Engine, Predictor, open_engine
+from ..engine.text import window_starts
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.\n")
@@ -102,8 +102,11 @@ def _answer(eng: Engine, first: int, n: int, pred: Predictor | None) -> tuple[st
 
 def run(model_path: Path, lengths: list[int], trials: int, predictors: list[Predictor],
         haystacks: list[str] = ("filler",), text_file: Path | None = None, answer_tokens: int = 8,
-        threads: int | None = None, seed: int = 0, progress: Callable[[int], None] | None = None) -> list[NeedleResult]:
-    """Dense and each predictor on the same prompts; one result per (haystack, length, predictor)."""
+        threads: int | None = None, seed: int = 0, progress: Callable[[int], None] | None = None,
+        engine_kw: dict | None = None) -> list[NeedleResult]:
+    """Dense and each predictor on the same prompts; one result per (haystack, length, predictor).
+    ``engine_kw`` goes to every engine (GPU layers, flash attention, cache types)."""
+    kw = engine_kw or {}
     if trials < 1 or not lengths or min(lengths) < 64:
         raise ValueError("needle: at least one trial, and lengths of at least 64 tokens")
     for h in haystacks:
@@ -114,8 +117,9 @@ def run(model_path: Path, lengths: list[int], trials: int, predictors: list[Pred
     n_ctx = max(lengths) + answer_tokens + 8
     results = []
     with contextlib.ExitStack() as stack:
-        dense = stack.enter_context(Engine(model_path, n_ctx=n_ctx, n_threads=threads))
-        engines = [stack.enter_context(open_engine(model_path, p, n_ctx=n_ctx, n_threads=threads)) for p in predictors]
+        dense = stack.enter_context(Engine(model_path, n_ctx=n_ctx, n_threads=threads, **kw))
+        engines = [stack.enter_context(open_engine(model_path, p, n_ctx=n_ctx, n_threads=threads, **kw))
+                   for p in predictors]
 
         def tokenize(s):
             return dense.tokenize(s, add_bos=False)

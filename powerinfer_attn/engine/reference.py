@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-from .engine import TensorHook
+from .decode import TensorHook
 
 _KQV_OUT = re.compile(r"^kqv_out-(\d+)$")
 

@@ -30,8 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from .bindings import OP_ON_DEVICE
-from .engine import Engine, open_engine
+from ..native.bindings import OP_ON_DEVICE
+from ..engine.decode import Engine, open_engine
 from .profile import NodeTimer, amdahl_limit, profile_steps, trustworthy
 
 
@@ -177,7 +177,8 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
     """A context whose sparse decode takes its masks from the in-graph predictor ``spec``, with
     its fill (no tensor hook: nothing slows the timed steps); ``ngl`` layers on the GPU, with
     their part of the predictor."""
-    from .predictors import TrainedHeads, get_predictor
+    from ..predictors.trained import TrainedHeads
+    from ..predictors.specs import get_predictor
 
     pred = get_predictor(spec, model_path)
     if not isinstance(getattr(pred, "inner", pred), TrainedHeads):
@@ -287,7 +288,7 @@ def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spe
     """Mean density the in-graph predictor chooses over the ``DENSITY_STEPS`` tokens that follow
     the context (teacher-forced, so the steps see the text go on), of heads and of KV heads (a KV
     head is read when one of its query heads is kept)."""
-    from .predictors import get_predictor
+    from ..predictors.specs import get_predictor
 
     pred = get_predictor(spec, model_path)
     with open_engine(model_path, pred, n_ctx=ctx + DENSITY_STEPS + 16, n_threads=threads, flash_attn=fa,
@@ -360,7 +361,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             ratios = {d: [] for d in densities}
             t_eng = None
             if trained:
-                from .predictors import with_budget
+                from ..predictors.specs import with_budget
 
                 t_eng = stack_trained(model_path, with_budget(trained, kv_budget), n_ctx, threads, s_fa, rp, s_cache, ngl)
                 trained_ops = t_eng.layer_ops()

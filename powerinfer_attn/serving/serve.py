@@ -33,7 +33,7 @@ def make_app(model_path: Path, predictor: str | None = None, n_ctx: int = 4096, 
         settings |= dict(n_threads=threads, n_threads_batch=threads)
     kw = engine_kw or {}
     if kw:
-        from .bindings import CACHE_TYPES
+        from ..native.bindings import CACHE_TYPES
 
         settings |= dict(n_gpu_layers=kw.get("n_gpu_layers", 0), flash_attn=bool(kw.get("flash_attn", False)),
                          type_k=CACHE_TYPES[kw.get("cache_type_k", "f16")], type_v=CACHE_TYPES[kw.get("cache_type_v", "f16")])

@@ -63,7 +63,7 @@ CUDA_CMAKE_ARGS = ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
 STAMP_NAME = ".powerinfer_attn_build.json"
 PATCH_SYMBOL = "llama_powerinfer_attn_version"
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 REPO_ROOT = PACKAGE_ROOT.parent
 
 

@@ -35,11 +35,11 @@ from typing import Callable
 
 import numpy as np
 
-from .bindings import FILLS
+from ..native.bindings import FILLS
 from .collect import has_fill, load_layer
-from .fill import HeadFill
-from .importance import mass_mask, topk_mask
-from .predictor_file import write_predictor
+from ..predictors.fill import HeadFill
+from ..predictors.importance import mass_mask, topk_mask
+from ..predictors.predictor_file import write_predictor
 
 RULES = ("threshold", "topk", "mass")
 LABELS = ("residual", "share", "level")

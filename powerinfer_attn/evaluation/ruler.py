@@ -180,7 +180,7 @@ def _decode(eng, first: int, sample: Sample, pred) -> Answer:
 def _prompt_tokens(model_path: Path, samples: Sequence[Sample]) -> tuple[list[list[int]], int]:
     """Each sample's prompt in llama.cpp's tokens (with BOS where the model adds one, as a server
     does), and the context size that holds the longest prompt and its answer."""
-    from .engine import Engine
+    from ..engine.decode import Engine
 
     with Engine(model_path, n_ctx=8) as eng:
         toks = [eng.tokenize(s.context) for s in samples]
@@ -192,7 +192,7 @@ def generate_engine(model_path: Path, samples: Sequence[Sample], predictors: Seq
                     progress: Callable[[int], None] | None = None,
                     cache_types: tuple[str, str] = ("f16", "f16")) -> dict[str, list[Answer]]:
     """Answers of dense decode ("dense") and of each predictor, sample by sample."""
-    from .engine import Engine, open_engine
+    from ..engine.decode import Engine, open_engine
 
     if not samples:
         raise ValueError("no samples")
@@ -223,7 +223,7 @@ def generate_server(model_path: Path, task_objs: dict, samples: Sequence[Sample]
     """Answers through ``powerinfer-attn serve`` (``predictor`` None: dense) and lm-eval's
     ``local-completions`` client, for the samples' own task objects and documents."""
     from . import lm_eval_offline
-    from .serve import ServerProcess
+    from ..serving.serve import ServerProcess
 
     _need_lm_eval()
     n_ctx = _prompt_tokens(model_path, samples)[1]
@@ -378,7 +378,7 @@ def run_server(model_path: Path, task_objs: dict, samples: Sequence[Sample], pre
                log: Callable[[str], None] | None = None) -> dict:
     t0 = time.time()
     answers = {}
-    from .predictors import get_predictor
+    from ..predictors.specs import get_predictor
 
     for spec in [None] + list(predictors):
         name = "dense" if spec is None else get_predictor(spec, model_path).name

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .engine import Engine
-from .serve import ServerProcess
-from .text import window_starts
+from ..engine.decode import Engine
+from ..serving.serve import ServerProcess
+from ..engine.text import window_starts
 
 
 def prompts(model_path: Path, text_file: Path, n_tokens: int, count: int) -> list[str]:

@@ -18,8 +18,8 @@ from typing import Callable
 
 from . import corpus
 from .collect import collect
-from .model import cache_dir
-from .predictors import prepared_predictor_path
+from ..native.model import cache_dir
+from ..predictors.specs import prepared_predictor_path
 from .retrieval import measure, pin
 from .train import train
 

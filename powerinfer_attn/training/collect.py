@@ -37,11 +37,11 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import Engine, TensorHook
-from .fill import FillFitter, HeadFill
-from .importance import HeadContributions, mass_mask
-from .predictor_file import read_fill, write_predictor
-from .text import log_softmax, require_training_articles
+from ..engine.decode import Engine, TensorHook
+from ..predictors.fill import FillFitter, HeadFill
+from ..predictors.importance import HeadContributions, mass_mask
+from ..predictors.predictor_file import read_fill, write_predictor
+from ..engine.text import log_softmax, require_training_articles
 
 _NAMED = re.compile(r"^(attn_norm|attn_out|ffn_inp)-(\d+)$")
 

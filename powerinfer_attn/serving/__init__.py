@@ -1,0 +1,2 @@
+"""Serving: sparse decode on an existing ``llama_cpp.Llama`` (``sparsify``) and the
+OpenAI-compatible server (``serve``)."""
