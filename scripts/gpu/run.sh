@@ -36,7 +36,7 @@ build() {
 	args=$($PY -c "from powerinfer_attn.native.build import cmake_args_from_env; print(' '.join(cmake_args_from_env(True)))")
 	CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) $PY -m pip install -q --no-build-isolation --no-deps --upgrade \
 		--target .gpu/site -C build-dir="$PWD/.gpu/build" ./.gpu/src
-	$PY -c "from powerinfer_attn import build; print(build.check())"
+	$PY -c "from powerinfer_attn.native import build; print(build.check())"
 }
 
 model() {  # a synthetic model of a known shape in /tmp (speed does not depend on the weights)
