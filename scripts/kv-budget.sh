@@ -1,12 +1,52 @@
 #!/usr/bin/env bash
-# The token budget (issue 30) on the CPU: decode speed at 8192 tokens of held-out WikiText with
-# fixed head densities and a 1024-cell budget per KV group, against the fastest stock
-# configuration in the same run, with the per-part profile of each step (the budget's page
-# bounds and selection are the "pages" part). About 8 min on 2 cores; run it alone.
+# The token budget (issue 30) on the CPU, SmolLM2-135M on 2 threads. Run it alone.
+#   speed:    decode at 8192 tokens of held-out WikiText with fixed head densities and a 1024-cell
+#             budget per KV group, against the fastest stock configuration in the same run, with
+#             the per-part profile of each step (the page bounds and selection are "pages"):
+#             figures/bench-budget-8192-text.json (about 8 min)
+#   quality:  perplexity, KL and top-1 agreement after 8192 tokens of held-out WikiText, 4 windows
+#             x 64 steps: every head with a 1024 and a 512 budget, the trained predictor at 0.7
+#             with and without a 1024 budget, and sinks + window over the same 1024 cells (the
+#             StreamingLLM point): figures/score-budget-8192.json (about 6 min)
+#   ruler:    RULER at 4096 (4 subtasks x 10 samples, the first 10 of a 20-sample build) for
+#             dense, the prepared predictor at 0.7 and 0.5, a 512-cell budget (the 1024/8192 ratio)
+#             alone and with the predictor at 0.7, and sinks + window over 512 cells:
+#             figures/ruler-smollm2-4096-budget.json (about 35 min)
+# The settings (page 16, 4 sinks, 64 recent cells) are chosen on training text by
+# scripts/kv-budget-settings.py. STEPS=speed,quality,ruler picks parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
+PIA=$BIN/powerinfer-attn
 TEXT=${TEXT:-../shared/data/wikitext-2-raw/wiki.test.raw}
-"$BIN/powerinfer-attn" bench -d 8192 --density 1,0.7,0.5 --kv-budget "${BUDGET:-1024}" --text-file "$TEXT" \
-	--cache-types f16 --reps 10 -t 2 --json > figures/bench-budget-8192-text.json
-"$BIN/powerinfer-attn" show figures/bench-budget-8192-text.json
+STEPS=${STEPS:-speed,quality,ruler}
+has() { [[ ",$STEPS," == *",$1,"* ]]; }
+
+if has speed; then
+	"$PIA" bench -d 8192 --density 1,0.7,0.5 --kv-budget "${BUDGET:-1024}" --text-file "$TEXT" \
+		--cache-types f16 --reps 10 -t 2 --json > figures/bench-budget-8192-text.json
+	"$PIA" show figures/bench-budget-8192-text.json
+fi
+
+if has quality; then
+	"$PIA" score --text-file "$TEXT" -c 8192 --steps 64 --windows 4 -t 2 --json \
+		--predictor all:budget=1024 --predictor all:budget=512 --predictor trained:density=0.7 \
+		--predictor trained:density=0.7:budget=1024 --predictor none:fill=window:4+1020 > figures/score-budget-8192.json
+	"$PIA" show figures/score-budget-8192.json
+fi
+
+if has ruler; then
+	S=vendor/ruler-samples-4096-8192-20.json
+	[ -f "$S" ] || "$PIA" eval --lengths 4096,8192 --samples 20 --samples-out "$S"
+	"$BIN/python" - "$S" vendor/ruler-4096-10.json <<-'E'
+	import json, sys
+	d = json.load(open(sys.argv[1]))
+	tasks = ["niah_single_2", "niah_multikey_1", "ruler_vt", "ruler_cwe"]
+	d["samples"] = [s for t in tasks for s in [s for s in d["samples"] if s["length"] == 4096 and s["task"] == t][:10]]
+	json.dump(d, open(sys.argv[2], "w"))
+	E
+	"$PIA" eval --samples-in vendor/ruler-4096-10.json -t 2 --json --predictor trained:density=0.7 \
+		--predictor trained:density=0.5 --predictor all:budget=512 --predictor trained:density=0.7:budget=512 \
+		--predictor none:fill=window:4+508 > figures/ruler-smollm2-4096-budget.json
+	"$PIA" show figures/ruler-smollm2-4096-budget.json
+fi

@@ -1,0 +1,34 @@
+"""The token budget's page size, sinks and recent window, chosen on training text (issue 30).
+
+Every head kept (``all``), a 1024-cell budget per KV group after 8192 tokens, on the WikiText
+articles `collect` trains on (``score --training-articles``: never the held-out half the tables
+report): perplexity change, KL and its 99th percentile, top-1 agreement against dense, for page
+8/16/32 with 4 sinks and 64 recent cells, a 256-cell recent window, and 64 sinks. About 4 min on
+2 cores; the result goes to figures/kv-budget-settings.json (print it again with `powerinfer-attn
+show`).
+
+    .venv/bin/python scripts/kv-budget-settings.py [TEXT]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from powerinfer_attn.evaluation import compare as cmp
+from powerinfer_attn.native.model import default_model_path
+from powerinfer_attn.predictors.basic import AllHeads
+from powerinfer_attn.predictors.wrappers import KVBudget
+
+TEXT = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/wikitext-2-raw/wiki.test.raw")
+BUDGET, CTX, STEPS, WINDOWS = 1024, 8192, 64, 2
+SETTINGS = [(16, 4, 64), (8, 4, 64), (16, 4, 256), (32, 4, 64), (16, 64, 64)]  # (page, sinks, recent)
+
+preds = []
+for page, sink, recent in SETTINGS:
+    p = KVBudget(AllHeads(), BUDGET, page, sink, recent)
+    p.name = f"all+budget:{BUDGET} page {page} sinks {sink} recent {recent}"
+    preds.append(p)
+res = cmp.score(default_model_path(), TEXT, preds, CTX, STEPS, WINDOWS, threads=2, training=True)
+out = Path(__file__).resolve().parent.parent / "figures" / "kv-budget-settings.json"
+out.write_text(json.dumps([r.to_json() for r in res], indent=1))
+print(cmp.format_scores(res))
