@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 
@@ -18,7 +19,22 @@ model_option = click.option("--model", "-m", "model", type=click.Path(dir_okay=F
                             help="GGUF model path (llama, qwen2 or qwen3 architecture for sparse decode) or a known "
                                  "model's name (`model --list`); default: SmolLM2-135M-Instruct Q4_1.")
 threads_option = click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores, at most 16).")
-json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def json_option(f):
+    """``--json``, and ``-o md|json`` as llama.cpp's tools spell an output format: the command
+    receives ``as_json``."""
+    @functools.wraps(f)
+    def command(*args, as_json=False, output=None, **kwargs):
+        return f(*args, as_json=as_json or output == "json", **kwargs)
+
+    command = click.option("--output", "-o", "output", type=click.Choice(["md", "json"]), default=None,
+                           help="Output format: md (tables, the default) or json (as --json).")(command)
+    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(command)
+
+
+def _json(kind: str, doc) -> str:
+    """A result as JSON, its ``kind`` first so that `show` knows what it is; a list is its ``rows``."""
+    body = {"rows": doc} if isinstance(doc, list) else {k: v for k, v in doc.items() if k != "kind"}
+    return json.dumps({"kind": kind, **body}, indent=1)
 
 
 def _renamed(new: str):
@@ -98,12 +114,12 @@ def build(check: bool, force: bool, stock: bool, cuda: bool, as_json: bool) -> N
         if stock:
             site = build_mod.build_stock()
             if as_json:
-                click.echo(json.dumps({"stock_site": str(site)}))
+                click.echo(_json("build", {"stock_site": str(site)}))
             return
         if check:
             info = build_mod.check()
             if as_json:
-                click.echo(json.dumps(info, indent=1))
+                click.echo(_json("build-check", info))
             else:
                 state = "patched" if info["patched"] else "NOT patched (stock or missing)"
                 click.echo(f"library: {info['library']}\nstate: {state}"
@@ -113,8 +129,7 @@ def build(check: bool, force: bool, stock: bool, cuda: bool, as_json: bool) -> N
             sys.exit(0 if info["patched"] and info["current"] else 1)
         res = build_mod.build(force=force, cuda=cuda)
         if as_json:
-            click.echo(json.dumps({"digest": res.digest, "rebuilt": res.rebuilt,
-                                   "package_dir": str(res.package_dir)}, indent=1))
+            click.echo(_json("build", {"digest": res.digest, "rebuilt": res.rebuilt, "package_dir": str(res.package_dir)}))
     except build_mod.BuildError as e:
         _fail(e)
 
@@ -197,7 +212,7 @@ def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v
     mode = f"sparse ({pred.name})" if sparse else "dense"
     density = float(np.mean(g.masks)) if g.masks else (1.0 if sparse else None)
     if as_json:
-        click.echo(json.dumps({
+        click.echo(_json("generate", {
             "model": str(path), "prompt": prompt, "chat": chat, "prompt_tokens": len(g.prompt_tokens),
             "sampling": {"temp": temp, "top_k": top_k, "top_p": top_p, "seed": seed},
             "tokens": g.tokens, "text": g.text, "n_generated": len(g.tokens),
@@ -205,7 +220,7 @@ def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v
             "threads": threads_used, "flash_attn": flash_attn, "mode": "sparse" if sparse else "dense",
             "predictor": pred.name if sparse else None, "mean_head_density": density,
             "sparse_layer_ops": layer_ops,
-        }, indent=1))
+        }))
     else:
         click.echo("")
         click.echo(f"\n[{mode}] {len(g.tokens)} tokens, decode {g.decode_tok_s:.1f} tok/s, "
@@ -241,7 +256,7 @@ def compare(prompt, n_tokens, predictor, n_ctx, n_gpu_layers, flash_attn, cache_
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps(res.to_json(), indent=1))
+        click.echo(_json("compare", res.to_json()))
         return
     click.echo(f"--- dense ({res.dense_tok_s:.1f} tok/s)\n{prompt}{res.dense_text}")
     click.echo(f"--- sparse, {res.predictor}, mean head density {res.density:.2f} ({res.sparse_tok_s:.1f} tok/s)\n"
@@ -300,7 +315,7 @@ def score(text_file, prefixes, steps, windows, training, predictors, mask_file, 
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps([r.to_json() for r in results], indent=1))
+        click.echo(_json("score", [r.to_json() for r in results]))
         return
     r0 = results[0]
     where = " (training articles)" if training else ""
@@ -337,7 +352,7 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps({"out": str(dest), **res}, indent=1))
+        click.echo(_json("calibration", {"out": str(dest), **res}))
     else:
         expl = res["mean_explained"]
         near = sum(x > 0.5 for row in expl for x in row)
@@ -385,7 +400,7 @@ def collect(text_file, out, tokens, sensitivity, seq_len, resume, fill_from, mod
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps(meta, indent=1))
+        click.echo(_json("collect", meta))
     else:
         click.echo(f"wrote {meta['chunks']} chunks ({meta['tokens']} tokens) to {out}\nfrom {meta['articles']}")
 
@@ -441,7 +456,7 @@ def prepare(text_file, out, conversations, tokens, seq_len, density, pin_heads, 
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps(res, indent=1))
+        click.echo(_json("prepare", res))
     else:
         click.echo(f"wrote {res['predictor']}: trained on " + ", ".join(f"{k} ({v} characters)" for k, v in res["texts"].items())
                    + (f"; pinned heads {res['pinned']}" if res["pinned"] else "")
@@ -480,7 +495,7 @@ def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no
     except (FileNotFoundError, ValueError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps(summary, indent=1))
+        click.echo(_json("predictor-training", summary))
     else:
         click.echo(f"wrote {out}: {summary['fill']} fill, rule {summary['rule']} {summary['rule_value']:.4f}, held-out density "
                    f"{summary['heldout_density']:.3f}, held-out R^2 {summary['heldout_r2_mean']:.3f} (mean over layers)")
@@ -521,7 +536,7 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps([r.to_json() for r in results], indent=1))
+        click.echo(_json("needle", [r.to_json() for r in results]))
         return
     click.echo(f"{path.name}: pass key retrieval, {trials} trials per length; cells: correct/trials")
     click.echo(nd.format_table(results))
@@ -633,7 +648,7 @@ def retrieval_heads(distances, steps, sequences, pin_path, top, out, seed, model
     except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps(res.to_json() | {"model": path.name, "pinned": pinned, "out": out}, indent=1))
+        click.echo(_json("retrieval-heads", res.to_json() | {"model": path.name, "pinned": pinned, "out": out}))
         return
     click.echo(f"{path.name}: " + retrieval.format_top(res))
     if pinned is not None:
@@ -792,7 +807,7 @@ def bench_serve(model, predictor, text_file, prompt_tokens, gen_tokens, requests
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        click.echo(_json("bench-serve", result))
     else:
         click.echo(bs.format_table(result))
 
@@ -881,7 +896,7 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        click.echo(_json("bench", result))
     else:
         click.echo(f"model {result['model']}, {result['threads']} threads, median of {result['reps']} paired steps, "
                    f"context: {result['context_text']}"
@@ -915,12 +930,16 @@ def show(results) -> None:
     from .evaluation import bench as bench_mod
     from .evaluation import compare as cmp
 
+    def rows(data, kind):
+        """A result's rows: {"kind": kind, "rows": [...]}, or the bare list files written before kinds."""
+        return data["rows"] if isinstance(data, dict) and data.get("kind") == kind else data
+
     if len(results) > 1:
         runs = []
         for f in results:
             try:
                 data = json.loads(Path(f).read_text())
-                runs.append((Path(f).name.split(".")[0], [cmp.ScoreResult(**r) for r in data]))
+                runs.append((Path(f).name.split(".")[0], [cmp.ScoreResult(**r) for r in rows(data, "score")]))
             except (OSError, ValueError, TypeError, KeyError) as e:
                 _fail(ValueError(f"{f}: not a `score --json` result ({e}); several results make one matrix of scores"))
         click.echo(cmp.format_matrix(runs))
@@ -930,28 +949,36 @@ def show(results) -> None:
         data = json.loads(Path(result).read_text())
     except (OSError, ValueError) as e:
         _fail(ValueError(f"{result}: not a JSON result ({e})"))
-    if isinstance(data, list) and data and "kl_mean" in data[0]:
-        click.echo(cmp.format_scores([cmp.ScoreResult(**r) for r in data]))
-    elif isinstance(data, list) and data and "haystack" in data[0]:
+    # the kind a result carries, or for files written before kinds, its shape
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind is None and isinstance(data, list) and data:
+        kind = "score" if "kl_mean" in data[0] else "needle" if "haystack" in data[0] else None
+    elif kind is None and isinstance(data, dict):
+        kind = ("retrieval-heads" if "scores" in data and "distances" in data else
+                "bench-serve" if "servers" in data else "bench" if "rows" in data else None)
+    if kind == "score":
+        click.echo(cmp.format_scores([cmp.ScoreResult(**r) for r in rows(data, "score")]))
+    elif kind == "needle":
         from .evaluation import needle as nd
 
         fields = {f.name for f in dataclasses.fields(nd.NeedleResult)}
-        click.echo(nd.format_table([nd.NeedleResult(**{k: v for k, v in r.items() if k in fields}) for r in data]))
-    elif isinstance(data, dict) and "scores" in data and "distances" in data:
+        click.echo(nd.format_table([nd.NeedleResult(**{k: v for k, v in r.items() if k in fields})
+                                    for r in rows(data, "needle")]))
+    elif kind == "retrieval-heads":
         from .training import retrieval
 
         res = retrieval.RetrievalScores(np.array(data["scores"]), data["distances"], data["steps"], data["sequences"])
         click.echo(f"{data.get('model', '')}: " + retrieval.format_top(res)
                    + (f"\npinned in {data['out']}: {data['pinned']}" if data.get("pinned") else ""))
-    elif isinstance(data, dict) and data.get("kind") == "ruler":
+    elif kind == "ruler":
         from .evaluation import ruler
 
         click.echo(ruler.format_result(data))
-    elif isinstance(data, dict) and "servers" in data:
+    elif kind == "bench-serve":
         from .evaluation import bench_serve as bs
 
         click.echo(bs.format_table(data))
-    elif isinstance(data, dict) and "rows" in data:
+    elif kind == "bench":
         click.echo(f"{Path(data['model']).name}, {data['threads']} threads, median of {data['reps']} paired steps"
                    + (", GQA-group masks" if data.get("gqa_masks") else "")
                    + (f", {data['n_gpu_layers']} layers on the GPU (sparse: flash attention, "
@@ -962,7 +989,8 @@ def show(results) -> None:
             click.echo("")
             click.echo(bench_mod.format_profile(data))
     else:
-        _fail(ValueError(f"{result}: not a score, bench, needle or retrieval-heads result"))
+        _fail(ValueError(f"{result}: " + (f"a {kind} result has no table to show" if kind else
+                                          "not a score, needle, eval, bench, bench-serve or retrieval-heads result")))
 
 
 if __name__ == "__main__":

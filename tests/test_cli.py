@@ -1,12 +1,14 @@
 """The command line's shared flags: llama.cpp's spellings on every command that decodes, the old
 spellings refused (or noted) with the new one named."""
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
 from powerinfer_attn.cli import main
 
-DECODERS = ("generate", "score", "eval", "serve")
+DECODERS = ("generate", "score", "eval", "serve", "needle", "compare")
 
 
 @pytest.mark.parametrize("command", DECODERS)
@@ -14,7 +16,7 @@ def test_every_decoding_command_takes_llama_cpp_flags(command):
     out = CliRunner().invoke(main, [command, "--help"]).output
     for flag in ("-m,", "-t,", "-ngl", "-fa", "-ctk", "-ctv"):
         assert flag in out, f"{command} lacks {flag}"
-    if command != "eval":  # eval sizes each sample's context itself
+    if command not in ("eval", "needle"):  # they size each sample's context themselves
         assert "-c," in out  # score: the context before the scored steps (its --prefix)
 
 
@@ -59,3 +61,42 @@ def test_bench_depth_and_the_old_ctx_spelling(monkeypatch):
     assert got[-1] == [128, 256], r.output
     r = CliRunner().invoke(main, ["bench", "-m", __file__, "--ctx", "512"])
     assert got[-1] == [512] and "-d/--depth" in r.output
+
+
+def _score_rows():
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parent.parent / "figures" / "score-budget-8192.json").read_text())
+
+
+def test_results_carry_their_kind_and_o_picks_the_format(monkeypatch):
+    import powerinfer_attn.evaluation.compare as cmp
+
+    rows = _score_rows()
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    monkeypatch.setattr(cmp, "score", lambda *a, **k: [cmp.ScoreResult(**r) for r in rows])
+    monkeypatch.setenv("POWERINFER_ATTN_TEXT", __file__)
+    args = ["score", "--predictor", "all", "-m", __file__]
+    as_json = CliRunner().invoke(main, args + ["--json"])
+    as_o = CliRunner().invoke(main, args + ["-o", "json"])
+    assert as_json.exit_code == 0 and as_o.exit_code == 0, as_json.output + as_o.output
+    doc = json.loads(as_json.stdout)
+    assert doc == json.loads(as_o.stdout) and doc["kind"] == "score" and doc["rows"] == rows
+    md = CliRunner().invoke(main, args + ["-o", "md"])
+    assert md.exit_code == 0 and "| predictor |" in md.stdout
+    assert CliRunner().invoke(main, args + ["-o", "html"]).exit_code == 2
+
+
+def test_show_reads_kinds_and_the_files_written_before_them(tmp_path):
+    rows = _score_rows()
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    old, new, odd = tmp_path / "old.json", tmp_path / "new.json", tmp_path / "odd.json"
+    old.write_text(json.dumps(rows))
+    new.write_text(json.dumps({"kind": "score", "rows": rows}))
+    odd.write_text(json.dumps({"kind": "generate", "text": "x"}))
+    a, b = (CliRunner().invoke(main, ["show", str(f)]) for f in (old, new))
+    assert a.exit_code == 0 and a.output == b.output and "| predictor |" in a.output
+    both = CliRunner().invoke(main, ["show", str(old), str(new)])  # one matrix of the two
+    assert both.exit_code == 0, both.output
+    r = CliRunner().invoke(main, ["show", str(odd)])
+    assert r.exit_code == 1 and "a generate result has no table" in r.output
