@@ -3,7 +3,8 @@
 Every head kept (``all``), a 1024-cell budget per KV group after 8192 tokens, on the WikiText
 articles `collect` trains on (``score --training-articles``: never the held-out half the tables
 report): perplexity change, KL and its 99th percentile, top-1 agreement against dense, for page
-8/16/32 with 4 sinks and 64 recent cells, a 256-cell recent window, and 64 sinks. About 4 min on
+8/16/32 with 4 sinks and 64 recent cells, a 256-cell recent window, 64 sinks, and the first one
+or two layers reading every cell (as Quest keeps its first two). About 4 min on
 2 cores; the result goes to figures/kv-budget-settings.json (print it again with `powerinfer-attn
 show`).
 
@@ -21,12 +22,13 @@ from powerinfer_attn.predictors.wrappers import KVBudget
 
 TEXT = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/wikitext-2-raw/wiki.test.raw")
 BUDGET, CTX, STEPS, WINDOWS = 1024, 8192, 64, 2
-SETTINGS = [(16, 4, 64), (8, 4, 64), (16, 4, 256), (32, 4, 64), (16, 64, 64)]  # (page, sinks, recent)
+# (page, sinks, recent, dense layers)
+SETTINGS = [(16, 4, 64, 0), (8, 4, 64, 0), (16, 4, 256, 0), (32, 4, 64, 0), (16, 64, 64, 0), (16, 4, 64, 1), (16, 4, 64, 2)]
 
 preds = []
-for page, sink, recent in SETTINGS:
-    p = KVBudget(AllHeads(), BUDGET, page, sink, recent)
-    p.name = f"all+budget:{BUDGET} page {page} sinks {sink} recent {recent}"
+for page, sink, recent, dense in SETTINGS:
+    p = KVBudget(AllHeads(), BUDGET, page, sink, recent, dense)
+    p.name = f"all+budget:{BUDGET} page {page} sinks {sink} recent {recent}" + (f" dense layers {dense}" if dense else "")
     preds.append(p)
 res = cmp.score(default_model_path(), TEXT, preds, CTX, STEPS, WINDOWS, threads=2, training=True)
 out = Path(__file__).resolve().parent.parent / "figures" / "kv-budget-settings.json"

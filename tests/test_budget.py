@@ -72,6 +72,26 @@ def test_small_budget_reads_its_pages_only(model_path):
         assert not sel[0, n_kv_pages:].any()  # nor the cache view's padding
 
 
+def test_dense_first_layers_select_no_pages(model_path):
+    """n_dense_layers: those layers read every cell (no selection in their graph), the others
+    select as before; every layer dense is head-only sparse, bit for bit."""
+    hook = PagesHook()
+    with Engine(model_path, n_ctx=1024, n_threads=2, tensor_hook=hook) as eng:
+        toks = eng.tokenize(TEXT)
+        masks = random_masks(np.random.default_rng(5), 8, eng.n_layer, eng.n_head, 0.6)
+        heads_only = teacher_forced_logits(eng, toks, len(toks) - 8, masks)
+        eng.set_kv_budget(64, page=16, n_sink=4, n_recent=16, n_dense_layers=eng.n_layer)
+        hook.pages.clear()
+        all_dense = teacher_forced_logits(eng, toks, len(toks) - 8, masks)
+        assert not hook.pages
+        eng.set_kv_budget(64, page=16, n_sink=4, n_recent=16, n_dense_layers=2)
+        teacher_forced_logits(eng, toks, len(toks) - 8, masks)
+        assert sorted(hook.pages) == list(range(2, eng.n_layer))
+        with pytest.raises(ValueError, match="dense layers"):
+            eng.set_kv_budget(64, n_dense_layers=-1)
+    assert np.array_equal(all_dense, heads_only)
+
+
 def test_page_bounds_follow_a_loaded_state(model_path):
     """A state loaded over another sequence: the bounds are recomputed before the next step, so
     decoding goes on as in the engine that made the state."""

@@ -22,7 +22,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from ..native import bindings as B
-from ..native.bindings import KV_PAGE, KV_PAGES, KV_RECENT, KV_SINK, EngineError, bindings
+from ..native.bindings import KV_DENSE_LAYERS, KV_PAGE, KV_PAGES, KV_RECENT, KV_SINK, EngineError, bindings
 
 
 class SparseFallbackWarning(UserWarning):
@@ -158,7 +158,7 @@ class Engine:
         _check_gguf_file(self.model_path)
         self.n_threads = n_threads or min(os.cpu_count() or 1, 16)
         self.flash_attn = flash_attn
-        self.kv_budget: tuple[int, int, int, int] | None = None  # set_kv_budget's (budget, page, sinks, recent)
+        self.kv_budget: tuple[int, int, int, int, int] | None = None  # set_kv_budget's (budget, page, sinks, recent, dense layers)
         self.repack = repack
         for kind, t in (("K", cache_type_k), ("V", cache_type_v)):
             if t not in B.CACHE_TYPES:
@@ -595,15 +595,18 @@ class Engine:
             raise EngineError(f"llama_set_head_window returned {rc}")
         self._warn_off_gpu_kernel("window fill's attention")
 
-    def set_kv_budget(self, budget: int, page: int = KV_PAGE, n_sink: int = KV_SINK, n_recent: int = KV_RECENT) -> None:
+    def set_kv_budget(self, budget: int, page: int = KV_PAGE, n_sink: int = KV_SINK, n_recent: int = KV_RECENT,
+                      n_dense_layers: int = KV_DENSE_LAYERS) -> None:
         """Token budget: in sparse decode each KV group's active heads read only about ``budget``
         cached cells, the pages of ``page`` cells whose bound on q.k is highest, always with the
         pages of the first ``n_sink`` and last ``n_recent`` cells the token sees (chosen in the
-        graph per step and layer). A budget that covers the context reads all of it, as without
-        one; ``0`` turns it off. Needs flash attention off (the budget runs in the v2 path)."""
+        graph per step and layer); the first ``n_dense_layers`` layers read every cell. A budget
+        that covers the context reads all of it, as without one; ``0`` turns it off. Needs flash
+        attention off (the budget runs in the v2 path)."""
         self._check_open()
-        if budget < 0 or n_sink < 0 or n_recent < 0:
-            raise ValueError(f"kv budget: budget, sinks and recent cells must be >= 0 (got {budget}, {n_sink}, {n_recent})")
+        if budget < 0 or n_sink < 0 or n_recent < 0 or n_dense_layers < 0:
+            raise ValueError(f"kv budget: budget, sinks, recent cells and dense layers must be >= 0 "
+                             f"(got {budget}, {n_sink}, {n_recent}, {n_dense_layers})")
         if page not in KV_PAGES:
             raise ValueError(f"kv budget: page must be one of {', '.join(map(str, KV_PAGES))} cells (got {page})")
         if not hasattr(self.C, "llama_set_kv_budget"):
@@ -612,10 +615,10 @@ class Engine:
             raise EngineError("a token budget runs without flash attention: make the engine with flash_attn=False (-fa off)")
         if budget and self.n_gpu_layers:
             raise EngineError("a token budget runs on the CPU only for now: make the engine with n_gpu_layers=0")
-        rc = self.C.llama_set_kv_budget(self.ctx, int(budget), int(page), int(n_sink), int(n_recent))
+        rc = self.C.llama_set_kv_budget(self.ctx, int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers))
         if rc != 0:
             raise EngineError(f"llama_set_kv_budget returned {rc}: {' '.join(B.recent_errors()[-1:])}")
-        self.kv_budget = (int(budget), int(page), int(n_sink), int(n_recent)) if budget else None
+        self.kv_budget = (int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers)) if budget else None
 
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, 8 when wq or

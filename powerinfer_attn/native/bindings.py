@@ -29,6 +29,7 @@ FILL_IDS = {"zero": 0, "mean": 1, "linear": 2}
 # page, sinks and recent cells always read); see docs/results-cpu.md for how they were chosen
 KV_PAGES = (8, 16, 32, 64, 128, 256)
 KV_PAGE, KV_SINK, KV_RECENT = 16, 4, 64
+KV_DENSE_LAYERS = 0  # the first layers that read every cell under a budget
 
 # llama_sparse_attn_layer_ops's bits: which parts of a layer run on the sparse ops
 OP_WQ, OP_KQV, OP_WO = 1, 2, 4

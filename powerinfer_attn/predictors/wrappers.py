@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..engine.decode import Predictor
-from ..native.bindings import KV_PAGE, KV_RECENT, KV_SINK
+from ..native.bindings import KV_DENSE_LAYERS, KV_PAGE, KV_RECENT, KV_SINK
 
 
 class _Wrapper:
@@ -50,15 +50,16 @@ class KVBudget(_Wrapper):
     KV group's active heads read about ``budget`` cells, pages chosen in the graph per step."""
 
     def __init__(self, inner: Predictor, budget: int, page: int = KV_PAGE, n_sink: int = KV_SINK,
-                 n_recent: int = KV_RECENT):
+                 n_recent: int = KV_RECENT, n_dense_layers: int = KV_DENSE_LAYERS):
         if budget < 1:
             raise ValueError(f"a token budget is a number of cells >= 1 (got {budget}); leave :budget= out for none")
         self.budget, self.page, self.n_sink, self.n_recent = budget, page, n_sink, n_recent
+        self.n_dense_layers = n_dense_layers
         self._wrap(inner, f"{inner.name}+budget:{budget}")
 
     def bind(self, engine) -> None:
         self.inner.bind(engine)
-        engine.set_kv_budget(self.budget, self.page, self.n_sink, self.n_recent)
+        engine.set_kv_budget(self.budget, self.page, self.n_sink, self.n_recent, self.n_dense_layers)
 
     def __getattr__(self, name):  # what callers read from the inner predictor (fill, targets, ...)
         if name == "inner":
