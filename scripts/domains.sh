@@ -10,13 +10,15 @@
 #   matrix:    figures/domains/<kind>.<predictor>.json, figures/domains/matrix.txt (~5 min per cell pair)
 #   budget:    figures/domains/budget-<kind>.json: the WikiText predictor with and without its per-layer
 #              budgets (train-predictor --no-layer-budget on the same data) and the oracle, on BUDGET_KINDS
+#   prepared:  figures/domains/<kind>.pred-prepared.json: the predictor `prepare` makes, on wiki and essays
+#              (STEPS=prepared; not in the default steps), figures/domains/matrix-prepared.txt
 #   ruler:     figures/ruler-smollm2-4096-mix.json: RULER at 4096 (4 subtasks x 10, the samples a 4096,8192
 #              build makes) for dense and the mixed predictor at 0.7 (~40 min at THREADS=1)
 # The WikiText-only predictor is scripts/ruler.sh's (made here if missing). STEPS=diagnose,matrix
 # runs a part; WINDOWS (6) and KINDS narrow the matrix; THREADS (2) per command.
 source "$(dirname "$0")/common.sh"
 C=vendor/corpus F=figures/domains
-PRED_WIKI=$D/pred-long-pinned.gguf PRED_MIX=$D/pred-mix-pinned.gguf
+PRED_WIKI=$D/pred-long-pinned.gguf PRED_MIX=$D/pred-mix-pinned.gguf PRED_PREP=$D/pred-prepared.gguf
 KINDS=${KINDS:-wiki code docs chat essays} WINDOWS=${WINDOWS:-6} STEPS=${STEPS:-texts,train,diagnose,matrix,budget,ruler} T=${THREADS:-2}
 mkdir -p "$C" "$F"
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
@@ -42,6 +44,18 @@ if has train && [ ! -f "$PRED_MIX" ]; then
 	"$PIA" collect --text-file "$C/mix.txt" --out "$D/data-mix" --seq-len 8192 -t $T
 	"$PIA" train-predictor "$D/data-mix" --out "$D/pred-mix.gguf"
 	"$PIA" retrieval-heads --pin "$D/pred-mix.gguf" --top 6 --out "$PRED_MIX" -t $T > /dev/null
+fi
+
+# the predictor `prepare` makes (its own mix of wiki, code, docs and chat, the fill fitted on the
+# mix, 6 retrieval heads pinned: about 60 min on 2 cores), scored as a matrix row on PREP_KINDS
+if has prepared; then
+	[ -f "$PRED_PREP" ] || "$PIA" prepare --text-file "$TEXT" --out "$PRED_PREP" -t $T
+	for k in ${PREP_KINDS:-wiki essays}; do
+		"$PIA" score --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t $T --json \
+			--predictor trained:$PRED_PREP:density=0.7 --predictor trained:$PRED_PREP:density=0.5 \
+			--predictor oracle:0.8:fill-from=$PRED_PREP --predictor oracle:0.6:fill-from=$PRED_PREP > "$F/$k.pred-prepared.json"
+	done
+	"$PIA" show $(for k in ${PREP_KINDS:-wiki essays}; do ls "$F/$k".*.json; done) | tee "$F/matrix-prepared.txt"
 fi
 
 if has diagnose; then
