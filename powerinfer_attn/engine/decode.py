@@ -6,7 +6,7 @@ for the ``activated_head`` mask ``[n_layer, n_head]`` (1 = head active), which t
 engine hands to the library.
 
 The engine takes masks and predictor files; it knows no predictor class. A predictor is
-anything with the ``Predictor`` protocol below (``predictors.py`` has the built-in ones).
+anything with the ``Predictor`` protocol below (the ``predictors`` folder has the built-in ones).
 """
 
 from __future__ import annotations
@@ -564,7 +564,7 @@ class Engine:
 
     def set_head_fill(self, fill: str) -> None:
         """What a head that sparse decode skips contributes, whichever source the mask comes
-        from: ``zero`` (nothing, the default), ``mean`` or ``linear`` (``fill.py``), read from
+        from: ``zero`` (nothing, the default), ``mean`` or ``linear`` (``predictors/fill.py``), read from
         the loaded predictor's file."""
         self._check_open()
         if fill not in B.FILL_IDS:

@@ -18,7 +18,7 @@ in the output directory so memory stays bounded by one chunk:
   judged against;
 - ``dev-mean-NNNNN.npy`` and ``dev-linear-NNNNN.npy``: float32 ``[n_tokens, n_layer, n_head]``,
   the norm of each contribution's deviation from what mean fill and linear fill would put in
-  its place (a head's importance under that fill; ``fill.py``), with both fills in
+  its place (a head's importance under that fill; ``predictors/fill.py``), with both fills in
   ``fill.npz``, fitted first on every ``FILL_EVERY``-th chunk (every sequence when there are few:
   ``fill_sequences``).
 
@@ -236,7 +236,7 @@ def _fill_sidecar(out: Path, fill: HeadFill, n_head: int, model_path: Path) -> P
 
 def fit_fill(model_path: Path, chunks: list[list[int]], n_layer: int, n_head: int, batch: int,
              threads: int | None, progress: Callable[[int], None] | None = None) -> HeadFill:
-    """Mean and linear fill (``fill.py``), fitted on dense runs over the chunks (each prefilled
+    """Mean and linear fill (``predictors/fill.py``), fitted on dense runs over the chunks (each prefilled
     from position 0 in pieces of ``batch``)."""
     hook = FillFitter(n_layer)
     with Engine(model_path, n_ctx=max(len(c) for c in chunks) + 8, n_threads=threads, n_batch=batch,

@@ -15,7 +15,7 @@ in-graph predictor reads), fitted by ridge regression in numpy. Targets, by sele
   dimensions in the later layers, which makes their heads look unimportant.
 - ``mass``: each head's share of the layer's total importance, selected by the mass rule.
 
-With ``fill`` ``mean`` or ``linear`` (``fill.py``; linear is the default when the data has it)
+With ``fill`` ``mean`` or ``linear`` (``predictors/fill.py``; linear is the default when the data has it)
 a skipped head contributes what that fill puts in its place instead of nothing
 (``Engine.set_head_fill``), so the importance the targets are made of is each contribution's
 deviation from it, and the file carries the fill.
