@@ -205,7 +205,7 @@ def test_v3_wo_cols(type_name, n_threads, n_tok):
 ])
 def test_cols_alignment_rule(type_name, hd, ok):
     g, _ = kernels.libs()
-    assert g.ggml_sparse_attn_cols_ok(kernels.GGML_TYPE[type_name], hd) is ok
+    assert g.ggml_sparse_attn_v3_ok(kernels.GGML_TYPE[type_name], hd) is ok
 
 
 # --- ggml_head_select: the in-graph predictor's selection (ggml-ops.patch, ggml-cpu.patch) ---

@@ -102,7 +102,7 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_mul_mat_sparse_attn_v2"): ([P, P, P, P], P),
         (g, "ggml_mul_mat_sparse_attn_v3"): ([P, P, P, P], P),
         (g, "ggml_mul_mat_sparse_attn_v1_fill"): ([P, P, P, P, P], P),
-        (g, "ggml_sparse_attn_cols_ok"): ([I32, I64], ctypes.c_bool),
+        (g, "ggml_sparse_attn_v3_ok"): ([I32, I64], ctypes.c_bool),
         (g, "ggml_mul_mat_sparse_attn_set_window"): ([P, P, I32, I32, ctypes.c_bool], None),
         (g, "ggml_soft_max_ext"): ([P, P, P, ctypes.c_float, ctypes.c_float], P),
         (g, "ggml_soft_max_ext_inplace"): ([P, P, P, ctypes.c_float, ctypes.c_float], P),
@@ -282,7 +282,7 @@ def check_args(mode: str | None, a_type: str, a_ne: tuple[int, ...], b_ne: tuple
         g, _ = libs()
         if a_ne[0] % n_head or a4[2:] != (1, 1) or b4[2:] != (1, 1):
             raise ValueError(f"v3: a {a_ne} must be 2-D with {n_head} heads of equal width, b 2-D")
-        if not g.ggml_sparse_attn_cols_ok(_type_id(a_type), a_ne[0] // n_head):
+        if not g.ggml_sparse_attn_v3_ok(_type_id(a_type), a_ne[0] // n_head):
             raise ValueError(f"v3: head width {a_ne[0] // n_head} is not whole {a_type} blocks "
                              f"of {block_size(a_type)}: use the dense op")
 

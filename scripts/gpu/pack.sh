@@ -2,7 +2,7 @@
 # Here, before a run on the GPU machine (which has no network): pack what it needs into .gpu/
 # (git-ignored; carry it): the patched llama-cpp-python tree without what the build does not
 # read (the sdist itself is over the 64 MiB a run may carry), and wheels of the Python packages
-# the machine lacks. Then, there: scripts/gpu/run.sh.
+# the machine lacks, and test-backend-ops.cpp with the series' cases. Then, there: scripts/gpu/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
@@ -17,5 +17,6 @@ tar -C vendor -czf .gpu/src.tgz \
 	--exclude="$L/ggml/src/ggml-hexagon" --exclude="$L/ggml/src/ggml-metal" --exclude="$L/ggml/src/ggml-cann" \
 	--exclude="$L/ggml/src/ggml-webgpu" --exclude="$L/ggml/src/ggml-et" --exclude="$L/ggml/src/ggml-openvino" \
 	src
+cp vendor/src/$L/tests/test-backend-ops.cpp .gpu/  # for run.sh backend-ops (the tests folder is left out above)
 "$BIN/python" -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels diskcache==5.6.3 gguf==0.19.0
 ls -la .gpu .gpu/wheels

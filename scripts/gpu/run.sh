@@ -4,6 +4,8 @@
 #   scripts/gpu/run.sh build           the patched tree with ggml's CUDA backend into .gpu/site
 #                                      (build dir .gpu/build: incremental while the machine stays)
 #   scripts/gpu/run.sh test            tests/test_cuda.py, then compute-sanitizer over part of it
+#   scripts/gpu/run.sh backend-ops     ggml's test-backend-ops with ggml-tests.patch's cases (carry
+#                                      .gpu/test-backend-ops.cpp): CUDA against the CPU, per op
 #   scripts/gpu/run.sh bench NAME ...  bench -ngl 99 on a synthetic model of NAME's shape
 #                                      (llama2-7b, llama3-8b, smollm2-135m), the rest bench's options
 #   scripts/gpu/run.sh profile NAME CTX  GPU time per kernel of a decode step (profile_step.py)
@@ -71,6 +73,14 @@ case ${1:-} in
 		compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
 			-k "(test_gpu_random_masks_match_the_oracle and llama) or predictor or covers or q8_0_cache or (window_fill_matches and not 4600)" 2>&1 | tail -20 | tee "$OUT/test-cuda-sanitizer.txt"
 		;;
+	backend-ops)
+		lib=.gpu/site/llama_cpp/lib
+		g++ -std=c++17 -O1 -w -I .gpu/src/vendor/llama.cpp/ggml/include .gpu/test-backend-ops.cpp -L$lib -lggml -lggml-base \
+			-Wl,-rpath,$PWD/$lib -lpthread -o .gpu/test-backend-ops
+		for op in MUL_MAT_SPARSE_ATTN FLASH_ATTN_EXT_HEADS SOFT_MAX_HEADS HEAD_SELECT KV_PAGE_BOUNDS KV_PAGE_SELECT; do
+			.gpu/test-backend-ops -b CUDA0 -o $op 2>&1 | grep -E "^ +$op|Backend CUDA0|tests passed"
+		done | tee "$OUT/backend-ops-cuda.txt"
+		;;
 	bench)
 		name=$2; shift 2
 		tag=${TAG:-$name}  # the output files' name: TAG=llama3-8b-gqa ... --gqa
@@ -84,5 +94,5 @@ case ${1:-} in
 		$PY -c "from powerinfer_attn.cli import main; main()" eval -m "$m" --samples-in "$samples" -ngl 99 --flash-attn \
 			--json "${preds[@]}" > "$OUT/ruler-$tag.json"
 		;;
-	*) sed -n 2,17p "$0"; exit 2 ;;
+	*) sed -n 2,19p "$0"; exit 2 ;;
 esac
