@@ -17,6 +17,6 @@ tar -C vendor -czf .gpu/src.tgz \
 	--exclude="$L/ggml/src/ggml-hexagon" --exclude="$L/ggml/src/ggml-metal" --exclude="$L/ggml/src/ggml-cann" \
 	--exclude="$L/ggml/src/ggml-webgpu" --exclude="$L/ggml/src/ggml-et" --exclude="$L/ggml/src/ggml-openvino" \
 	src
-cp vendor/src/$L/tests/test-backend-ops.cpp .gpu/  # for run.sh backend-ops (the tests folder is left out above)
+cp vendor/$L/tests/test-backend-ops.cpp .gpu/  # for run.sh backend-ops (the tests folder is left out above)
 "$BIN/python" -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels diskcache==5.6.3 gguf==0.19.0
 ls -la .gpu .gpu/wheels
