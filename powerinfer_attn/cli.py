@@ -748,7 +748,7 @@ def diagnose(predictor_file, data, density, as_json) -> None:
         reports = [dg.report(Path(predictor_file), Path(d), density) for d in data]
     except (FileNotFoundError, ValueError, KeyError) as e:
         _fail(e)
-    click.echo(json.dumps(reports, indent=1) if as_json else dg.format_report(reports))
+    click.echo(_json("diagnose", reports) if as_json else dg.format_report(reports))
 
 
 @main.command()
@@ -834,7 +834,7 @@ def _cache_list(text: str) -> tuple[str, ...]:
     out = tuple(c for c in text.split(",") if c)
     bad = [c for c in out if c not in CACHE_TYPES]
     if bad or not out:
-        raise ValueError(f"--cache-types: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(CACHE_TYPES)}")
+        raise ValueError(f"-ctk/-ctv: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(CACHE_TYPES)}")
     return out
 
 
@@ -863,8 +863,14 @@ def _ints(text: str) -> list[int]:
               help="Also time sparse decode with this trained:PRED.gguf[:RULE=VALUE] predictor, computed in the graph.")
 @click.option("--text-file", type=click.Path(dir_okay=False), default=None,
               help="Fill the caches with real text from this file's held-out half (default: a repeated sentence).")
-@click.option("--cache-types", "caches", default="f16,q8_0", show_default=True,
-              help="KV cache types the fastest-dense search tries (quantized ones with flash attention), comma-separated.")
+@click.option("--cache-type-k", "-ctk", "cache_k", default="f16,q8_0", show_default=True,
+              help="K cache types the fastest-dense search tries (quantized ones with flash attention), comma-separated, "
+                   "as llama-bench's -ctk; V takes the same type (-ctv).")
+@click.option("--cache-type-v", "-ctv", "cache_v", default=None,
+              help="V cache types, comma-separated: the same list as -ctk (bench times K and V of one type).")
+@click.option("--cache-types", "old_caches", default=None, hidden=True, help="The old spelling of -ctk/-ctv.")
+@click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(0), default=0,
+              help="Every engine's context size (default: each depth plus the timed steps).")
 @click.option("--window", default=None, metavar="S+W",
               help="Window fill at the fixed densities: skipped heads attend over the first S and last W KV cells.")
 @kv_budget_option
@@ -873,14 +879,19 @@ def _ints(text: str) -> list[int]:
                    "and an F16 cache, and each ratio's limit is from bytes.")
 @threads_option
 @json_option
-def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, caches, window,
-          kv_budget, ngl, threads, as_json) -> None:
+def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, cache_k,
+          cache_v, old_caches, n_ctx, window, kv_budget, ngl, threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
     if old_ctxs is not None:
         click.echo("note: --ctx is now -d/--depth (llama-bench's spelling); --ctx will go", err=True)
         ctxs = old_ctxs
+    if old_caches is not None:
+        click.echo("note: --cache-types is now -ctk/-ctv (llama-bench's spelling); --cache-types will go", err=True)
+        cache_k = old_caches
+    if cache_v is not None and _cache_list(cache_v) != _cache_list(cache_k):
+        raise click.UsageError("bench times K and V caches of one type: -ctv must list the same types as -ctk")
 
     from .evaluation import bench as bench_mod
     from .engine.decode import EngineError
@@ -889,8 +900,8 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
                                threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
-                               caches=_cache_list(caches), window=_window(window) if window else None, ngl=ngl,
-                               kv_budget=kv_budget)
+                               caches=_cache_list(cache_k), window=_window(window) if window else None, ngl=ngl,
+                               kv_budget=kv_budget, n_ctx=n_ctx)
         if plot_path:
             bench_mod.plot(result, plot_path)
     except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
@@ -952,7 +963,8 @@ def show(results) -> None:
     # the kind a result carries, or for files written before kinds, its shape
     kind = data.get("kind") if isinstance(data, dict) else None
     if kind is None and isinstance(data, list) and data:
-        kind = "score" if "kl_mean" in data[0] else "needle" if "haystack" in data[0] else None
+        kind = ("score" if "kl_mean" in data[0] else "needle" if "haystack" in data[0] else
+                "diagnose" if "layers" in data[0] and "predictor" in data[0] else None)
     elif kind is None and isinstance(data, dict):
         kind = ("retrieval-heads" if "scores" in data and "distances" in data else
                 "bench-serve" if "servers" in data else "bench" if "rows" in data else None)
@@ -970,6 +982,10 @@ def show(results) -> None:
         res = retrieval.RetrievalScores(np.array(data["scores"]), data["distances"], data["steps"], data["sequences"])
         click.echo(f"{data.get('model', '')}: " + retrieval.format_top(res)
                    + (f"\npinned in {data['out']}: {data['pinned']}" if data.get("pinned") else ""))
+    elif kind == "diagnose":
+        from .training import diagnose as dg
+
+        click.echo(dg.format_report(rows(data, "diagnose")))
     elif kind == "ruler":
         from .evaluation import ruler
 
@@ -990,7 +1006,7 @@ def show(results) -> None:
             click.echo(bench_mod.format_profile(data))
     else:
         _fail(ValueError(f"{result}: " + (f"a {kind} result has no table to show" if kind else
-                                          "not a score, needle, eval, bench, bench-serve or retrieval-heads result")))
+                                          "not a score, needle, eval, bench, bench-serve, diagnose or retrieval-heads result")))
 
 
 if __name__ == "__main__":

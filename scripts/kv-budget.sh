@@ -24,7 +24,7 @@ has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 if has speed; then
 	"$PIA" bench -d 8192 --density 1,0.7,0.5 --kv-budget "${BUDGET:-1024}" --text-file "$TEXT" \
-		--cache-types f16 --reps 10 -t 2 --json > figures/bench-budget-8192-text.json
+		-ctk f16 --reps 10 -t 2 --json > figures/bench-budget-8192-text.json
 	"$PIA" show figures/bench-budget-8192-text.json
 fi
 

@@ -59,7 +59,7 @@ done
 "$PIA" bench -d 128,8192 --density 1,0.7 --predictor trained:$PRED_PIN:density=0.7 --text-file "$TEXT" \
 	--reps 10 -t 2 --no-profile --json > figures/bench-trained-8192-text.json
 # flash attention on both sides: the grouped decode kernel with a head mask against stock's
-"$PIA" bench -d 8192 --density 1,0.7 --flash-attn on --cache-types f16 --text-file "$TEXT" \
+"$PIA" bench -d 8192 --density 1,0.7 --flash-attn on -ctk f16 --text-file "$TEXT" \
 	--reps 10 -t 2 --no-profile --json > figures/bench-fa-grouped-8192-text.json
 "$PIA" bench -d 8192 --density 0.7,0.5 --window 4+60 --predictor trained:$PRED_LONG:density=0.7:fill=window:4+60 \
 	--text-file "$TEXT" --reps 10 -t 2 --no-profile --json > figures/bench-window-8192-text.json

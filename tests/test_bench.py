@@ -108,7 +108,7 @@ def test_show_prints_saved_results(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     out = CliRunner().invoke(main, ["show", str(bad)])
-    assert out.exit_code != 0 and "not a score, needle, eval, bench, bench-serve or retrieval-heads result" in out.output
+    assert out.exit_code != 0 and "not a score, needle, eval, bench, bench-serve, diagnose or retrieval-heads result" in out.output
     needle_json = tmp_path / "needle.json"
     needle_json.write_text(json.dumps([
         {"predictor": p, "haystack": "filler", "length": 1024, "trials": 2, "correct": c, "density": d,

@@ -63,6 +63,27 @@ def test_bench_depth_and_the_old_ctx_spelling(monkeypatch):
     assert got[-1] == [512] and "-d/--depth" in r.output
 
 
+def test_bench_takes_c_ctk_ctv_and_the_old_cache_types(monkeypatch):
+    import powerinfer_attn.evaluation.bench as bench_mod
+
+    got = []
+    monkeypatch.setattr(bench_mod, "run", lambda *a, **k: got.append(k) or (_ for _ in ()).throw(ValueError("stop")))
+    CliRunner().invoke(main, ["bench", "-m", __file__, "-d", "128", "-c", "4096", "-ctk", "f16", "-ctv", "f16"])
+    assert got[-1]["n_ctx"] == 4096 and got[-1]["caches"] == ("f16",)
+    r = CliRunner().invoke(main, ["bench", "-m", __file__, "--cache-types", "q8_0"])
+    assert got[-1]["caches"] == ("q8_0",) and "-ctk/-ctv" in r.output
+    r = CliRunner().invoke(main, ["bench", "-m", __file__, "-ctk", "f16", "-ctv", "q8_0"])
+    assert r.exit_code == 2 and "-ctv must list the same types" in r.output
+
+
+def test_bench_refuses_a_context_smaller_than_its_depth():
+    from powerinfer_attn.evaluation import bench as bench_mod
+
+    # refused before anything loads (the model path is not even read)
+    with pytest.raises(ValueError, match="smaller than the deepest -d"):
+        bench_mod.run("no-such.gguf", [256, 1024], [1.0], 1, 3, n_ctx=1024)
+
+
 def _score_rows():
     from pathlib import Path
 
@@ -100,3 +121,13 @@ def test_show_reads_kinds_and_the_files_written_before_them(tmp_path):
     assert both.exit_code == 0, both.output
     r = CliRunner().invoke(main, ["show", str(odd)])
     assert r.exit_code == 1 and "a generate result has no table" in r.output
+
+
+def test_show_prints_diagnose_results_old_and_new(tmp_path):
+    from pathlib import Path
+
+    old = Path(__file__).resolve().parent.parent / "figures" / "domains" / "diagnose-pred-long-pinned.json"
+    new = tmp_path / "d.json"
+    new.write_text(json.dumps({"kind": "diagnose", "rows": json.loads(old.read_text())}))
+    outs = [CliRunner().invoke(main, ["show", str(f)]) for f in (old, new)]
+    assert all(o.exit_code == 0 for o in outs) and "regret" in outs[0].output and outs[0].output == outs[1].output

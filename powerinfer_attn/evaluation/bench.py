@@ -196,7 +196,7 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
 
 
 def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, repack_options, say,
-                   text_file: Path | None = None, caches=("f16",), ngl: int = 0) -> tuple[bool, bool, str]:
+                   text_file: Path | None = None, caches=("f16",), ngl: int = 0, n_ctx: int = 0) -> tuple[bool, bool, str]:
     """The stock configuration (flash attention, repack, KV cache type) with the fastest decode
     at ``ctx``; a quantized cache is tried with flash attention only (llama.cpp quantizes V only
     with it). Every configuration's cache is filled first, then their steps are timed in turns
@@ -208,7 +208,7 @@ def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, re
     toks = None
     try:
         for fa, rp, cache in configs:
-            eng = Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp,
+            eng = Engine(model_path, n_ctx=max(n_ctx, ctx + 16), n_threads=threads, flash_attn=fa, repack=rp,
                          cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl)
             engines.append(eng)
             if toks is None:  # the same tokenizer in every configuration: the text is read once
@@ -235,11 +235,11 @@ def _label(fa: bool, rp: bool, cache: str) -> str:
 
 def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say,
              text_file: Path | None = None, cache: str = "f16", window: tuple[int, int] | None = None,
-             kv_budget: int = 0) -> dict:
+             kv_budget: int = 0, n_ctx: int = 0) -> dict:
     """Per-part profile of the dense step and of the sparse step at each density (with window
     fill and the token budget of the sparse rows)."""
     timer = NodeTimer()
-    with Engine(model_path, n_ctx=ctx + 16, n_threads=threads, flash_attn=fa, repack=rp, tensor_hook=timer,
+    with Engine(model_path, n_ctx=max(n_ctx, ctx + 16), n_threads=threads, flash_attn=fa, repack=rp, tensor_hook=timer,
                 cache_type_k=cache, cache_type_v=cache) as eng:
         toks = _context_tokens(eng, ctx + 1, text_file)
         say(f"ctx {ctx}: profiling, filling the cache")
@@ -284,14 +284,14 @@ def kv_head_density(masks: np.ndarray, n_head_kv: int) -> float:
 
 
 def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spec: str, toks: list[int],
-                     cache: str = "f16", ngl: int = 0) -> tuple[float, float]:
+                     cache: str = "f16", ngl: int = 0, n_ctx: int = 0) -> tuple[float, float]:
     """Mean density the in-graph predictor chooses over the ``DENSITY_STEPS`` tokens that follow
     the context (teacher-forced, so the steps see the text go on), of heads and of KV heads (a KV
     head is read when one of its query heads is kept)."""
     from ..predictors.specs import get_predictor
 
     pred = get_predictor(spec, model_path)
-    with open_engine(model_path, pred, n_ctx=ctx + DENSITY_STEPS + 16, n_threads=threads, flash_attn=fa,
+    with open_engine(model_path, pred, n_ctx=max(n_ctx, ctx + DENSITY_STEPS + 16), n_threads=threads, flash_attn=fa,
                      repack=rp, cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl) as eng:
         _fill(eng, ctx, toks)
         eng.set_sparse(True)
@@ -307,7 +307,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
         progress: Callable[[str], None] | None = None, text_file: Path | None = None,
         caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None, ngl: int = 0,
-        kv_budget: int = 0) -> dict:
+        kv_budget: int = 0, n_ctx: int = 0) -> dict:
     """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up). With
     ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence.
     ``caches``: the KV cache types the fastest-stock search tries (quantized ones with flash
@@ -317,7 +317,11 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     fastest) whatever the dense winner, there is no profile, and each ratio's limit is the
     bytes-based one (``byte_share``). ``kv_budget``: the fixed-density rows (and a trained spec
     without its own ``:budget=``) read about that many cells per KV group (``Engine.set_kv_budget``);
-    their limit counts K*q and softmax*V at the budget's share of the context (``budget_limit``)."""
+    their limit counts K*q and softmax*V at the budget's share of the context (``budget_limit``).
+    ``n_ctx``: every engine's context size (0: each depth plus what the timed steps need)."""
+    if n_ctx and n_ctx < max(ctxs) + DENSITY_STEPS + 16:
+        raise ValueError(f"-c {n_ctx} is smaller than the deepest -d ({max(ctxs)}) plus the {DENSITY_STEPS + 16} cells "
+                         "the timed steps need")
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
     repack_types = repackable_types(model_path) if not ngl else []
@@ -330,12 +334,12 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     choices, profiles = {}, {}
     trained_ops = None
     for ctx in ctxs:
-        n_ctx = ctx + 16
+        ctx_size = max(n_ctx, ctx + 16)
         # the dense baseline is the fastest stock configuration on this machine
         fa, rp, cache = _fastest_dense(model_path, ctx, threads, reps, fa_options, repack_options, say, text_file,
-                                       caches, ngl)
+                                       caches, ngl, n_ctx)
         choices[ctx] = {"flash_attn": "on" if fa else "off", "repack": "on" if rp else "off", "cache": cache}
-        kw = dict(n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp, cache_type_k=cache, cache_type_v=cache,
+        kw = dict(n_ctx=ctx_size, n_threads=threads, flash_attn=fa, repack=rp, cache_type_k=cache, cache_type_v=cache,
                   n_gpu_layers=ngl)
         # on a GPU sparse decode runs in flash attention with an F16 cache: the CUDA kernel reads
         # Q8_0 too, but in 2-byte loads, and was slower with it at 32K (Llama-2-7B's shape, H100)
@@ -363,7 +367,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             if trained:
                 from ..predictors.specs import with_budget
 
-                t_eng = stack_trained(model_path, with_budget(trained, kv_budget), n_ctx, threads, s_fa, rp, s_cache, ngl)
+                t_eng = stack_trained(model_path, with_budget(trained, kv_budget), ctx_size, threads, s_fa, rp, s_cache, ngl)
                 trained_ops = t_eng.layer_ops()
                 t_budget = t_eng.kv_budget[0] if t_eng.kv_budget else 0
                 _fill(t_eng, ctx, toks)
@@ -391,7 +395,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         share = byte_share(model_path, ctx, s_cache, gpu=True) if ngl else None
         if profile:
             profiles[ctx] = _profile(model_path, ctx, threads, fa, rp, masks, max(3, reps // 4), say, text_file, cache,
-                                     window, kv_budget)
+                                     window, kv_budget, n_ctx)
             if trustworthy(profiles[ctx]["dense"]):
                 share = profiles[ctx]["dense"]["skippable_share"]
             else:
@@ -413,7 +417,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             say(f"ctx {ctx}: sparse density {d:g}: {1 / med:.1f} tok/s ({ratio:.3f}x dense {1 / dense_med:.1f}"
                 + (f", limit {limit:.3f}x)" if limit else ")"))
         if trained:
-            kept, kv_kept = _trained_density(model_path, ctx, threads, s_fa, rp, trained, toks, s_cache, ngl)
+            kept, kv_kept = _trained_density(model_path, ctx, threads, s_fa, rp, trained, toks, s_cache, ngl, n_ctx)
             med, ratio = statistics.median(times["trained"]), statistics.median(ratios["trained"])
             limit = amdahl_limit(share, kv_kept if ngl else kept) if share is not None else None
             if t_budget and share is not None and not ngl:
@@ -433,6 +437,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         "trained": trained,
         "window": list(window) if window else None,
         "kv_budget": kv_budget,
+        "n_ctx": n_ctx or None,
         "context_text": str(text_file) if text_file else "filler",
         "dense_config": {str(c): v for c, v in choices.items()},
         "repackable_types": repack_types,
