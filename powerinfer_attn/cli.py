@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -92,8 +93,19 @@ def _engine_kw(flash_attn: bool, cache_k: str, cache_v: str, n_gpu_layers: int =
 
 
 def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(1)
+    raise click.ClickException(str(e)) from e
+
+
+@contextlib.contextmanager
+def user_errors():
+    """What a command's input can cause (a missing file, a bad value, an engine that refuses it)
+    becomes a one-line error and exit status 1, not a traceback."""
+    from .engine.decode import EngineError
+
+    try:
+        yield
+    except (EngineError, build_mod.BuildError, FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
+        _fail(e)
 
 
 @click.group()
@@ -148,10 +160,8 @@ def model(name, list_models) -> None:
             pred = prepared_predictor_path(m.file)
             click.echo(f"{m.name}: {m.about}" + (f"; predictor: {pred}" if pred.is_file() else "; no predictor (`prepare`)"))
         return
-    try:
+    with user_errors():
         click.echo(str(known_model_path(name) if name else default_model_path()))
-    except (build_mod.BuildError, ValueError) as e:
-        _fail(e)
 
 
 @main.command()
@@ -176,13 +186,13 @@ def model(name, list_models) -> None:
 def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, sparse, predictor, kv_budget, temp, top_k,
              top_p, seed, chat, model, threads, as_json) -> None:
     """Generation through the patched bindings (greedy by default), streamed, with decode speed."""
-    from .engine.decode import EngineError, open_engine
+    from .engine.decode import open_engine
     from .predictors.specs import get_predictor
     from .engine.sampling import Sampler
 
     if (predictor or kv_budget) and not sparse:
         _fail(ValueError("--predictor and --kv-budget need --sparse"))
-    try:
+    with user_errors():
         path = resolve_model(model)
         pred = get_predictor(with_budget(predictor or "all", kv_budget), path) if sparse else None
         sampler = Sampler(temp, top_k, top_p, seed)
@@ -207,8 +217,6 @@ def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v
             g = eng.generate(eng.tokenize(text, special=chat), n_tokens, predictor=pred, sample=sampler, on_token=stream)
             threads_used = eng.n_threads
             layer_ops = eng.layer_ops() if sparse else None
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
-        _fail(e)
     mode = f"sparse ({pred.name})" if sparse else "dense"
     density = float(np.mean(g.masks)) if g.masks else (1.0 if sparse else None)
     if as_json:
@@ -247,14 +255,11 @@ def compare(prompt, n_tokens, predictor, n_ctx, n_gpu_layers, flash_attn, cache_
             as_json) -> None:
     """Generate greedily dense and sparse from one prompt, side by side."""
     from .evaluation import compare as cmp
-    from .engine.decode import EngineError
 
-    try:
+    with user_errors():
         path = resolve_model(model)
         res = cmp.compare(path, prompt, n_tokens, _open_predictor(predictor, path), threads, n_ctx,
                           engine_kw=_engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("compare", res.to_json()))
         return
@@ -293,12 +298,11 @@ def score(text_file, prefixes, steps, windows, training, predictors, mask_file, 
     from pathlib import Path
 
     from .evaluation import compare as cmp
-    from .engine.decode import EngineError
 
     if bool(predictors) == bool(mask_file):
         _fail(ValueError("give --predictor (one or more) or --mask-file"))
     specs = [with_budget(sp, kv_budget) for sp in list(predictors) or [f"mask-file:{mask_file}"]]
-    try:
+    with user_errors():
         path = resolve_model(model)
         text = resolve_text_file(text_file)
         prefix = _ints(prefixes)
@@ -312,8 +316,6 @@ def score(text_file, prefixes, steps, windows, training, predictors, mask_file, 
                                 engine_kw=_engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
         if plot_path:
             cmp.plot_pareto([r.to_json() for r in results], plot_path)
-    except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("score", [r.to_json() for r in results]))
         return
@@ -340,17 +342,14 @@ def calibrate(text_file, tokens, out, model, threads, as_json) -> None:
     from pathlib import Path
 
     from .evaluation import compare as cmp
-    from .engine.decode import EngineError
     from .predictors.specs import default_calibration_path
 
-    try:
+    with user_errors():
         path = resolve_model(model)
         text = resolve_text_file(text_file)
         dest = Path(out) if out else default_calibration_path(path)
         with click.progressbar(length=tokens, label="calibrating", file=sys.stderr) as bar:
             res = cmp.calibrate(path, text, dest, tokens, threads=threads, progress=bar.update)
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("calibration", {"out": str(dest), **res}))
     else:
@@ -386,9 +385,8 @@ def collect(text_file, out, tokens, sensitivity, seq_len, resume, fill_from, mod
     from pathlib import Path
 
     from .training import collect as col
-    from .engine.decode import EngineError
 
-    try:
+    with user_errors():
         path = resolve_model(model)
         text = resolve_text_file(text_file)
         # the fills are fitted first (collect.fill_sequences)
@@ -397,8 +395,6 @@ def collect(text_file, out, tokens, sensitivity, seq_len, resume, fill_from, mod
             meta = col.collect(path, text, Path(out), tokens, threads=threads, sensitivity=sensitivity,
                                progress=bar.update, seq_len=seq_len, resume=resume,
                                fill_from=Path(fill_from) if fill_from else None)
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("collect", meta))
     else:
@@ -433,11 +429,10 @@ def prepare(text_file, out, conversations, tokens, seq_len, density, pin_heads, 
     from pathlib import Path
 
     from .training import prepare as prep
-    from .engine.decode import EngineError
     from .engine.text import TEXT_ENV
 
     bars: dict = {}
-    try:
+    with user_errors():
         path = resolve_model(model)
         wiki = Path(text_file) if text_file else (Path(os.environ[TEXT_ENV]) if os.environ.get(TEXT_ENV) else None)
         totals = prep.step_totals(resolve_n_layer(path), conversations, tokens, seq_len, sensitivity)
@@ -453,8 +448,6 @@ def prepare(text_file, out, conversations, tokens, seq_len, density, pin_heads, 
                            sensitivity, threads, say=lambda m: click.echo(m, err=True), progress=progress)
         for b in bars.values():
             b.render_finish()
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("prepare", res))
     else:
@@ -489,11 +482,9 @@ def train_predictor(data_dir, out, rule, density, value, label, layer_budget, no
 
     from .training import train as tr
 
-    try:
+    with user_errors():
         summary = tr.train(Path(data_dir), Path(out), rule, density, value, label=label, layer_budget=0.0 if no_budget else layer_budget, fill=fill,
                            progress=None if as_json else (lambda m: click.echo(m, err=True)))
-    except (FileNotFoundError, ValueError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("predictor-training", summary))
     else:
@@ -522,9 +513,8 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
            cache_k, cache_v, model, threads, as_json) -> None:
     """Retrieval at long context: exact-match accuracy on a hidden pass key, dense and sparse."""
     from .evaluation import needle as nd
-    from .engine.decode import EngineError
 
-    try:
+    with user_errors():
         path = resolve_model(model)
         kinds = [h for h in haystacks.split(",") if h]
         text = resolve_text_file(text_file) if "text" in kinds else None
@@ -533,8 +523,6 @@ def needle(lengths, trials, haystacks, text_file, predictors, answer_tokens, see
         with click.progressbar(length=len(lens) * trials * len(kinds), label="needle trials", file=sys.stderr) as bar:
             results = nd.run(path, lens, trials, preds, kinds, text, answer_tokens, threads, seed, bar.update,
                              engine_kw=_engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("needle", [r.to_json() for r in results]))
         return
@@ -573,7 +561,6 @@ def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samp
     from pathlib import Path
 
     from .evaluation import ruler
-    from .engine.decode import EngineError
 
     def emit(doc):
         if as_json:
@@ -581,7 +568,7 @@ def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samp
         else:
             click.echo(ruler.format_result(doc))
 
-    try:
+    with user_errors():
         if rescore:
             emit(ruler.rescore(ruler.merge([json.loads(Path(r).read_text()) for r in rescore])))
             return
@@ -609,8 +596,6 @@ def eval_cmd(tasks, lengths, n_samples, predictors, via, seed, samples_out, samp
             else:
                 doc = ruler.run_server(path, task_objs, samples, list(predictors), seed, threads, bar.update,
                                        log=lambda m: click.echo(m, err=True))
-    except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
-        _fail(e)
     emit(doc)
 
 
@@ -633,11 +618,10 @@ def retrieval_heads(distances, steps, sequences, pin_path, top, out, seed, model
     from pathlib import Path
 
     from .training import retrieval
-    from .engine.decode import EngineError
 
     if (pin_path is None) != (out is None) or (pin_path is not None and top is None):
         _fail(ValueError("--pin PRED.gguf, --top K and --out FILE go together"))
-    try:
+    with user_errors():
         path = resolve_model(model)
         dists = _ints(distances)
         with click.progressbar(length=len(dists) * sequences, label="copy runs", file=sys.stderr) as bar:
@@ -645,8 +629,6 @@ def retrieval_heads(distances, steps, sequences, pin_path, top, out, seed, model
         pinned = None
         if pin_path is not None:
             pinned = retrieval.pin(Path(pin_path), Path(out), res.top(top))
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("retrieval-heads", res.to_json() | {"model": path.name, "pinned": pinned, "out": out}))
         return
@@ -687,9 +669,8 @@ def corpus(kind, out, text_file, conversations, seed, model, threads) -> None:
     from pathlib import Path
 
     from .training import corpus as cp
-    from .engine.decode import EngineError
 
-    try:
+    with user_errors():
         path = resolve_model(model) if kind == "chat" else None
         if kind == "chat":
             with click.progressbar(length=conversations, label="conversations", file=sys.stderr) as bar:
@@ -697,8 +678,6 @@ def corpus(kind, out, text_file, conversations, seed, model, threads) -> None:
         else:
             text, names = cp.kind_text(kind, wiki=text_file)
         cp.write(Path(out), text, names, kind, {"model": path.name, "seed": seed} if path else None)
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
-        _fail(e)
     click.echo(f"wrote {out}: {kind}, {len(names)} articles, {len(text)} characters")
 
 
@@ -715,7 +694,7 @@ def corpus_mix(out, texts, block_chars) -> None:
 
     from .training import corpus as cp
 
-    try:
+    with user_errors():
         named = {}
         for t in texts:
             kind, sep, file = t.partition("=")
@@ -726,8 +705,6 @@ def corpus_mix(out, texts, block_chars) -> None:
             named[kind] = Path(file).read_text(encoding="utf-8")
         text, taken = cp.mix(named, block_chars)
         cp.write(Path(out), text, [], "mix", {"kinds": taken, "from": dict(t.partition("=")[::2] for t in texts)})
-    except (FileNotFoundError, ValueError) as e:
-        _fail(e)
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v} characters" for k, v in taken.items()))
 
 
@@ -744,10 +721,8 @@ def diagnose(predictor_file, data, density, as_json) -> None:
 
     from .training import diagnose as dg
 
-    try:
+    with user_errors():
         reports = [dg.report(Path(predictor_file), Path(d), density) for d in data]
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        _fail(e)
     click.echo(_json("diagnose", reports) if as_json else dg.format_report(reports))
 
 
@@ -766,7 +741,6 @@ def serve(model, predictor, density, host, port, kv_budget, n_ctx, n_gpu_layers,
     """OpenAI-compatible server (llama-cpp-python's) with sparse decode: /v1/completions,
     /v1/chat/completions (SSE streaming), /v1/models, /health; a log line per request."""
     from .serving import serve as serve_mod
-    from .engine.decode import EngineError
 
     spec = None if predictor == "none" else predictor
     if density is not None:
@@ -779,11 +753,9 @@ def serve(model, predictor, density, host, port, kv_budget, n_ctx, n_gpu_layers,
         if spec is None:
             _fail(ValueError("--kv-budget needs a sparse --predictor (none serves dense)"))
         spec = with_budget(spec, kv_budget)
-    try:
+    with user_errors():
         serve_mod.serve(resolve_model(model), spec, host, port, n_ctx, threads,
                         _engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
-    except (EngineError, FileNotFoundError, ValueError, build_mod.BuildError) as e:
-        _fail(e)
 
 
 @main.command("bench-serve")
@@ -799,13 +771,10 @@ def serve(model, predictor, density, host, port, kv_budget, n_ctx, n_gpu_layers,
 def bench_serve(model, predictor, text_file, prompt_tokens, gen_tokens, requests, threads, as_json) -> None:
     """End to end through HTTP: dense server against sparse server, long prompts, streamed answers."""
     from .evaluation import bench_serve as bs
-    from .engine.decode import EngineError
 
-    try:
+    with user_errors():
         result = bs.run(resolve_model(model), predictor, resolve_text_file(text_file), prompt_tokens, gen_tokens,
                         requests, threads)
-    except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("bench-serve", result))
     else:
@@ -894,9 +863,8 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
         raise click.UsageError("bench times K and V caches of one type: -ctv must list the same types as -ctk")
 
     from .evaluation import bench as bench_mod
-    from .engine.decode import EngineError
 
-    try:
+    with user_errors():
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
                                threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
@@ -904,8 +872,6 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
                                kv_budget=kv_budget, n_ctx=n_ctx)
         if plot_path:
             bench_mod.plot(result, plot_path)
-    except (EngineError, FileNotFoundError, ValueError, RuntimeError, build_mod.BuildError) as e:
-        _fail(e)
     if as_json:
         click.echo(_json("bench", result))
     else:
