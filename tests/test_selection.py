@@ -103,3 +103,32 @@ def test_sampler():
     assert [a(logits) for _ in range(20)] == [b(logits) for _ in range(20)]
     with pytest.raises(ValueError, match="top_p"):
         Sampler(top_p=0.0)
+
+
+def test_a_users_predictor_object_gets_the_optional_parts_explicitly():
+    from powerinfer_attn.engine.decode import PredictorBase, as_predictor
+    from powerinfer_attn.predictors.basic import AllHeads
+    from powerinfer_attn.predictors.wrappers import KVBudget
+
+    class Mine:  # only what Predictor asks
+        name = "mine"
+
+        def bind(self, engine):
+            self.bound = engine
+
+        def predict(self, state):
+            return np.ones((1, 2), np.int32)
+
+    mine = Mine()
+    p = as_predictor(mine)
+    assert isinstance(p, PredictorBase) and p.name == "mine" and not p.in_graph and p.hook is None
+    p.restart(None)  # nothing to forget
+    p.bind("engine")
+    assert mine.bound == "engine" and p.predict(None).shape == (1, 2)
+    with pytest.raises(TypeError, match="not an in-graph predictor"):
+        p.observed()
+    ours = AllHeads()
+    assert as_predictor(ours) is ours and as_predictor(None) is None
+    assert KVBudget(mine, 64).name == "mine+budget:64"  # a wrapper takes a user's object too
+    with pytest.raises(TypeError, match="needs name, bind"):
+        as_predictor(object())

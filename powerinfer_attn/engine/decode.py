@@ -659,7 +659,8 @@ class Engine:
 
         An in-graph predictor (``trained:``) computes the masks inside the step; any other
         predictor's mask is set first, and overrides a loaded in-graph predictor."""
-        if getattr(predictor, "in_graph", False):
+        predictor = as_predictor(predictor)
+        if predictor.in_graph:
             self.use_head_predictor(True)
             logits = self.step(token)
             return logits, predictor.observed()
@@ -761,12 +762,9 @@ class StepState:
 
 @runtime_checkable
 class Predictor(Protocol):
-    """What the engine asks of a predictor. ``bind(engine)`` is called once the engine exists
+    """What the engine asks of every predictor. ``bind(engine)`` is called once the engine exists
     (check the shapes, load files into it); ``predict(state)`` gives the mask ``[n_layer,
-    n_head]`` of 0/1 for the step ``state`` (a ``StepState``) describes. Optional: ``hook``, a
-    ``TensorHook`` the engine must be built with (``open_engine`` does that); ``in_graph`` True
-    with ``observed()``, for a predictor loaded into the graph that chooses the masks itself
-    and reports them after the step."""
+    n_head]`` of 0/1 for the step ``state`` (a ``StepState``) describes."""
 
     name: str
 
@@ -775,11 +773,54 @@ class Predictor(Protocol):
     def predict(self, state: StepState) -> np.ndarray: ...
 
 
+class PredictorBase:
+    """The parts of a predictor the engine may use beyond ``Predictor``, with what they are for a
+    predictor that does not need them; the package's predictors derive from it, and
+    ``as_predictor`` gives any other object these defaults.
+
+    ``hook``: a ``TensorHook`` the engine must be built with (``open_engine`` does that).
+    ``in_graph``: True for a predictor loaded into the graph, which chooses the masks itself
+    during the step; ``observed()`` then gives the mask the step used. ``restart(engine)``:
+    forget what earlier sequences taught it (a density controller's state), before a new one."""
+
+    name = "predictor"
+    hook: TensorHook | None = None
+    in_graph = False
+
+    def restart(self, engine: Engine) -> None:
+        pass
+
+    def observed(self) -> np.ndarray:
+        raise TypeError(f"{self.name} is not an in-graph predictor: it has no observed mask")
+
+
+class _Foreign(PredictorBase):
+    """A user's object with only ``Predictor``'s part, seen through ``PredictorBase``."""
+
+    def __init__(self, inner: Predictor):
+        self.inner, self.name = inner, inner.name
+
+    def bind(self, engine: Engine) -> None:
+        self.inner.bind(engine)
+
+    def predict(self, state: StepState) -> np.ndarray:
+        return self.inner.predict(state)
+
+
+def as_predictor(predictor: Predictor | None) -> PredictorBase | None:
+    """``predictor`` as a ``PredictorBase`` (itself when it is one)."""
+    if predictor is None or isinstance(predictor, PredictorBase):
+        return predictor
+    if not isinstance(predictor, Predictor):
+        raise TypeError(f"{predictor!r} is not a predictor: it needs name, bind(engine) and predict(state)")
+    return _Foreign(predictor)
+
+
 def open_engine(model_path, predictor: Predictor | None = None, **kwargs) -> Engine:
     """An engine built for ``predictor`` (with its tensor hook, if it has one) and the
     predictor bound to it."""
-    hook = getattr(predictor, "hook", None)
-    eng = Engine(model_path, tensor_hook=hook, **kwargs)
+    predictor = as_predictor(predictor)
+    eng = Engine(model_path, tensor_hook=predictor.hook if predictor is not None else None, **kwargs)
     if predictor is not None:
         try:
             predictor.bind(eng)

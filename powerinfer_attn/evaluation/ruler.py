@@ -153,7 +153,7 @@ def _decode(eng, first: int, sample: Sample, pred) -> Answer:
     ``create_completion`` stops."""
     out, masks, text = [], [], ""
     tok = first
-    if hasattr(pred, "restart"):
+    if pred is not None:
         pred.restart(eng)  # density control starts anew for each sample, as the server does per request
     eng.set_sparse(pred is not None)
     try:
@@ -192,10 +192,11 @@ def generate_engine(model_path: Path, samples: Sequence[Sample], predictors: Seq
                     progress: Callable[[int], None] | None = None,
                     cache_types: tuple[str, str] = ("f16", "f16")) -> dict[str, list[Answer]]:
     """Answers of dense decode ("dense") and of each predictor, sample by sample."""
-    from ..engine.decode import Engine, open_engine
+    from ..engine.decode import Engine, as_predictor, open_engine
 
     if not samples:
         raise ValueError("no samples")
+    predictors = [as_predictor(p) for p in predictors]
     kw = dict(n_threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, cache_type_k=cache_types[0],
               cache_type_v=cache_types[1])
     answers: dict[str, list[Answer]] = {"dense": []} | {p.name: [] for p in predictors}

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.decode import PredictorBase
 from .importance import topk_mask
 
 
-class _Shaped:
+class _Shaped(PredictorBase):
     n_layer = n_head = 0
 
     def bind(self, engine) -> None:

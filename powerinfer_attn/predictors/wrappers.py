@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine.decode import Predictor
+from ..engine.decode import Predictor, PredictorBase, as_predictor
 from ..native.bindings import KV_DENSE_LAYERS, KV_PAGE, KV_RECENT, KV_SINK
 
 
-class _Wrapper:
+class _Wrapper(PredictorBase):
     """A predictor around another: decides the heads through it, adds an engine setting in bind."""
 
     def _wrap(self, inner: Predictor, name: str) -> None:
-        self.inner, self.name = inner, name
-        self.in_graph = getattr(inner, "in_graph", False)
-        if hasattr(inner, "hook"):
-            self.hook = inner.hook
+        self.inner, self.name = as_predictor(inner), name
+        self.in_graph, self.hook = self.inner.in_graph, self.inner.hook
 
     def predict(self, state):
         return self.inner.predict(state)
 
     def restart(self, engine) -> None:
-        if hasattr(self.inner, "restart"):
-            self.inner.restart(engine)
+        self.inner.restart(engine)
 
     def observed(self) -> np.ndarray:
         return self.inner.observed()

@@ -71,7 +71,7 @@ def restart(llm) -> None:
     """A new text starts: the predictor's density control from its own threshold again (the
     server calls this before each request, so that an answer does not depend on earlier ones)."""
     state = getattr(llm, _STATE, None)
-    if state is not None and hasattr(state["pred"], "restart"):
+    if state is not None:
         state["pred"].restart(state["engine"])
 
 
