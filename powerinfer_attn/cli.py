@@ -866,7 +866,8 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
 
     with user_errors():
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
-                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn, gqa, profile, trained,
+                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn=flash_attn, gqa=gqa,
+                               profile=profile, trained=trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
                                caches=_cache_list(cache_k), window=_window(window) if window else None, ngl=ngl,
                                kv_budget=kv_budget, n_ctx=n_ctx)

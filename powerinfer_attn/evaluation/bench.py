@@ -303,7 +303,7 @@ def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spe
     return float(np.mean(masks)), kv_head_density(np.array(masks), n_head_kv)
 
 
-def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int,
+def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps: int, *,
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
         progress: Callable[[str], None] | None = None, text_file: Path | None = None,
         caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None, ngl: int = 0,
