@@ -74,6 +74,23 @@ def engine_options(ctx_default: int | None = None, ctx_min: int = 16):
     return deco
 
 
+def sparse_min_ctx_option(default: str):
+    return click.option("--sparse-min-ctx", "sparse_min_ctx", default=default, show_default=True, metavar="auto|N",
+                        help="Decode on the stock graph before this many tokens of context, on the sparse one from "
+                             "there (auto: where `bench` measured sparse to pay on this machine; 0: sparse at every "
+                             "length).")
+
+
+def _min_ctx(spec: str, eng, model_path, pred) -> int:
+    """``--sparse-min-ctx`` for this engine and predictor, applied to it."""
+    from .engine import crossover
+
+    n = crossover.resolve(spec, model_path, eng.n_threads, eng.n_gpu_layers, bool(pred is not None and pred.in_graph),
+                          say=lambda m: click.echo(m, err=True))
+    eng.set_sparse_min_ctx(n)
+    return n
+
+
 def with_budget(spec: str, kv_budget: int) -> str:
     from .predictors.specs import with_budget as add_budget
 
@@ -174,6 +191,7 @@ def model(name, list_models) -> None:
               help="Head predictor for --sparse: all, random:K[:SEED], static:K[:FILE], oracle:P, oracle-topk:K, mask-file:PATH, "
                    "trained:PRED.gguf[:RULE=VALUE], each with an optional :budget=N.")
 @kv_budget_option
+@sparse_min_ctx_option("auto")
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature; 0 is greedy (for comparisons).")
 @click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="Top-k when sampling (0: all).")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
@@ -183,8 +201,8 @@ def model(name, list_models) -> None:
 @model_option
 @threads_option
 @json_option
-def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, sparse, predictor, kv_budget, temp, top_k,
-             top_p, seed, chat, model, threads, as_json) -> None:
+def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v, sparse, predictor, kv_budget,
+             sparse_min_ctx, temp, top_k, top_p, seed, chat, model, threads, as_json) -> None:
     """Generation through the patched bindings (greedy by default), streamed, with decode speed."""
     from .engine.decode import open_engine
     from .predictors.specs import get_predictor
@@ -198,6 +216,7 @@ def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v
         sampler = Sampler(temp, top_k, top_p, seed)
         with open_engine(path, pred, n_ctx=n_ctx, n_threads=threads,
                          **_engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers)) as eng:
+            min_ctx = _min_ctx(sparse_min_ctx, eng, path, pred) if sparse else 0
             text = eng.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
             stream = None
             if not as_json:
@@ -217,6 +236,7 @@ def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v
             g = eng.generate(eng.tokenize(text, special=chat), n_tokens, predictor=pred, sample=sampler, on_token=stream)
             threads_used = eng.n_threads
             layer_ops = eng.layer_ops() if sparse else None
+            graph_steps = dict(eng.graph_steps) if sparse else None
     mode = f"sparse ({pred.name})" if sparse else "dense"
     density = float(np.mean(g.masks)) if g.masks else (1.0 if sparse else None)
     if as_json:
@@ -227,14 +247,18 @@ def generate(prompt, n_tokens, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v
             "prefill_s": g.prefill_s, "decode_s": g.decode_s, "decode_tok_s": g.decode_tok_s,
             "threads": threads_used, "flash_attn": flash_attn, "mode": "sparse" if sparse else "dense",
             "predictor": pred.name if sparse else None, "mean_head_density": density,
-            "sparse_layer_ops": layer_ops,
+            "sparse_layer_ops": layer_ops, "sparse_min_ctx": min_ctx,
+            # decode steps of the sparse mode by the graph they ran (stock below sparse_min_ctx)
+            "graph_steps": graph_steps,
         }))
     else:
         click.echo("")
         click.echo(f"\n[{mode}] {len(g.tokens)} tokens, decode {g.decode_tok_s:.1f} tok/s, "
                    f"prefill {len(g.prompt_tokens)} tokens in {g.prefill_s * 1000:.0f} ms, "
                    f"{threads_used} threads"
-                   + (f", mean head density {density:.2f}" if sparse else ""), err=True)
+                   + (f", mean head density {density:.2f}" if sparse else "")
+                   + (f", {graph_steps['dense']} steps on the stock graph (context below {min_ctx})"
+                      if sparse and graph_steps["dense"] else ""), err=True)
 
 
 def _open_predictor(spec: str, path):
@@ -734,10 +758,11 @@ def diagnose(predictor_file, data, density, as_json) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @kv_budget_option
+@sparse_min_ctx_option("auto")
 @engine_options(ctx_default=4096, ctx_min=64)
 @threads_option
-def serve(model, predictor, density, host, port, kv_budget, n_ctx, n_gpu_layers, flash_attn, cache_k, cache_v,
-          threads) -> None:
+def serve(model, predictor, density, host, port, kv_budget, sparse_min_ctx, n_ctx, n_gpu_layers, flash_attn, cache_k,
+          cache_v, threads) -> None:
     """OpenAI-compatible server (llama-cpp-python's) with sparse decode: /v1/completions,
     /v1/chat/completions (SSE streaming), /v1/models, /health; a log line per request."""
     from .serving import serve as serve_mod
@@ -755,7 +780,7 @@ def serve(model, predictor, density, host, port, kv_budget, n_ctx, n_gpu_layers,
         spec = with_budget(spec, kv_budget)
     with user_errors():
         serve_mod.serve(resolve_model(model), spec, host, port, n_ctx, threads,
-                        _engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers))
+                        _engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers), sparse_min_ctx)
 
 
 @main.command("bench-serve")
@@ -840,6 +865,7 @@ def _ints(text: str) -> list[int]:
 @click.option("--cache-types", "old_caches", default=None, hidden=True, help="The old spelling of -ctk/-ctv.")
 @click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(0), default=0,
               help="Every engine's context size (default: each depth plus the timed steps).")
+@sparse_min_ctx_option("0")
 @click.option("--window", default=None, metavar="S+W",
               help="Window fill at the fixed densities: skipped heads attend over the first S and last W KV cells.")
 @kv_budget_option
@@ -849,7 +875,7 @@ def _ints(text: str) -> list[int]:
 @threads_option
 @json_option
 def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, cache_k,
-          cache_v, old_caches, n_ctx, window, kv_budget, ngl, threads, as_json) -> None:
+          cache_v, old_caches, n_ctx, sparse_min_ctx, window, kv_budget, ngl, threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
@@ -862,15 +888,22 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
     if cache_v is not None and _cache_list(cache_v) != _cache_list(cache_k):
         raise click.UsageError("bench times K and V caches of one type: -ctv must list the same types as -ctk")
 
+    from .engine import crossover
     from .evaluation import bench as bench_mod
 
     with user_errors():
+        threads = threads or min(os.cpu_count() or 1, 16)
+        min_ctx = crossover.resolve(sparse_min_ctx, resolve_model(model), threads, ngl, trained is not None,
+                                    say=lambda m: click.echo(m, err=True))
         result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
-                               threads or min(os.cpu_count() or 1, 16), reps, flash_attn=flash_attn, gqa=gqa,
+                               threads, reps, flash_attn=flash_attn, gqa=gqa,
                                profile=profile, trained=trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
                                caches=_cache_list(cache_k), window=_window(window) if window else None, ngl=ngl,
-                               kv_budget=kv_budget, n_ctx=n_ctx)
+                               kv_budget=kv_budget, n_ctx=n_ctx, sparse_min_ctx=min_ctx)
+        # a run on the sparse graph at every depth says where it starts to pay: --sparse-min-ctx auto
+        # (of the plain sparse graph: not with a window, a budget or whole KV groups)
+        recorded = crossover.store(result) if min_ctx == 0 and not (window or kv_budget or gqa) else None
         if plot_path:
             bench_mod.plot(result, plot_path)
     if as_json:
@@ -895,6 +928,9 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
             click.echo(bench_mod.format_profile(result))
         if plot_path:
             click.echo(f"\nplot: {plot_path}")
+        if recorded:
+            click.echo("\nrecorded for --sparse-min-ctx auto (the depth from which sparse pays here; none: not "
+                       f"measured): trained predictor {recorded['trained']}, fixed masks {recorded['fixed']}")
 
 
 @main.command()

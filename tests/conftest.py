@@ -5,6 +5,14 @@ import pytest
 from powerinfer_attn.native import build
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_crossover_file(tmp_path_factory):
+    """`--sparse-min-ctx auto` reads where `bench` measured sparse to pay on this machine; the
+    tests (and the servers they start) must not depend on what a user's bench runs recorded."""
+    os.environ["POWERINFER_ATTN_CROSSOVER"] = str(tmp_path_factory.mktemp("crossover") / "crossover.json")
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     """Markers from what a test needs, so ``-m`` selects without a list to keep up to date:
     ``engine`` for any test that uses the built library (the ``engine_lib`` fixture, directly or

@@ -131,3 +131,15 @@ def test_show_prints_diagnose_results_old_and_new(tmp_path):
     new.write_text(json.dumps({"kind": "diagnose", "rows": json.loads(old.read_text())}))
     outs = [CliRunner().invoke(main, ["show", str(f)]) for f in (old, new)]
     assert all(o.exit_code == 0 for o in outs) and "regret" in outs[0].output and outs[0].output == outs[1].output
+
+
+def test_generate_reports_the_graph_of_each_step(model_path):
+    def run(min_ctx):
+        r = CliRunner().invoke(main, ["generate", "-m", str(model_path), "-p", "The capital of France is", "-n", "4",
+                                      "-t", "2", "--sparse", "--predictor", "all", "--sparse-min-ctx", min_ctx, "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output[r.output.index("{"):])
+
+    below, above = run("1000"), run("0")
+    assert below["graph_steps"] == {"dense": 3, "sparse": 0} and below["sparse_min_ctx"] == 1000
+    assert above["graph_steps"] == {"dense": 0, "sparse": 3} and above["tokens"] == below["tokens"]

@@ -66,6 +66,46 @@ def test_sparse_off_is_bit_identical_to_before(engine):
     assert np.array_equal(a, b)
 
 
+def test_sparse_min_ctx_runs_the_stock_graph_before_it_and_sparse_from_it(engine):
+    """The switch is in the library: steps before the position are dense decode bit for bit,
+    from it on the mask takes effect; changing the position is exact both ways."""
+    toks = engine.tokenize(PROMPT + " the founding of the city by Romulus and Remus, twin brothers")
+    prompt_len, switch = 4, 9
+    dense = teacher_forced_logits(engine, toks, prompt_len)
+    half = np.zeros((len(toks) - prompt_len, engine.n_layer, engine.n_head), np.int32)
+    half[:, :, ::2] = 1
+    sparse = teacher_forced_logits(engine, toks, prompt_len, half)
+    try:
+        engine.set_sparse_min_ctx(switch)
+        both = teacher_forced_logits(engine, toks, prompt_len, half)
+    finally:
+        engine.set_sparse_min_ctx(0)
+    k = switch - prompt_len  # steps decoded at positions below the switch
+    assert np.array_equal(both[:k], dense[:k])
+    assert not np.allclose(both[k:], dense[k:])
+    # from the switch on the cache holds dense K/V of the earlier steps, so compare the first
+    # sparse step with a run whose earlier steps were dense too
+    assert np.array_equal(teacher_forced_logits(engine, toks, switch, half[k:])[0], both[k])
+    assert np.array_equal(teacher_forced_logits(engine, toks, prompt_len), dense)  # dense as before
+    with pytest.raises(ValueError):
+        engine.set_sparse_min_ctx(-1)
+
+
+def test_predicted_steps_below_sparse_min_ctx_count_as_dense(engine):
+    switch = len(engine.tokenize(PROMPT)) + 3  # the first 3 decode steps on the stock graph
+    engine.set_sparse_min_ctx(switch)
+    try:
+        before = dict(engine.graph_steps)
+        pred = AllHeads()
+        pred.bind(engine)
+        g = engine.generate(PROMPT, 8, predictor=pred, stop_at_eog=False)
+    finally:
+        engine.set_sparse_min_ctx(0)
+    steps = len(g.tokens) - 1  # the first token comes from the prefill
+    assert steps == 7 and engine.graph_steps["dense"] - before["dense"] == 3
+    assert engine.graph_steps["sparse"] - before["sparse"] == 4
+
+
 def zeroed_dense_logits(model_path, tokens, prompt_len, masks, flash_attn=False, n_ctx=512, fill=None, linear=None):
     """The oracle: stock dense decode with inactive heads' outputs zeroed by a tensor hook
     (or, with ``fill`` [n_layer, n_head, d], replaced by those vectors, or with ``linear`` a

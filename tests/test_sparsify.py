@@ -70,6 +70,22 @@ def test_trained_predictor_decodes_sparsely(llm, tmp_path):
     assert _text(llm) == dense
 
 
+def test_the_stock_graph_below_sparse_min_ctx_inside_llamas_own_loop(llm, tmp_path):
+    """The switch is in the library, so llama-cpp-python's decode loop obeys it: far past the
+    completion the trained predictor never runs and the text is dense; at 0 it is sparse again."""
+    dense = _text(llm)
+    path = _random_file(tmp_path / "p.gguf", llm, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparsify.sparsify(llm, f"trained:{path}", sparse_min_ctx=400)
+        assert sparsify.sparse_min_ctx(llm) == 400
+        assert _text(llm) == dense and sparsify.head_density(llm) is None  # no sparse step ran
+        sparsify.sparsify(llm, f"trained:{path}", sparse_min_ctx=0)
+        assert _text(llm) != dense and 0.1 < sparsify.head_density(llm) < 0.9
+    sparsify.unsparsify(llm)
+    assert sparsify.sparse_min_ctx(llm) == 0
+
+
 def test_window_fill_through_llama(llm, tmp_path):
     """A trained predictor with window fill: its own text, neither zero fill's nor dense; a
     window that covers the whole context gives dense's text; unsparsify clears the window."""

@@ -162,6 +162,7 @@ class Engine(SparseControls):
         self.n_embd = C.llama_model_n_embd(self.model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
         self.n_past = 0
+        self.graph_steps = {"dense": 0, "sparse": 0}  # sparse-mode steps by the graph they ran
         self._warned_fallback = False
         self._head_predictor: Path | None = None
 
@@ -368,8 +369,13 @@ class Engine(SparseControls):
         """Decode one token sparsely with the predictor's mask; (logits, the mask used).
 
         An in-graph predictor (``trained:``) computes the masks inside the step; any other
-        predictor's mask is set first, and overrides a loaded in-graph predictor."""
+        predictor's mask is set first, and overrides a loaded in-graph predictor. Below
+        ``sparse_min_ctx`` the step runs the stock graph and the mask used is every head."""
         predictor = as_predictor(predictor)
+        if not self.next_step_sparse():
+            self.graph_steps["dense"] += 1
+            return self.step(token), np.ones((self.n_layer, self.n_head), np.int32)
+        self.graph_steps["sparse"] += 1
         if predictor.in_graph:
             self.use_head_predictor(True)
             logits = self.step(token)

@@ -48,6 +48,28 @@ class SparseControls:
                 warnings.warn(SparseFallbackWarning(msg), stacklevel=2)
             self._warn_off_gpu_kernel("sparse attention")
 
+    sparse_min_ctx = 0
+
+    def set_sparse_min_ctx(self, n: int) -> None:
+        """Decode a token at a position below ``n`` with the stock graph even when sparse is on
+        (at short context the sparse graph costs more than it skips; ``crossover`` measures
+        where); from ``n`` on, with the sparse one. 0: sparse at every position. The switch is
+        in the library (``llama_set_sparse_attn_min_pos``), so it holds for a ``Llama`` too."""
+        self._check_open()
+        if n < 0:
+            raise ValueError(f"sparse_min_ctx must be >= 0 (got {n})")
+        if not hasattr(self.C, "llama_set_sparse_attn_min_pos"):
+            if n:
+                raise EngineError("this library has no sparse minimum position (rebuild: powerinfer-attn build)")
+            return
+        if self.C.llama_set_sparse_attn_min_pos(self.ctx, int(n)) != 0:
+            raise EngineError(f"llama_set_sparse_attn_min_pos refused {n}")
+        self.sparse_min_ctx = int(n)
+
+    def next_step_sparse(self) -> bool:
+        """Whether the next single-token step runs the sparse graph."""
+        return self.sparse and self.n_past >= self.sparse_min_ctx
+
     def _warn_off_gpu_kernel(self, what: str) -> None:
         """Warn when the head-masked attention of layers on a GPU cannot run there (its kernel,
         ggml-cuda.patch, needs flash attention and F16 or Q8_0 K and V)."""

@@ -235,7 +235,7 @@ def _label(fa: bool, rp: bool, cache: str) -> str:
 
 def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say,
              text_file: Path | None = None, cache: str = "f16", window: tuple[int, int] | None = None,
-             kv_budget: int = 0, n_ctx: int = 0) -> dict:
+             kv_budget: int = 0, n_ctx: int = 0, sparse_min_ctx: int = 0) -> dict:
     """Per-part profile of the dense step and of the sparse step at each density (with window
     fill and the token budget of the sparse rows)."""
     timer = NodeTimer()
@@ -318,7 +318,9 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     bytes-based one (``byte_share``). ``kv_budget``: the fixed-density rows (and a trained spec
     without its own ``:budget=``) read about that many cells per KV group (``Engine.set_kv_budget``);
     their limit counts K*q and softmax*V at the budget's share of the context (``budget_limit``).
-    ``n_ctx``: every engine's context size (0: each depth plus what the timed steps need)."""
+    ``n_ctx``: every engine's context size (0: each depth plus what the timed steps need).
+    ``sparse_min_ctx``: the sparse engines decode on the stock graph at depths below it
+    (``Engine.set_sparse_min_ctx``), as generate and serve do with ``--sparse-min-ctx``."""
     if n_ctx and n_ctx < max(ctxs) + DENSITY_STEPS + 16:
         raise ValueError(f"-c {n_ctx} is smaller than the deepest -d ({max(ctxs)}) plus the {DENSITY_STEPS + 16} cells "
                          "the timed steps need")
@@ -350,6 +352,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             say(f"ctx {ctx}: filling two caches (dense, sparse), flash attention {'on' if fa else 'off'}")
             _fill(dense, ctx, toks)
             _fill(sparse, ctx, toks)
+            sparse.set_sparse_min_ctx(sparse_min_ctx)
             sparse.set_sparse(True)
             if window:
                 sparse.set_head_window(*window)
@@ -371,6 +374,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
                 trained_ops = t_eng.layer_ops()
                 t_budget = t_eng.kv_budget[0] if t_eng.kv_budget else 0
                 _fill(t_eng, ctx, toks)
+                t_eng.set_sparse_min_ctx(sparse_min_ctx)
                 t_eng.set_sparse(True)
                 _timed_step(t_eng, toks[ctx], ctx)
                 times["trained"], ratios["trained"] = [], []
@@ -438,6 +442,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         "window": list(window) if window else None,
         "kv_budget": kv_budget,
         "n_ctx": n_ctx or None,
+        "sparse_min_ctx": sparse_min_ctx,
         "context_text": str(text_file) if text_file else "filler",
         "dense_config": {str(c): v for c, v in choices.items()},
         "repackable_types": repack_types,

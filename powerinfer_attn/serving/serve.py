@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 from .sparsify import head_density, predictor_name, restart, sparsify
+from .sparsify import sparse_min_ctx as sparse_min_ctx_of
 
 
 def make_app(model_path: Path, predictor: str | None = None, n_ctx: int = 4096, threads: int | None = None,
-             log: Callable[[str], None] | None = None, engine_kw: dict | None = None):
+             log: Callable[[str], None] | None = None, engine_kw: dict | None = None, sparse_min_ctx: int | str = 0):
     """The FastAPI app: ``predictor`` None serves dense. ``engine_kw``: ``Engine``'s n_gpu_layers,
-    flash_attn, cache_type_k and cache_type_v, given to llama-cpp-python's model settings."""
+    flash_attn, cache_type_k and cache_type_v, given to llama-cpp-python's model settings.
+    ``sparse_min_ctx``: as ``sparsify``'s (the stock graph for tokens at positions below it)."""
     from llama_cpp.server import app as server_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
@@ -41,9 +43,12 @@ def make_app(model_path: Path, predictor: str | None = None, n_ctx: int = 4096, 
                                 model_settings=[ModelSettings(**settings)])
     llm = server_app._llama_proxy._current_model
     if predictor:
-        sparsify(llm, predictor)
+        sparsify(llm, predictor, sparse_min_ctx, say)
     _log_requests(llm, say)
     mode = predictor_name(llm) or "dense"
+    min_ctx = sparse_min_ctx_of(llm)
+    if min_ctx:
+        mode += f", stock graph below {min_ctx} tokens"
     say(f"serving {Path(model_path).name} ({mode}), n_ctx {n_ctx}")
 
     @app.get("/health")
@@ -118,11 +123,11 @@ def _say(say, llm, prompt_tokens, generated: int, seconds: float, ttft: float | 
 
 
 def serve(model_path: Path, predictor: str | None, host: str, port: int, n_ctx: int, threads: int | None,
-          engine_kw: dict | None = None) -> None:
+          engine_kw: dict | None = None, sparse_min_ctx: int | str = 0) -> None:
     import uvicorn
 
-    uvicorn.run(make_app(model_path, predictor, n_ctx, threads, engine_kw=engine_kw), host=host, port=port,
-                log_level="warning")
+    uvicorn.run(make_app(model_path, predictor, n_ctx, threads, engine_kw=engine_kw, sparse_min_ctx=sparse_min_ctx),
+                host=host, port=port, log_level="warning")
 
 
 class ServerProcess:

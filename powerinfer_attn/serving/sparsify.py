@@ -28,9 +28,11 @@ from ..predictors.specs import get_predictor
 _STATE = "_powerinfer_attn"
 
 
-def sparsify(llm, predictor: str = "all") -> str:
+def sparsify(llm, predictor: str = "all", sparse_min_ctx: int | str = 0, say=None) -> str:
     """Turn sparse decode on for ``llm`` with ``predictor`` (a name as ``--predictor`` takes);
-    returns the predictor's full name. Calling it again replaces the predictor."""
+    returns the predictor's full name. Calling it again replaces the predictor.
+    ``sparse_min_ctx``: tokens at positions below it decode on the stock graph (``auto``: where
+    `bench` measured sparse to pay on this machine, ``engine.crossover``)."""
     unsparsify(llm)
     eng = Engine.attach(llm.model_path, llm.model, llm.ctx,
                         flash_attn=getattr(llm.context_params, "flash_attn_type", 0) == 1)
@@ -47,6 +49,10 @@ def sparsify(llm, predictor: str = "all") -> str:
     else:
         mask = eng.check_mask(pred.predict(None))
         eng.set_mask(mask)
+    from ..engine import crossover
+
+    eng.set_sparse_min_ctx(crossover.resolve(sparse_min_ctx, llm.model_path, eng.n_threads, eng.n_gpu_layers,
+                                             pred.in_graph, say))
     eng.set_sparse(True)
     setattr(llm, _STATE, {"engine": eng, "predictor": pred.name, "mask": mask, "pred": pred})
     return pred.name
@@ -75,6 +81,12 @@ def restart(llm) -> None:
         state["pred"].restart(state["engine"])
 
 
+def sparse_min_ctx(llm) -> int:
+    """The position from which ``llm`` decodes on the sparse graph (0 when not sparsified)."""
+    state = getattr(llm, _STATE, None)
+    return state["engine"].sparse_min_ctx if state is not None else 0
+
+
 def predictor_name(llm) -> str | None:
     """The predictor ``llm`` decodes with, or None when dense."""
     state = getattr(llm, _STATE, None)
@@ -93,4 +105,4 @@ def head_density(llm, reset: bool = True) -> float | None:
     return kept / total if total else None
 
 
-__all__ = ["sparsify", "unsparsify", "restart", "head_density", "predictor_name", "EngineError"]
+__all__ = ["sparsify", "unsparsify", "restart", "head_density", "predictor_name", "sparse_min_ctx", "EngineError"]
