@@ -235,7 +235,7 @@ def _label(fa: bool, rp: bool, cache: str) -> str:
 
 def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict, reps: int, say,
              text_file: Path | None = None, cache: str = "f16", window: tuple[int, int] | None = None,
-             kv_budget: int = 0, n_ctx: int = 0, sparse_min_ctx: int = 0) -> dict:
+             kv_budget: int = 0, n_ctx: int = 0) -> dict:
     """Per-part profile of the dense step and of the sparse step at each density (with window
     fill and the token budget of the sparse rows)."""
     timer = NodeTimer()
@@ -307,7 +307,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
         progress: Callable[[str], None] | None = None, text_file: Path | None = None,
         caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None, ngl: int = 0,
-        kv_budget: int = 0, n_ctx: int = 0) -> dict:
+        kv_budget: int = 0, n_ctx: int = 0, sparse_min_ctx: int = 0) -> dict:
     """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up). With
     ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence.
     ``caches``: the KV cache types the fastest-stock search tries (quantized ones with flash
