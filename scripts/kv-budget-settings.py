@@ -9,6 +9,10 @@ or two layers reading every cell (as Quest keeps its first two). About 4 min on
 show`).
 
     .venv/bin/python scripts/kv-budget-settings.py [TEXT]
+
+With ``--score``: how a page is scored for a KV group instead, the bound summed over its heads
+against each head's best pages first (``:budget-score=head-max``), at 1024 and 512 cells, on the
+same text and steps (figures/kv-budget-score.json).
 """
 
 import json
@@ -20,17 +24,25 @@ from powerinfer_attn.native.model import default_model_path
 from powerinfer_attn.predictors.basic import AllHeads
 from powerinfer_attn.predictors.wrappers import KVBudget
 
-TEXT = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/wikitext-2-raw/wiki.test.raw")
+ARGS = [a for a in sys.argv[1:] if a != "--score"]
+TEXT = Path(ARGS[0] if ARGS else "../shared/data/wikitext-2-raw/wiki.test.raw")
 BUDGET, CTX, STEPS, WINDOWS = 1024, 8192, 64, 2
 # (page, sinks, recent, dense layers)
 SETTINGS = [(16, 4, 64, 0), (8, 4, 64, 0), (16, 4, 256, 0), (32, 4, 64, 0), (16, 64, 64, 0), (16, 4, 64, 1), (16, 4, 64, 2)]
 
 preds = []
-for page, sink, recent, dense in SETTINGS:
-    p = KVBudget(AllHeads(), BUDGET, page, sink, recent, dense)
-    p.name = f"all+budget:{BUDGET} page {page} sinks {sink} recent {recent}" + (f" dense layers {dense}" if dense else "")
-    preds.append(p)
+if "--score" in sys.argv:
+    for budget in (1024, 512):
+        for score in ("sum", "head-max"):
+            preds.append(KVBudget(AllHeads(), budget, score=score))
+    name = "kv-budget-score.json"
+else:
+    for page, sink, recent, dense in SETTINGS:
+        p = KVBudget(AllHeads(), BUDGET, page, sink, recent, dense)
+        p.name = f"all+budget:{BUDGET} page {page} sinks {sink} recent {recent}" + (f" dense layers {dense}" if dense else "")
+        preds.append(p)
+    name = "kv-budget-settings.json"
 res = cmp.score(default_model_path(), TEXT, preds, CTX, STEPS, WINDOWS, threads=2, training=True)
-out = Path(__file__).resolve().parent.parent / "figures" / "kv-budget-settings.json"
+out = Path(__file__).resolve().parent.parent / "figures" / name
 out.write_text(json.dumps([r.to_json() for r in res], indent=1))
 print(cmp.format_scores(res))

@@ -125,6 +125,14 @@ def test_budget_errors_and_specs(model_path):
     assert isinstance(p, KVBudget) and p.budget == 512 and p.name == "all+budget:512"
     p = get_predictor("random:3:1:budget=128:fill=window:4+60", model_path)
     assert p.name == "random:3+window:4+60+budget:128"
-    for bad in ("all:budget=", "all:budget=x", "all:budget=0", "all:budget=1:budget=2"):
+    p = get_predictor("all:budget=512:budget-score=head-max", model_path)
+    assert p.score == "head-max" and p.name == "all+budget:512/head-max"
+    for bad in ("all:budget=", "all:budget=x", "all:budget=0", "all:budget=1:budget=2", "all:budget-score=sum",
+                "all:budget=64:budget-score=best"):
         with pytest.raises(ValueError, match="budget"):
             get_predictor(bad, model_path)
+    with Engine(model_path, n_ctx=256, n_threads=1) as eng:
+        with pytest.raises(ValueError, match="score is one of"):
+            eng.set_kv_budget(64, score="best")
+        eng.set_kv_budget(64, score="head-max")
+        assert eng.kv_budget_score == "head-max"

@@ -43,7 +43,7 @@ def visible_cells(mask):
     return np.flatnonzero(mask != -np.inf)
 
 
-def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent):
+def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0):
     n_head, d = q.shape
     n_head_kv = bounds.shape[1]
     r = n_head // n_head_kv
@@ -57,9 +57,14 @@ def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent):
         forced = {c // page for c in vis[:n_sink]} | {c // page for c in vis[len(vis) - n_recent:]} if n_recent else \
             {c // page for c in vis[:n_sink]}
         mn, mx = bounds[:npk, g, :d].astype(np.float64), bounds[:npk, g, d:].astype(np.float64)
-        score = sum(np.maximum(q[h] * mn, q[h] * mx).sum(1) for h in act)
-        cand = [p for p in range(npk) if p not in forced and np.any((vis >= p * page) & (vis < (p + 1) * page))]
-        cand.sort(key=lambda p: (-score[p], p))
+        seen = np.array([np.any((vis >= p * page) & (vis < (p + 1) * page)) for p in range(npk)])
+        per_head = [np.maximum(q[h] * mn, q[h] * mx).sum(1) for h in act]
+        if score == 0:  # the bound summed over the group's active heads
+            s = sum(per_head)
+        else:  # each head's bound relative to its best visible page, the best of them
+            s = np.max([b - b[seen].max() for b in per_head], axis=0)
+        cand = [p for p in range(npk) if p not in forced and seen[p]]
+        cand.sort(key=lambda p: (-s[p], p))
         take = max(0, min(len(cand), budget // page - len(forced)))
         for p in list(forced) + cand[:take]:
             sel[g, p] = 1
@@ -91,7 +96,8 @@ def bounds_of(k, page, n_pages):
 @pytest.mark.parametrize("n_head,n_head_kv", [(3, 3), (6, 3), (8, 2), (7, 1), (9, 3)])
 @pytest.mark.parametrize("page", [8, 16, 32])
 @pytest.mark.parametrize("n_threads", [1, 2, 4])
-def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads):
+@pytest.mark.parametrize("score", [0, 1])
+def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads, score):
     rng = np.random.default_rng(n_head * 100 + page + n_threads)
     n_kv = 768
     k, _, q, mask = budget_case(rng, n_kv, n_head, n_head_kv, holes=[(100, 180), (301, 302)])
@@ -99,8 +105,8 @@ def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads):
     heads = (rng.random(n_head) < 0.6).astype(np.int32)
     heads[0] = 1
     for budget, n_sink, n_recent in [(128, 4, 32), (0, 4, 32), (256, 0, 0), (64, 40, 100), (10**6, 4, 32)]:
-        got = kernels.page_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, n_threads)
-        want = ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent)
+        got = kernels.page_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, n_threads, score)
+        want = ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score)
         assert np.array_equal(got, want), (budget, n_sink, n_recent)
         vis_pages = {c // page for c in visible_cells(mask)}
         for g in range(n_head_kv):
@@ -109,6 +115,25 @@ def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads):
                 assert kept == set(range(got.shape[1]))
             elif budget < len(vis_pages) * page:
                 assert kept <= vis_pages  # never a page the token cannot see
+
+
+def test_head_max_score_keeps_a_small_heads_best_page():
+    """Summed over a group's heads, a head whose q is small (a retrieval head among heads with
+    large q) cannot move the choice; scored against each head's own best page, its page is kept."""
+    page, n_kv, d = 16, 256, 8
+    k = np.zeros((1, n_kv, d), np.float32)
+    for p_, v in zip((2, 3, 4, 5), (5.0, 4.0, 3.0, 2.0)):
+        k[0, p_ * page + 1, 0] = v  # what head 0 attends to
+    k[0, 9 * page + 7, 1] = 5.0  # head 1's needle
+    q = np.zeros((2, d), np.float32)
+    q[0, 0], q[1, 1] = 10.0, 0.1
+    mask = np.zeros(n_kv, np.float32)
+    b = bounds_of(k, page, n_kv // page)
+    heads = np.ones(2, np.int32)
+    summed = kernels.page_select(q, b, heads, mask, page, 2 * page, 0, 0, 1, score=0)
+    head_max = kernels.page_select(q, b, heads, mask, page, 2 * page, 0, 0, 1, score=1)
+    assert list(np.flatnonzero(summed[0])) == [2, 3]
+    assert list(np.flatnonzero(head_max[0])) == [2, 9]
 
 
 def test_selection_keeps_the_pages_with_the_largest_bound():

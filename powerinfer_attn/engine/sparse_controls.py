@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..native import bindings as B
-from ..native.bindings import KV_DENSE_LAYERS, KV_PAGE, KV_PAGES, KV_RECENT, KV_SINK, EngineError
+from ..native.bindings import KV_DENSE_LAYERS, KV_PAGE, KV_PAGES, KV_RECENT, KV_SCORE, KV_SCORES, KV_SINK, EngineError
 
 
 class SparseFallbackWarning(UserWarning):
@@ -211,17 +211,20 @@ class SparseControls:
         self._warn_off_gpu_kernel("window fill's attention")
 
     def set_kv_budget(self, budget: int, page: int = KV_PAGE, n_sink: int = KV_SINK, n_recent: int = KV_RECENT,
-                      n_dense_layers: int = KV_DENSE_LAYERS) -> None:
+                      n_dense_layers: int = KV_DENSE_LAYERS, score: str = KV_SCORE) -> None:
         """Token budget: in sparse decode each KV group's active heads read only about ``budget``
         cached cells, the pages of ``page`` cells whose bound on q.k is highest, always with the
         pages of the first ``n_sink`` and last ``n_recent`` cells the token sees (chosen in the
         graph per step and layer); the first ``n_dense_layers`` layers read every cell. A budget
         that covers the context reads all of it, as without one; ``0`` turns it off. Needs flash
-        attention off (the budget runs in the v2 path)."""
+        attention off (the budget runs in the v2 path). ``score``: how a page is scored for a
+        group (``bindings.KV_SCORES``: summed over its heads, or each head's best pages first)."""
         self._check_open()
         if budget < 0 or n_sink < 0 or n_recent < 0 or n_dense_layers < 0:
             raise ValueError(f"kv budget: budget, sinks, recent cells and dense layers must be >= 0 "
                              f"(got {budget}, {n_sink}, {n_recent}, {n_dense_layers})")
+        if score not in KV_SCORES:
+            raise ValueError(f"kv budget: score is one of {', '.join(KV_SCORES)} (got {score!r})")
         if page not in KV_PAGES:
             raise ValueError(f"kv budget: page must be one of {', '.join(map(str, KV_PAGES))} cells (got {page})")
         if not hasattr(self.C, "llama_set_kv_budget"):
@@ -233,7 +236,11 @@ class SparseControls:
         rc = self.C.llama_set_kv_budget(self.ctx, int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers))
         if rc != 0:
             raise EngineError(f"llama_set_kv_budget returned {rc}: {' '.join(B.recent_errors()[-1:])}")
+        if score != KV_SCORE or hasattr(self.C, "llama_set_kv_budget_score"):
+            if self.C.llama_set_kv_budget_score(self.ctx, KV_SCORES[score]) != 0:
+                raise EngineError(f"llama_set_kv_budget_score refused {score}")
         self.kv_budget = (int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers)) if budget else None
+        self.kv_budget_score = score
 
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, 8 when wq or

@@ -30,6 +30,11 @@ FILL_IDS = {"zero": 0, "mean": 1, "linear": 2}
 KV_PAGES = (8, 16, 32, 64, 128, 256)
 KV_PAGE, KV_SINK, KV_RECENT = 16, 4, 64
 KV_DENSE_LAYERS = 0  # the first layers that read every cell under a budget
+# llama_set_kv_budget_score: how a page is scored for a KV group (enum ggml_kv_page_score): its
+# bound summed over the group's active heads, or the best over them of each head's bound
+# relative to that head's best page
+KV_SCORES = {"sum": 0, "head-max": 1}
+KV_SCORE = "sum"
 
 # llama_sparse_attn_layer_ops's bits: which parts of a layer run on the sparse ops
 OP_WQ, OP_KQV, OP_WO = 1, 2, 4

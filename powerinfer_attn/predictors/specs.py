@@ -49,6 +49,7 @@ import re
 from pathlib import Path
 
 from ..engine.decode import Predictor
+from ..native.bindings import KV_SCORE, KV_SCORES
 from ..native.model import cache_dir
 from .basic import AllHeads, MaskFile, NoHeads, RandomHeads, StaticHeads
 from .oracle import Oracle
@@ -83,15 +84,21 @@ def prepared_predictor_path(model_path: str | Path) -> Path:
 
 
 _BUDGET = re.compile(r":budget=([^:]*)")
+_BUDGET_SCORE = re.compile(r":budget-score=([^:]*)")
 
 
 def get_predictor(spec: str, model_path: str | Path) -> Predictor:
     """A predictor from its command-line name (see the module doc). Call ``bind(engine)`` next."""
-    budgets = _BUDGET.findall(spec)
+    budgets, scores = _BUDGET.findall(spec), _BUDGET_SCORE.findall(spec)
+    if scores and not budgets:
+        raise ValueError(f"bad predictor {spec!r}: :budget-score= goes with a :budget=N")
     if budgets:
         if len(budgets) > 1 or not budgets[0].isdigit():
             raise ValueError(f"bad predictor {spec!r}: a token budget is one :budget=N, N a number of cells")
-        return KVBudget(get_predictor(_BUDGET.sub("", spec), model_path), int(budgets[0]))
+        if len(scores) > 1 or scores and scores[0] not in KV_SCORES:
+            raise ValueError(f"bad predictor {spec!r}: :budget-score= is one of {', '.join(KV_SCORES)}")
+        inner = get_predictor(_BUDGET_SCORE.sub("", _BUDGET.sub("", spec)), model_path)
+        return KVBudget(inner, int(budgets[0]), score=scores[0] if scores else KV_SCORE)
     window = _WINDOW.search(spec)
     if window:
         base = spec[:window.start()]
