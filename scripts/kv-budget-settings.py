@@ -10,9 +10,10 @@ show`).
 
     .venv/bin/python scripts/kv-budget-settings.py [TEXT]
 
-With ``--score``: how a page is scored for a KV group instead, the bound summed over its heads
-against each head's best pages first (``:budget-score=head-max``), at 1024 and 512 cells, on the
-same text and steps (figures/kv-budget-score.json).
+With ``--score``: how a page is scored for a KV group instead (``:budget-score=``): the bound
+summed over its heads (sum), each head's bound relative to its best page (head-max), the same
+with q.(min+max)/2 (mid), and with the exact largest q.k over the page (exact: reads every key,
+the oracle), at 1024 and 512 cells, on the same text and steps (figures/kv-budget-score.json).
 """
 
 import json
@@ -33,7 +34,7 @@ SETTINGS = [(16, 4, 64, 0), (8, 4, 64, 0), (16, 4, 256, 0), (32, 4, 64, 0), (16,
 preds = []
 if "--score" in sys.argv:
     for budget in (1024, 512):
-        for score in ("sum", "head-max"):
+        for score in ("sum", "head-max", "mid", "exact"):
             preds.append(KVBudget(AllHeads(), budget, score=score))
     name = "kv-budget-score.json"
 else:

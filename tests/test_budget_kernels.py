@@ -43,7 +43,7 @@ def visible_cells(mask):
     return np.flatnonzero(mask != -np.inf)
 
 
-def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0):
+def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0, keys=None):
     n_head, d = q.shape
     n_head_kv = bounds.shape[1]
     r = n_head // n_head_kv
@@ -58,7 +58,17 @@ def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0):
             {c // page for c in vis[:n_sink]}
         mn, mx = bounds[:npk, g, :d].astype(np.float64), bounds[:npk, g, d:].astype(np.float64)
         seen = np.array([np.any((vis >= p * page) & (vis < (p + 1) * page)) for p in range(npk)])
-        per_head = [np.maximum(q[h] * mn, q[h] * mx).sum(1) for h in act]
+        if score == 2:  # each head's exact largest q.k over the page's visible cells
+            kg = keys[:, g * d:(g + 1) * d].astype(np.float64)
+            per_head = []
+            for h in act:
+                dots = np.full(npk * page, -np.inf)
+                dots[vis] = kg[vis] @ q[h].astype(np.float64)
+                per_head.append(dots.reshape(npk, page).max(1))
+        elif score == 3:  # the midpoint estimate
+            per_head = [(q[h] * (mn + mx) / 2).sum(1) for h in act]
+        else:
+            per_head = [np.maximum(q[h] * mn, q[h] * mx).sum(1) for h in act]
         if score == 0:  # the bound summed over the group's active heads
             s = sum(per_head)
         else:  # each head's bound relative to its best visible page, the best of them
@@ -96,7 +106,7 @@ def bounds_of(k, page, n_pages):
 @pytest.mark.parametrize("n_head,n_head_kv", [(3, 3), (6, 3), (8, 2), (7, 1), (9, 3)])
 @pytest.mark.parametrize("page", [8, 16, 32])
 @pytest.mark.parametrize("n_threads", [1, 2, 4])
-@pytest.mark.parametrize("score", [0, 1])
+@pytest.mark.parametrize("score", [0, 1, 3])
 def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads, score):
     rng = np.random.default_rng(n_head * 100 + page + n_threads)
     n_kv = 768
@@ -115,6 +125,21 @@ def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads, score):
                 assert kept == set(range(got.shape[1]))
             elif budget < len(vis_pages) * page:
                 assert kept <= vis_pages  # never a page the token cannot see
+
+
+@pytest.mark.parametrize("n_head,n_head_kv", [(3, 3), (9, 3), (7, 1)])
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_exact_score_matches_numpy(n_head, n_head_kv, n_threads):
+    rng = np.random.default_rng(n_head + n_threads)
+    page, n_kv = 16, 768
+    k, _, q, mask = budget_case(rng, n_kv, n_head, n_head_kv, holes=[(100, 180)])
+    rows = k.astype(np.float16).transpose(1, 0, 2).reshape(n_kv, -1)  # the cache's rows
+    bounds = bounds_of(k, page, n_kv // page)
+    heads = np.ones(n_head, np.int32)
+    for budget in (64, 256):
+        got = kernels.page_select(q, bounds, heads, mask, page, budget, 4, 32, n_threads, score=2, keys=rows)
+        want = ref_select(q, bounds, heads, mask, page, budget, 4, 32, score=2, keys=rows)
+        assert np.array_equal(got, want), budget
 
 
 def test_head_max_score_keeps_a_small_heads_best_page():

@@ -115,6 +115,7 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_kv_page_bounds"): ([P, P, P, P, I32], P),
         (g, "ggml_kv_page_select"): ([P, P, P, P, P, I32, I32, I32, I32], P),
         (g, "ggml_kv_page_select_set_score"): ([P, I32], None),
+        (g, "ggml_kv_page_select_set_keys"): ([P, P], None),
         (g, "ggml_mul_mat_sparse_attn_set_pages"): ([P, P, I32, ctypes.c_bool], None),
         (g, "ggml_new_graph"): ([P], P),
         (g, "ggml_build_forward_expand"): ([P, P], None),
@@ -490,10 +491,12 @@ def page_bounds(k: bytes, k_type: str, n_cells: int, d: int, n_head_kv: int, bou
 
 
 def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.ndarray, page: int,
-                budget: int, n_sink: int, n_recent: int, n_threads: int = 1, score: int = 0) -> np.ndarray:
+                budget: int, n_sink: int, n_recent: int, n_threads: int = 1, score: int = 0,
+                keys: np.ndarray | None = None) -> np.ndarray:
     """``ggml_kv_page_select`` for one decode token: ``q`` ``(n_head, d)``, ``bounds``
     ``(n_pages, n_head_kv, 2*d)``, ``mask`` ``(n_kv,)`` (0 or -inf). Returns the selection,
-    int32 ``(n_head_kv, ceil(n_kv/page))``. ``score``: ``bindings.KV_SCORES``' id of the page score."""
+    int32 ``(n_head_kv, ceil(n_kv/page))``. ``score``: ``bindings.KV_SCORES``' id of the page score;
+    the exact one needs ``keys``, the F16 cache rows ``(n_kv, n_head_kv*d)``."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     bounds = np.ascontiguousarray(bounds, dtype=np.float32)
     heads = np.ascontiguousarray(heads, dtype=np.int32)
@@ -512,6 +515,9 @@ def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.n
         tm = c.tensor(GGML_TYPE["F32"], (mask.size, 1), np.ascontiguousarray(mask, np.float32).tobytes())
         t = c.g.ggml_kv_page_select(c.ctx, tq, tb, th, tm, page, budget, n_sink, n_recent)
         c.g.ggml_kv_page_select_set_score(t, score)
+        if keys is not None:
+            keys = np.ascontiguousarray(keys, dtype=np.float16)
+            c.g.ggml_kv_page_select_set_keys(t, c.tensor(GGML_TYPE["F16"], (keys.shape[1], keys.shape[0]), keys.tobytes()))
         return c.compute(t, n_threads, (n_head_kv, npk)).view(np.int32).copy()
     finally:
         c.close()
