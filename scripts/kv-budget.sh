@@ -12,8 +12,15 @@
 #             dense, the prepared predictor at 0.7 and 0.5, a 512-cell budget (the 1024/8192 ratio)
 #             alone and with the predictor at 0.7, and sinks + window over 512 cells:
 #             figures/ruler-smollm2-4096-budget.json (about 35 min)
+#   score:    how a page is scored (:budget-score=): a passkey in filler at 4096 tokens, 10 trials,
+#             budgets of 512, 256 and 128 cells, for the bound summed over a group's heads (sum,
+#             the default), each head's bound relative to its best page (head-max), the midpoint
+#             estimate q.(min+max)/2 (mid) and each head's exact largest q.k (exact, the oracle):
+#             figures/needle-budget-score-4096.json (about 25 min); then the same scores' KL on
+#             training text (scripts/kv-budget-settings.py --score, figures/kv-budget-score.json)
 # The settings (page 16, 4 sinks, 64 recent cells) are chosen on training text by
-# scripts/kv-budget-settings.py. STEPS=speed,quality,ruler picks parts.
+# scripts/kv-budget-settings.py. STEPS=speed,quality,ruler,score picks parts (score is not in the
+# default ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -49,4 +56,15 @@ if has ruler; then
 		--predictor trained:density=0.5 --predictor all:budget=512 --predictor trained:density=0.7:budget=512 \
 		--predictor none:fill=window:4+508 > figures/ruler-smollm2-4096-budget.json
 	"$PIA" show figures/ruler-smollm2-4096-budget.json
+fi
+
+if has score; then
+	preds=()
+	for b in 512 256 128; do for sc in sum head-max mid exact; do
+		[ "$b" = 128 ] && [ "$sc" != sum ] && [ "$sc" != head-max ] && continue
+		preds+=(--predictor "all:budget=$b$([ "$sc" = sum ] || echo ":budget-score=$sc")")
+	done; done
+	"$PIA" needle --lengths 4096 --trials 10 --haystack filler -t 2 "${preds[@]}" --json > figures/needle-budget-score-4096.json
+	"$PIA" show figures/needle-budget-score-4096.json
+	"$BIN/python" scripts/kv-budget-settings.py --score
 fi
