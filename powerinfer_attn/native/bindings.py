@@ -33,7 +33,7 @@ KV_DENSE_LAYERS = 0  # the first layers that read every cell under a budget
 # llama_set_kv_budget_score: how a page is scored for a KV group (enum ggml_kv_page_score): its
 # bound summed over the group's active heads, or the best over them of each head's bound
 # relative to that head's best page
-KV_SCORES = {"sum": 0, "head-max": 1, "exact": 2, "mid": 3, "bound-mid": 4}  # exact: the oracle (reads every key)
+KV_SCORES = {"sum": 0, "head-max": 1, "exact": 2, "mid": 3}  # exact: the oracle (reads every key)
 KV_SCORE = "sum"
 
 # llama_sparse_attn_layer_ops's bits: which parts of a layer run on the sparse ops
