@@ -44,7 +44,9 @@ def crossover(rows: list[dict], kind: str) -> int | None:
     for r in rows:
         if r.get("ratio") is None:
             continue
-        if kind == "trained" and r["mode"] == "trained" or kind == "fixed" and r["mode"] == "sparse" and r["density"] <= 0.75:
+        trained_row = r["mode"] == "trained"
+        fixed_row = r["mode"] == "sparse" and r["density"] <= 0.75
+        if (trained_row if kind == "trained" else fixed_row):
             d = int(r["ctx"])
             by_depth[d] = min(by_depth.get(d, float("inf")), float(r["ratio"]))
     if not by_depth:

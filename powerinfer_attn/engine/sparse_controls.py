@@ -236,9 +236,11 @@ class SparseControls:
         rc = self.C.llama_set_kv_budget(self.ctx, int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers))
         if rc != 0:
             raise EngineError(f"llama_set_kv_budget returned {rc}: {' '.join(B.recent_errors()[-1:])}")
-        if score != KV_SCORE or hasattr(self.C, "llama_set_kv_budget_score"):
-            if self.C.llama_set_kv_budget_score(self.ctx, KV_SCORES[score]) != 0:
-                raise EngineError(f"llama_set_kv_budget_score refused {score}")
+        if not hasattr(self.C, "llama_set_kv_budget_score"):
+            if score != KV_SCORE:
+                raise EngineError("this library has no page scores but the sum (rebuild: powerinfer-attn build)")
+        elif self.C.llama_set_kv_budget_score(self.ctx, KV_SCORES[score]) != 0:
+            raise EngineError(f"llama_set_kv_budget_score refused {score}")
         self.kv_budget = (int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers)) if budget else None
         self.kv_budget_score = score
 
