@@ -893,9 +893,10 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
 
     with user_errors():
         threads = threads or min(os.cpu_count() or 1, 16)
-        min_ctx = crossover.resolve(sparse_min_ctx, resolve_model(model), threads, ngl, trained is not None,
+        path = resolve_model(model)
+        min_ctx = crossover.resolve(sparse_min_ctx, path, threads, ngl, trained is not None,
                                     say=lambda m: click.echo(m, err=True))
-        result = bench_mod.run(resolve_model(model), _ints(ctxs), _floats(densities),
+        result = bench_mod.run(path, _ints(ctxs), _floats(densities),
                                threads, reps, flash_attn=flash_attn, gqa=gqa,
                                profile=profile, trained=trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
