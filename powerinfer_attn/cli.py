@@ -48,8 +48,9 @@ def _renamed(new: str):
 
 def engine_options(ctx_default: int | None = None, ctx_min: int = 16):
     """llama.cpp's engine flags, one set for every command that decodes: -c (where the command
-    sizes no context itself), -ngl, -fa on|off (a bare --flash-attn is on), -ctk, -ctv. The
-    command receives n_ctx (if any), n_gpu_layers, flash_attn (bool), cache_k, cache_v."""
+    sizes no context itself), -ngl, -fa on|off (a bare --flash-attn is on), -ctk, -ctv, --rpc. The
+    command receives n_ctx (if any), n_gpu_layers, flash_attn (bool), cache_k, cache_v; --rpc
+    goes into the click context, where ``_engine_kw`` takes it."""
     from .native.bindings import CACHE_TYPES
 
     def to_bool(ctx, param, value):
@@ -65,8 +66,9 @@ def engine_options(ctx_default: int | None = None, ctx_min: int = 16):
         f = click.option("--flash-attn", "-fa", "flash_attn", type=click.Choice(["on", "off"]), default="off",
                          is_flag=False, flag_value="on", show_default=True, callback=to_bool,
                          help="Flash attention (the sparse path on a GPU needs it).")(f)
+        f = rpc_option(f)
         f = click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(0), default=0, show_default=True,
-                         help="Layers on the GPU (a `build --cuda` library).")(f)
+                         help="Layers on the GPU (a `build --cuda` library), or on the --rpc servers.")(f)
         if ctx_default is not None:
             f = click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(ctx_min), default=ctx_default,
                              show_default=True, help="Context size.")(f)
@@ -105,8 +107,31 @@ def kv_budget_option(f):
                              "0: all). Same as :budget=N on --predictor; needs -fa off.")(f)
 
 
+def rpc_option(f):
+    """--rpc host:port[,...]: the offloaded layers on ggml RPC servers (kept in the context)."""
+    def keep(ctx, param, value):
+        if value:
+            from .native.rpc import RPCError, parse_endpoints
+            try:
+                ctx.meta["rpc"] = parse_endpoints(value)
+            except RPCError as e:
+                raise click.BadParameter(str(e), ctx, param)
+        return value
+    return click.option("--rpc", "rpc", metavar="HOST:PORT[,...]", default=None, expose_value=False, callback=keep,
+                        help="RPC servers (`powerinfer-attn rpc-server`) for the last -ngl layers, split over them "
+                             "by their memory; the rest run here.")(f)
+
+
+def _rpc() -> list[str]:
+    ctx = click.get_current_context(silent=True)
+    return list(ctx.meta.get("rpc", [])) if ctx else []
+
+
 def _engine_kw(flash_attn: bool, cache_k: str, cache_v: str, n_gpu_layers: int = 0) -> dict:
-    return dict(flash_attn=flash_attn, cache_type_k=cache_k, cache_type_v=cache_v, n_gpu_layers=n_gpu_layers)
+    kw = dict(flash_attn=flash_attn, cache_type_k=cache_k, cache_type_v=cache_v, n_gpu_layers=n_gpu_layers)
+    if _rpc():
+        kw["rpc"] = _rpc()
+    return kw
 
 
 def _fail(e: Exception) -> None:
@@ -783,6 +808,27 @@ def serve(model, predictor, density, host, port, kv_budget, sparse_min_ctx, n_ct
                         _engine_kw(flash_attn, cache_k, cache_v, n_gpu_layers), sparse_min_ctx)
 
 
+@main.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (the protocol has no authentication: bind others only on a trusted network).")
+@click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True)
+@click.option("--cache", "cache", is_flag=True,
+              help="Keep large tensors the client sends in a local cache (ggml's RPC cache) between runs.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where --cache keeps them (default: the model cache's rpc/ folder).")
+@threads_option
+def rpc_server(host, port, cache, cache_dir, threads) -> None:
+    """ggml's RPC server from the patched build, for `--rpc HOST:PORT` on another machine: it runs
+    the layers a client puts on it, sparse ops, predictor and fills included (the CPU device; the
+    GPUs in a `build --cuda` library). Runs until killed."""
+    from .native import rpc
+    from .native.model import cache_dir as model_cache
+
+    with user_errors():
+        where = (cache_dir or str(model_cache() / "rpc")) if cache else None
+        rpc.serve(host, port, threads, where, say=lambda m: click.echo(m, err=True))
+
+
 @main.command("bench-serve")
 @model_option
 @click.option("--predictor", required=True, help="The sparse server's predictor (trained:PRED.gguf[:density=D], ...).")
@@ -871,7 +917,8 @@ def _ints(text: str) -> list[int]:
 @kv_budget_option
 @click.option("-ngl", "--n-gpu-layers", "ngl", type=click.IntRange(0), default=0, show_default=True,
               help="Layers to offload to the GPU (a `build --cuda` library); sparse then runs with flash attention "
-                   "and an F16 cache, and each ratio's limit is from bytes.")
+                   "and an F16 cache, and each ratio's limit is from bytes. With --rpc: the layers on the servers.")
+@rpc_option
 @threads_option
 @json_option
 def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, cache_k,
@@ -901,10 +948,10 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
                                profile=profile, trained=trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
                                caches=_cache_list(cache_k), window=_window(window) if window else None, ngl=ngl,
-                               kv_budget=kv_budget, n_ctx=n_ctx, sparse_min_ctx=min_ctx)
+                               kv_budget=kv_budget, n_ctx=n_ctx, sparse_min_ctx=min_ctx, rpc=_rpc())
         # a run on the sparse graph at every depth says where it starts to pay: --sparse-min-ctx auto
         # (of the plain sparse graph: not with a window, a budget or whole KV groups)
-        recorded = crossover.store(result) if min_ctx == 0 and not (window or kv_budget or gqa) else None
+        recorded = crossover.store(result) if min_ctx == 0 and not (window or kv_budget or gqa or _rpc()) else None
         if plot_path:
             bench_mod.plot(result, plot_path)
     if as_json:
@@ -915,7 +962,8 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
                    + (", GQA-group masks" if gqa else "")
                    + (f", window fill {window}" if window else "")
                    + (f", token budget {kv_budget} cells per KV group" if kv_budget else "")
-                   + (f", {ngl} layers on the GPU" if ngl else "")
+                   + (f", {ngl} layers on RPC servers {','.join(result['rpc'])} (loopback: not a network figure)"
+                      if result["rpc"] else f", {ngl} layers on the GPU" if ngl else "")
                    + "; cells: sparse tok/s (ratio to dense"
                    + (" of its bytes-based limit)" if ngl else " of its Amdahl limit)" if profile else ")"))
         click.echo(bench_mod.format_table(result))

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..native import bindings as B
+from ..native import rpc as rpc_mod
 from ..native.bindings import EngineError, bindings
 from .hooks import TensorHook, _eval_callback
 from .predictor import Predictor, PredictorBase, StepState, as_predictor
@@ -72,7 +73,7 @@ class Engine(SparseControls):
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  flash_attn: bool = False, n_batch: int = 512, repack: bool = True,
                  tensor_hook: TensorHook | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
-                 n_gpu_layers: int = 0):
+                 n_gpu_layers: int = 0, rpc: Sequence[str] | str = ()):
         """``repack``: let the CPU backend repack weights it knows how to (Q4_0, Q8_0, ... on
         AVX2); repacked wq/wo are read by the dense op even in sparse mode (see ``layer_ops``).
         ``cache_type_k``/``cache_type_v``: the KV cache's types (``bindings.CACHE_TYPES``); a
@@ -83,6 +84,11 @@ class Engine(SparseControls):
         than F16 and Q8_0; llama.cpp's scheduler runs those on the CPU (``set_sparse`` warns).
         The in-graph predictor and all its fills (window fill's attention included) run on each
         layer's device.
+        ``rpc``: ggml RPC servers (``host:port``, ``powerinfer-attn rpc-server``) that take the
+        offloaded layers instead of a local GPU: the last ``n_gpu_layers`` layers, split over the
+        servers by their memory, the rest here. Every sparse op, the predictor and the fills run
+        on the server holding the layer (their CPU kernels; wq and wo stay dense there, as on a
+        GPU). A server of another protocol version (stock llama.cpp) is refused.
         ``tensor_hook``: observe (and possibly modify in place) graph tensors as they are
         computed, through llama.cpp's eval callback; see ``TensorHook``."""
         C = bindings()
@@ -104,6 +110,13 @@ class Engine(SparseControls):
         mparams.use_extra_bufts = repack
         mparams.n_gpu_layers = n_gpu_layers
         self.n_gpu_layers = n_gpu_layers
+        self.rpc = rpc_mod.parse_endpoints(rpc) if rpc else []
+        if self.rpc and n_gpu_layers == 0:
+            raise EngineError("RPC servers take the offloaded layers: give n_gpu_layers (-ngl) > 0")
+        devices = rpc_mod.add_servers(self.rpc) if self.rpc else rpc_mod.local_devices()
+        if devices is not None:  # NULL-terminated; kept alive with the engine
+            self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         B.clear_errors()
         self.model = C.llama_model_load_from_file(str(self.model_path).encode(), mparams)
         if not self.model:
@@ -146,7 +159,7 @@ class Engine(SparseControls):
         eng.model, eng.ctx = model, ctx
         eng.vocab = eng.C.llama_model_get_vocab(model)
         eng.n_threads = int(eng.C.llama_n_threads(ctx))
-        eng.flash_attn, eng.repack, eng.n_gpu_layers = flash_attn, True, 0
+        eng.flash_attn, eng.repack, eng.n_gpu_layers, eng.rpc = flash_attn, True, 0, []
         eng.cache_types = ("f16", "f16")
         eng._hook, eng._hook_errors = None, []
         eng._owns = False

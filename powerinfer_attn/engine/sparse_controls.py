@@ -73,7 +73,8 @@ class SparseControls:
     def _warn_off_gpu_kernel(self, what: str) -> None:
         """Warn when the head-masked attention of layers on a GPU cannot run there (its kernel,
         ggml-cuda.patch, needs flash attention and F16 or Q8_0 K and V)."""
-        if self.n_gpu_layers == 0 or (self.flash_attn and self.cache_types in (("f16", "f16"), ("q8_0", "q8_0"))):
+        # (RPC servers run every op: a CPU server runs these kernels where the layer is)
+        if self.n_gpu_layers == 0 or getattr(self, "rpc", None) or (self.flash_attn and self.cache_types in (("f16", "f16"), ("q8_0", "q8_0"))):
             return
         warnings.warn(SparseFallbackWarning(
             f"{what} on a GPU needs flash attention and an F16 or Q8_0 cache (K and V alike); with flash "
@@ -231,8 +232,9 @@ class SparseControls:
             raise EngineError("this library has no token budget (rebuild: powerinfer-attn build)")
         if budget and self.flash_attn:
             raise EngineError("a token budget runs without flash attention: make the engine with flash_attn=False (-fa off)")
-        if budget and self.n_gpu_layers:
-            raise EngineError("a token budget runs on the CPU only for now: make the engine with n_gpu_layers=0")
+        if budget and self.n_gpu_layers and not getattr(self, "rpc", None):
+            raise EngineError("a token budget runs on the CPU only for now: make the engine with n_gpu_layers=0 "
+                              "(or put the layers on CPU RPC servers)")
         rc = self.C.llama_set_kv_budget(self.ctx, int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers))
         if rc != 0:
             raise EngineError(f"llama_set_kv_budget returned {rc}: {' '.join(B.recent_errors()[-1:])}")

@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -173,7 +173,7 @@ def _context_tokens(eng: Engine, n: int, text_file: Path | None) -> list[int]:
 
 
 def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp: bool, cache: str = "f16",
-                  ngl: int = 0) -> Engine:
+                  ngl: int = 0, rpc: Sequence[str] = ()) -> Engine:
     """A context whose sparse decode takes its masks from the in-graph predictor ``spec``, with
     its fill (no tensor hook: nothing slows the timed steps); ``ngl`` layers on the GPU, with
     their part of the predictor."""
@@ -184,7 +184,7 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
     if not isinstance(getattr(pred, "inner", pred), TrainedHeads):
         raise ValueError(f"bench --predictor takes a trained:PRED.gguf predictor, not {spec!r}")
     eng = Engine(model_path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa, repack=rp,
-                 cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl)
+                 cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl, rpc=rpc)
     try:
         # its rule, density control and fill (part of what the predictor costs), without the
         # hook that reads its masks back
@@ -196,7 +196,8 @@ def stack_trained(model_path, spec: str, n_ctx: int, threads: int, fa: bool, rp:
 
 
 def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, repack_options, say,
-                   text_file: Path | None = None, caches=("f16",), ngl: int = 0, n_ctx: int = 0) -> tuple[bool, bool, str]:
+                   text_file: Path | None = None, caches=("f16",), ngl: int = 0, n_ctx: int = 0,
+                   rpc: Sequence[str] = ()) -> tuple[bool, bool, str]:
     """The stock configuration (flash attention, repack, KV cache type) with the fastest decode
     at ``ctx``; a quantized cache is tried with flash attention only (llama.cpp quantizes V only
     with it). Every configuration's cache is filled first, then their steps are timed in turns
@@ -209,7 +210,7 @@ def _fastest_dense(model_path, ctx: int, threads: int, reps: int, fa_options, re
     try:
         for fa, rp, cache in configs:
             eng = Engine(model_path, n_ctx=max(n_ctx, ctx + 16), n_threads=threads, flash_attn=fa, repack=rp,
-                         cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl)
+                         cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl, rpc=rpc)
             engines.append(eng)
             if toks is None:  # the same tokenizer in every configuration: the text is read once
                 toks = _context_tokens(eng, ctx + 1, text_file)
@@ -284,7 +285,7 @@ def kv_head_density(masks: np.ndarray, n_head_kv: int) -> float:
 
 
 def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spec: str, toks: list[int],
-                     cache: str = "f16", ngl: int = 0, n_ctx: int = 0) -> tuple[float, float]:
+                     cache: str = "f16", ngl: int = 0, n_ctx: int = 0, rpc: Sequence[str] = ()) -> tuple[float, float]:
     """Mean density the in-graph predictor chooses over the ``DENSITY_STEPS`` tokens that follow
     the context (teacher-forced, so the steps see the text go on), of heads and of KV heads (a KV
     head is read when one of its query heads is kept)."""
@@ -292,7 +293,7 @@ def _trained_density(model_path, ctx: int, threads: int, fa: bool, rp: bool, spe
 
     pred = get_predictor(spec, model_path)
     with open_engine(model_path, pred, n_ctx=max(n_ctx, ctx + DENSITY_STEPS + 16), n_threads=threads, flash_attn=fa,
-                     repack=rp, cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl) as eng:
+                     repack=rp, cache_type_k=cache, cache_type_v=cache, n_gpu_layers=ngl, rpc=rpc) as eng:
         _fill(eng, ctx, toks)
         eng.set_sparse(True)
         masks = []
@@ -307,7 +308,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
         progress: Callable[[str], None] | None = None, text_file: Path | None = None,
         caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None, ngl: int = 0,
-        kv_budget: int = 0, n_ctx: int = 0, sparse_min_ctx: int = 0) -> dict:
+        kv_budget: int = 0, n_ctx: int = 0, sparse_min_ctx: int = 0, rpc: Sequence[str] = ()) -> dict:
     """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up). With
     ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence.
     ``caches``: the KV cache types the fastest-stock search tries (quantized ones with flash
@@ -320,16 +321,21 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     their limit counts K*q and softmax*V at the budget's share of the context (``budget_limit``).
     ``n_ctx``: every engine's context size (0: each depth plus what the timed steps need).
     ``sparse_min_ctx``: the sparse engines decode on the stock graph at depths below it
-    (``Engine.set_sparse_min_ctx``), as generate and serve do with ``--sparse-min-ctx``."""
+    (``Engine.set_sparse_min_ctx``), as generate and serve do with ``--sparse-min-ctx``.
+    ``rpc``: the ``ngl`` offloaded layers on these RPC servers instead of a GPU; their kernels are
+    the CPU's, so sparse keeps the dense winner's configuration, there is no profile (the eval
+    callback would wait on the network at every node), and the limit is the bytes-based one with
+    wq and wo dense on the servers' layers (as on a GPU) and the KV rows of the kept heads."""
     if n_ctx and n_ctx < max(ctxs) + DENSITY_STEPS + 16:
         raise ValueError(f"-c {n_ctx} is smaller than the deepest -d ({max(ctxs)}) plus the {DENSITY_STEPS + 16} cells "
                          "the timed steps need")
     say = progress or (lambda m: print(m, file=sys.stderr, flush=True))
     fa_options = {"on": [True], "off": [False], "auto": [False, True]}[flash_attn]
-    repack_types = repackable_types(model_path) if not ngl else []
+    gpu = bool(ngl) and not rpc
+    repack_types = repackable_types(model_path) if not gpu else []
     repack_options = [True, False] if repack_types else [True]
     if ngl:
-        profile = False  # node-by-node timing through the eval callback is not faithful on a GPU
+        profile = False  # node-by-node timing through the eval callback is not faithful on a GPU (or RPC)
     elif not repack_types:
         say("no weights of a type the CPU backend repacks: repack left on, not measured both ways")
     rows: list[BenchRow] = []
@@ -339,13 +345,13 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         ctx_size = max(n_ctx, ctx + 16)
         # the dense baseline is the fastest stock configuration on this machine
         fa, rp, cache = _fastest_dense(model_path, ctx, threads, reps, fa_options, repack_options, say, text_file,
-                                       caches, ngl, n_ctx)
+                                       caches, ngl, n_ctx, rpc)
         choices[ctx] = {"flash_attn": "on" if fa else "off", "repack": "on" if rp else "off", "cache": cache}
         kw = dict(n_ctx=ctx_size, n_threads=threads, flash_attn=fa, repack=rp, cache_type_k=cache, cache_type_v=cache,
-                  n_gpu_layers=ngl)
+                  n_gpu_layers=ngl, rpc=rpc)
         # on a GPU sparse decode runs in flash attention with an F16 cache: the CUDA kernel reads
         # Q8_0 too, but in 2-byte loads, and was slower with it at 32K (Llama-2-7B's shape, H100)
-        s_fa, s_cache = (True, "f16") if ngl else (fa, cache)
+        s_fa, s_cache = (True, "f16") if gpu else (fa, cache)
         skw = dict(kw, flash_attn=s_fa, cache_type_k=s_cache, cache_type_v=s_cache)
         with Engine(model_path, **kw) as dense, Engine(model_path, **skw) as sparse:
             toks = _context_tokens(dense, ctx + 1 + DENSITY_STEPS, text_file)
@@ -370,7 +376,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             if trained:
                 from ..predictors.specs import with_budget
 
-                t_eng = stack_trained(model_path, with_budget(trained, kv_budget), ctx_size, threads, s_fa, rp, s_cache, ngl)
+                t_eng = stack_trained(model_path, with_budget(trained, kv_budget), ctx_size, threads, s_fa, rp, s_cache, ngl, rpc)
                 trained_ops = t_eng.layer_ops()
                 t_budget = t_eng.kv_budget[0] if t_eng.kv_budget else 0
                 _fill(t_eng, ctx, toks)
@@ -411,20 +417,21 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             med = statistics.median(times[d])
             ratio = statistics.median(ratios[d])
             kept = float(masks[d].mean())
-            if ngl:  # K/V rows are read for every KV head that keeps one of its query heads
+            if gpu:  # K/V rows are read for every KV head that keeps one of its query heads
                 limit = amdahl_limit(share, kv_head_density(masks[d], sparse.n_head_kv))
             elif kv_budget:
-                limit = budget_limit(profiles[ctx]["dense"], kept, kv_budget, ctx) if share is not None else None
+                limit = budget_limit(profiles[ctx]["dense"], kept, kv_budget, ctx) if ctx in profiles and share is not None else None
             else:
                 limit = amdahl_limit(share, kept) if share is not None else None
             rows.append(BenchRow(ctx, "sparse", d, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache, kv_budget))
             say(f"ctx {ctx}: sparse density {d:g}: {1 / med:.1f} tok/s ({ratio:.3f}x dense {1 / dense_med:.1f}"
                 + (f", limit {limit:.3f}x)" if limit else ")"))
         if trained:
-            kept, kv_kept = _trained_density(model_path, ctx, threads, s_fa, rp, trained, toks, s_cache, ngl, n_ctx)
+            kept, kv_kept = _trained_density(model_path, ctx, threads, s_fa, rp, trained, toks, s_cache, ngl, n_ctx,
+                                             rpc)
             med, ratio = statistics.median(times["trained"]), statistics.median(ratios["trained"])
-            limit = amdahl_limit(share, kv_kept if ngl else kept) if share is not None else None
-            if t_budget and share is not None and not ngl:
+            limit = amdahl_limit(share, kv_kept if gpu else kept) if share is not None else None
+            if t_budget and ctx in profiles and share is not None:
                 limit = budget_limit(profiles[ctx]["dense"], kept, t_budget, ctx)
             rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache,
                                  t_budget))
@@ -436,6 +443,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         "threads": threads,
         "n_gpu_layers": ngl,
         "limit_kind": "bytes" if ngl else "profile",
+        "rpc": list(rpc),  # servers on 127.0.0.1: a loopback figure
         "reps": reps,
         "gqa_masks": gqa,
         "trained": trained,

@@ -48,6 +48,7 @@ DEFAULT_CMAKE_ARGS = [
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_TOOLS=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
+    "-DGGML_RPC=ON",  # libggml-rpc: `powerinfer-attn rpc-server` and --rpc (native/rpc.py)
 ]
 
 # -march=native compiles ggml's AMX kernels in wherever the CPU reports AMX, and they die with

@@ -1,0 +1,172 @@
+"""Sparse decode with layers on ggml RPC servers (`powerinfer-attn rpc-server`, all on
+127.0.0.1): the same oracles as on one machine, a stock server refused, a dead server an error."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from powerinfer_attn.engine.decode import Engine, EngineError
+from powerinfer_attn.native import rpc
+from powerinfer_attn.predictors.basic import AllHeads
+from test_engine import ORACLE_TEXT, PROMPT, random_masks, rel_diff, teacher_forced_logits, zeroed_dense_logits
+from test_predictor import _random_predictor
+from test_stock import stock_site  # noqa: F401 (fixture)
+
+N_STEPS = 24
+NGL = 20  # SmolLM2's output layer and last 19 of its 30 layers on the servers, 11 here
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env=None):
+    return rpc.spawn(env=env)
+
+
+def stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
+        if p.stderr:
+            p.stderr.close()
+    assert all(p.poll() is not None for p in procs), "an rpc server is left running"
+
+
+@pytest.fixture(scope="module")
+def servers(engine_lib):
+    procs, eps = zip(*(start_server() for _ in range(2)))
+    yield list(eps)
+    stop(procs)
+
+
+@pytest.fixture(scope="module")
+def rpc_engine(model_path, servers):
+    with Engine(model_path, n_ctx=512, n_threads=2, n_gpu_layers=NGL, rpc=servers) as eng:
+        yield eng
+
+
+def test_servers_speak_the_series_protocol(servers):
+    for ep in servers:
+        assert rpc.hello(ep)[0] == rpc.RPC_PROTO_MAJOR
+
+
+def test_layers_are_on_the_servers(rpc_engine):
+    """wq/wo of the servers' layers run dense there (bit OP_ON_DEVICE, as on a GPU), the local
+    ones on the sparse products; the attention of every layer is head-masked."""
+    ops = rpc_engine.layer_ops()
+    n_local = rpc_engine.n_layer + 1 - NGL  # llama.cpp counts the output layer among -ngl
+    assert all(o & 1 and o & 2 and not o & 8 for o in ops[:n_local]), ops
+    assert all(o & 2 and o & 8 for o in ops[n_local:]), ops
+
+
+def test_all_heads_give_the_local_dense_tokens(model_path, engine, rpc_engine):
+    dense = engine.generate(PROMPT, N_STEPS, stop_at_eog=False)
+    pred = AllHeads()
+    pred.bind(rpc_engine)
+    sparse = rpc_engine.generate(PROMPT, N_STEPS, predictor=pred, stop_at_eog=False)
+    assert sparse.tokens == dense.tokens
+    assert rpc_engine.generate(PROMPT, N_STEPS, stop_at_eog=False).tokens == dense.tokens
+
+
+@pytest.mark.parametrize("seed,density", [(0, 0.5), (1, 0.25)])
+def test_random_masks_match_zeroed_dense(f32_model_path, servers, seed, density):
+    """On the float model, as on one machine (test_engine): the masked sparse decode with layers
+    on the servers is dense attention with the masked heads' outputs zeroed, to float rounding."""
+    with Engine(f32_model_path, n_ctx=512, n_threads=2, n_gpu_layers=NGL, rpc=servers) as eng:
+        toks = eng.tokenize(ORACLE_TEXT)
+        masks = random_masks(np.random.default_rng(seed), len(toks) - 5, eng.n_layer, eng.n_head, density)
+        sparse = teacher_forced_logits(eng, toks, 5, masks)
+        dense = teacher_forced_logits(eng, toks, 5)
+    ref = zeroed_dense_logits(f32_model_path, toks, 5, masks)
+    assert rel_diff(sparse, ref).max() < 5e-3
+    assert np.array_equal(sparse.argmax(1), ref.argmax(1))
+    assert rel_diff(dense, ref).min() > 20 * rel_diff(sparse, ref).max()
+
+
+def test_trained_predictor_with_linear_fill_gives_the_local_tokens(tmp_path, model_path, engine, servers):
+    """The in-graph predictor, its selection state and its linear fill run on the server that
+    holds each layer: the same masks, hence the same tokens, as on one machine."""
+    from powerinfer_attn.engine.decode import open_engine
+    from powerinfer_attn.predictors.specs import get_predictor
+
+    path = tmp_path / "p.gguf"
+    _random_predictor(path, model_path, engine, value=0.3, fill="linear", head_dim=engine.n_embd // engine.n_head)
+    out = []
+    for kw in ({}, {"n_gpu_layers": NGL, "rpc": servers}):
+        pred = get_predictor(f"trained:{path}", model_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_engine(model_path, pred, n_ctx=512, n_threads=2, **kw) as eng:
+                out.append(eng.generate(PROMPT, N_STEPS, predictor=pred, stop_at_eog=False))
+    assert out[0].tokens == out[1].tokens
+    density = [float(np.mean(g.masks)) for g in out]
+    assert 0.1 < density[0] < 0.9 and abs(density[0] - density[1]) < 0.02, density
+    assert out[0].tokens != engine.generate(PROMPT, N_STEPS, stop_at_eog=False).tokens  # the predictor matters
+
+
+def test_bad_endpoints_and_unreachable_servers_are_errors(model_path):
+    with pytest.raises(rpc.RPCError, match="host:port"):
+        rpc.parse_endpoints("localhost")
+    with pytest.raises(rpc.RPCError, match="twice"):
+        rpc.parse_endpoints("127.0.0.1:1,127.0.0.1:1")
+    with pytest.raises(rpc.RPCError, match="cannot reach"):
+        Engine(model_path, n_ctx=256, n_gpu_layers=4, rpc=f"127.0.0.1:{_free_port()}")
+    with pytest.raises(EngineError, match="n_gpu_layers"):
+        Engine(model_path, n_ctx=256, rpc="127.0.0.1:1")
+
+
+def test_a_stock_server_is_refused(model_path, stock_site):  # noqa: F811
+    env = dict(os.environ, PYTHONPATH=str(stock_site), POWERINFER_ATTN_ALLOW_STOCK="1")
+    proc, ep = start_server(env)
+    try:
+        major = rpc.hello(ep)[0]
+        assert major < 100
+        with pytest.raises(rpc.RPCError, match="stock"):
+            Engine(model_path, n_ctx=256, n_gpu_layers=4, rpc=[ep])
+    finally:
+        stop([proc])
+
+
+CLIENT = """
+import sys
+from powerinfer_attn.engine.decode import Engine, EngineError
+from powerinfer_attn.predictors.basic import AllHeads
+eng = Engine(sys.argv[1], n_ctx=4096, n_threads=1, n_gpu_layers=20, rpc=sys.argv[2])
+pred = AllHeads(); pred.bind(eng)
+eng.set_sparse(True)
+eng.prefill(eng.tokenize("Once upon a time"))
+tok = 1
+for i in range(4000):
+    tok = int(eng.step(tok).argmax())
+    print("step", i, flush=True)
+"""
+
+
+def test_a_server_killed_mid_run_is_an_error_not_a_hang(model_path, engine_lib):
+    procs, eps = zip(*(start_server() for _ in range(2)))
+    try:
+        client = subprocess.Popen([sys.executable, "-c", CLIENT, str(model_path), ",".join(eps)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3):  # decoding through both servers
+            assert client.stdout.readline().startswith("step"), client.stderr.read()[-2000:]
+        os.kill(procs[1].pid, signal.SIGKILL)
+        try:
+            _, err = client.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            pytest.fail("the client hangs after its server died")
+        assert client.returncode != 0
+        assert "RPC" in err, err[-2000:]
+    finally:
+        stop(procs)
