@@ -115,6 +115,87 @@ def test_trained_predictor_with_linear_fill_gives_the_local_tokens(tmp_path, mod
     assert out[0].tokens != engine.generate(PROMPT, N_STEPS, stop_at_eog=False).tokens  # the predictor matters
 
 
+def test_token_budget_on_the_servers_matches_one_machine(f32_model_path, servers):
+    """The page bounds (updated in place in the servers' K caches), the page selection and the
+    attention over the chosen pages run on the servers: the pages and logits of one machine. A
+    server layer's query comes from the dense wq product, a local one's from the sparse one, so
+    a near tie between two pages may fall the other way now and then."""
+    from test_budget import TEXT, PagesHook
+
+    out, pages = [], []
+    for kw in ({}, {"n_gpu_layers": NGL, "rpc": servers}):
+        hook = PagesHook()
+        with Engine(f32_model_path, n_ctx=1024, n_threads=2, tensor_hook=hook, **kw) as eng:
+            toks = eng.tokenize(TEXT)[:260]
+            eng.prefill(toks[:200])
+            mask = np.ones((eng.n_layer, eng.n_head), np.int32)
+            mask[:, 1::2] = 0
+            eng.set_sparse(True)
+            eng.set_mask(mask)
+            eng.set_kv_budget(64, page=16, n_sink=4, n_recent=16)
+            logits, sel = [], []
+            for t in toks[200:]:
+                logits.append(eng.step(t))
+                sel.append(np.stack([hook.pages[il].reshape(eng.n_head_kv, -1) for il in range(eng.n_layer)]))
+            if not kw:  # the same steps without a budget: how far the budget moves the logits
+                eng.set_kv_budget(0)
+                eng.rollback(200)
+                full = np.array([eng.step(t) for t in toks[200:]])
+        out.append(np.array(logits))
+        pages.append(sel)  # per step [n_layer, n_head_kv, pages in the cache's view]
+    assert all((p.sum(axis=-1) == 64 // 16).all() for p in pages[1])  # every layer reads the budget's pages
+    same = np.array([(a == b).all(axis=(-1, -2)) for a, b in zip(*pages)])
+    assert same.mean() >= 0.95, np.argwhere(~same)
+    assert np.median(rel_diff(out[1], out[0])) < 0.1 * np.median(rel_diff(full, out[0]))
+    assert np.mean(out[1].argmax(1) == out[0].argmax(1)) >= 0.9
+
+
+def test_servers_stay_out_of_the_default_device_list(rpc_engine):
+    """An engine names its servers' devices in the model's parameters only: a model made later
+    without --rpc (or a llama_cpp.Llama) never sees them, nor a server that died since."""
+    ggml, _ = rpc._libs()
+    names = [ggml.ggml_backend_dev_name(ggml.ggml_backend_dev_get(i)) for i in range(ggml.ggml_backend_dev_count())]
+    assert not [n for n in names if n.startswith(b"RPC")], names
+
+
+LLAMA = """
+import sys
+from llama_cpp import Llama
+from powerinfer_attn.native import rpc
+from powerinfer_attn.serving.sparsify import sparsify
+out = []
+for servers in ([], sys.argv[2].split(",")):
+    if servers:
+        rpc.add_servers(servers)
+    llm = Llama(sys.argv[1], n_ctx=256, n_gpu_layers=20 if servers else 0, verbose=False)
+    sparsify(llm, "all")
+    out.append(llm.create_completion("The capital of France is", max_tokens=12, temperature=0.0)["choices"][0]["text"])
+    del llm
+print(repr(out[0]), repr(out[1]))
+assert out[0] == out[1], out
+"""
+
+
+def test_llama_cpp_python_models_use_added_servers(model_path, engine_lib):
+    """``rpc.add_servers`` then ``Llama(..., n_gpu_layers=N)``: the servers take the layers and
+    ``sparsify`` with every head gives the local text. Servers of its own: an rpc-server serves
+    one client at a time, and the module's engine holds the others."""
+    procs, eps = zip(*(start_server() for _ in range(2)))
+    try:
+        r = subprocess.run([sys.executable, "-c", LLAMA, str(model_path), ",".join(eps)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        busy = rpc.hello(eps[0], timeout=5)  # free again once the client is gone
+        assert busy[0] == rpc.RPC_PROTO_MAJOR
+    finally:
+        stop(procs)
+
+
+def test_a_busy_server_is_named(servers, rpc_engine):
+    with pytest.raises(rpc.RPCError, match="one client at a time"):
+        rpc.hello(servers[0], timeout=2)  # the module's engine is connected to it
+
+
 def test_bad_endpoints_and_unreachable_servers_are_errors(model_path):
     with pytest.raises(rpc.RPCError, match="host:port"):
         rpc.parse_endpoints("localhost")

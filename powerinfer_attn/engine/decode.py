@@ -113,7 +113,7 @@ class Engine(SparseControls):
         self.rpc = rpc_mod.parse_endpoints(rpc) if rpc else []
         if self.rpc and n_gpu_layers == 0:
             raise EngineError("RPC servers take the offloaded layers: give n_gpu_layers (-ngl) > 0")
-        devices = rpc_mod.add_servers(self.rpc) if self.rpc else rpc_mod.local_devices()
+        devices = rpc_mod.server_devices(self.rpc) if self.rpc else rpc_mod.local_devices()
         if devices is not None:  # NULL-terminated; kept alive with the engine
             self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
             mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)

@@ -2,9 +2,10 @@
 
 A server is ``ggml_backend_rpc_start_server`` of the ``libggml-rpc`` next to the loaded
 libllama, serving its CPU device (or its GPUs in a CUDA build): the upstream ``rpc-server``
-tool is that function behind a command line. A client registers each server with
-``ggml_backend_rpc_add_server``; the model then places its offloaded layers (``n_gpu_layers``)
-on the servers' devices, split by their memory as llama.cpp splits over GPUs.
+tool is that function behind a command line. A client connects to each server with
+``ggml_backend_rpc_add_server`` and names its devices in the model's parameters; the model then
+places its offloaded layers (``n_gpu_layers``) on them, split by their memory as llama.cpp
+splits over GPUs.
 
 ggml aborts the process when it cannot reach a server or the versions differ, so
 ``check_server`` speaks the protocol's HELLO first and raises a clear error instead.
@@ -29,7 +30,8 @@ _CMD_HELLO = 14          # RPC_CMD_HELLO: fixed by upstream for every version
 _CONN_CAPS = 24          # RPC_CONN_CAPS_SIZE: the HELLO request's payload (zero: plain TCP)
 _DEV_CPU, _DEV_GPU = 0, 1  # enum ggml_backend_dev_type
 
-_registered: dict[str, int] = {}  # endpoint -> its ggml_backend_reg_t, registered once per process
+_connected: dict[str, int] = {}  # endpoint -> its ggml_backend_reg_t (ggml keeps one per endpoint)
+_registered: set[str] = set()  # endpoints add_servers put in ggml's device list
 _local_gpus: list[int] | None = None  # the GPU devices before any server was added
 
 
@@ -64,6 +66,9 @@ def hello(endpoint: str, timeout: float = 10.0) -> tuple[int, int, int]:
             if size < 3 or size > 4096:
                 raise RPCError(f"{endpoint} answered HELLO with {size} bytes: not a ggml RPC server")
             body = _recv(s, size)
+    except TimeoutError as e:
+        raise RPCError(f"the RPC server at {endpoint} did not answer within {timeout:g} s: it serves one client "
+                       f"at a time, is another one connected?") from e
     except OSError as e:
         raise RPCError(f"cannot reach the RPC server at {endpoint} ({e}); start one with "
                        f"`powerinfer-attn rpc-server --host HOST --port PORT` there") from e
@@ -128,32 +133,45 @@ def _devices(ggml, kind: int) -> list[int]:
     return out
 
 
-def add_servers(endpoints: Sequence[str]) -> list[int]:
-    """Check and register each server (once per process); returns the devices a model split over
-    ``endpoints`` offloads to: each server's devices in the given order, then this machine's GPUs.
-    Registered servers are also in every later model's default device list: a
-    ``llama_cpp.Llama(..., n_gpu_layers=N)`` made after this call puts its layers on them."""
+def server_devices(endpoints: Sequence[str]) -> list[int]:
+    """Check each server and connect to it (once per process); returns the devices a model split
+    over ``endpoints`` offloads to: each server's devices in the given order, then this
+    machine's GPUs (for ``llama_model_params.devices``). The servers are not added to ggml's
+    device list, so models made without them never see them (nor a server that died since)."""
     global _local_gpus
     ggml, rpc = _libs()
     if _local_gpus is None:
         _local_gpus = _devices(ggml, _DEV_GPU)
     devs = []
     for ep in endpoints:
-        if ep not in _registered:
+        if ep not in _connected:
             check_server(ep)
             reg = rpc.ggml_backend_rpc_add_server(ep.encode())
             if not reg:
                 raise RPCError(f"the RPC server at {ep} has no device")
-            ggml.ggml_backend_register(reg)
-            _registered[ep] = reg
-        reg = _registered[ep]
+            _connected[ep] = reg
+        reg = _connected[ep]
         devs += [ggml.ggml_backend_reg_dev_get(reg, i) for i in range(ggml.ggml_backend_reg_dev_count(reg))]
     return devs + list(_local_gpus)
 
 
+def add_servers(endpoints: Sequence[str]) -> list[int]:
+    """``server_devices``, and the servers added to ggml's device list for the rest of the
+    process: a ``llama_cpp.Llama(..., n_gpu_layers=N)`` made after this call puts its layers on
+    them (llama-cpp-python has no other way to name them). Every later model that uses the
+    default device list then needs the servers up."""
+    ggml, _ = _libs()
+    devs = server_devices(endpoints)
+    for ep in endpoints:
+        if ep not in _registered:
+            ggml.ggml_backend_register(_connected[ep])
+            _registered.add(ep)
+    return devs
+
+
 def local_devices() -> list[int] | None:
-    """The devices a model without servers offloads to, once servers were registered in this
-    process (which adds their devices to every later model's default list); None before."""
+    """The devices a model without servers offloads to, once ``add_servers`` put servers in
+    ggml's device list (which every later model's default list then holds); None before."""
     return list(_local_gpus) if _registered else None
 
 
@@ -212,5 +230,5 @@ def spawn(port: int = 0, threads: int = 1, env: dict | None = None, timeout: flo
             time.sleep(0.2)
 
 
-__all__ = ["RPC_PROTO_MAJOR", "RPCError", "check_server", "hello", "local_devices", "add_servers",
-           "parse_endpoints", "serve", "spawn"]
+__all__ = ["RPC_PROTO_MAJOR", "RPCError", "add_servers", "check_server", "hello", "local_devices",
+           "parse_endpoints", "serve", "server_devices", "spawn"]
