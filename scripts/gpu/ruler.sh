@@ -9,11 +9,17 @@
 #          carrying it (the pieces stay on the machine while it is held); then
 #          scripts/gpu/ruler.sh run      carrying .gpu/pred.gguf, .gpu/rs.tgz:
 #                                        answers in $OUT/ruler-LENGTH-TASK.json
-#   here:  scripts/gpu/ruler.sh score DIR   lm-eval's scorer over DIR's answers:
-#                                        figures/ruler-$FIG-gpu-LENGTH.json
+#   here:  scripts/gpu/ruler.sh score DIR   lm-eval's scorer over DIR's answers, merged into
+#                                        figures/ruler-$FIG-gpu-LENGTH.json when it exists
+# (the oracle at 0.5 of SmolLM2's table came from a later run: PREDS=oracle:0.6:fill-from=.gpu/pred.gguf)
 # The defaults are SmolLM2-135M's table (4 subtasks, 4096 and 8192, 20 samples, the prepared
 # predictor at 0.7 and 0.5, the oracle near 0.7, sinks + window only). Qwen2.5-Coder-0.5B's:
-#   MODEL=qwen2.5-coder-0.5b FIG=qwen MODEL=${MODEL:-smollm2-135m}
+#   MODEL=qwen2.5-coder-0.5b FIG=qwen TASKS="niah_single_2 niah_multikey_1" LENGTHS="4096 16384" \
+#   PREDS="trained:.gpu/pred.gguf:density=0.7 trained:.gpu/pred.gguf:density=0.5" scripts/gpu/ruler.sh pack|run|score
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-.venv/bin}
+MODEL=${MODEL:-smollm2-135m}
 FIG=${FIG:-smollm2}
 TASKS=${TASKS:-niah_single_2 niah_multikey_1 ruler_vt ruler_cwe}
 LENGTHS=${LENGTHS:-4096 8192}
@@ -54,9 +60,12 @@ run)
 score)
 	dir=${2:?the folder with the answers}
 	for L in $LENGTHS; do
-		args=(); for T in $TASKS; do args+=(--rescore "$dir/ruler-$L-$T.json"); done
-		"$BIN/powerinfer-attn" eval "${args[@]}" --json > "figures/ruler-$FIG-gpu-$L.json"
-		"$BIN/powerinfer-attn" show "figures/ruler-$FIG-gpu-$L.json"
+		# a figure already there is merged with the new answers (other predictors, the same samples)
+		f=figures/ruler-$FIG-gpu-$L.json args=()
+		[ ! -f "$f" ] || args+=(--rescore "$f")
+		for T in $TASKS; do args+=(--rescore "$dir/ruler-$L-$T.json"); done
+		"$BIN/powerinfer-attn" eval "${args[@]}" --json > "$f.new" && mv "$f.new" "$f"
+		"$BIN/powerinfer-attn" show "$f"
 	done
 	;;
 *) sed -n 2,20p "$0"; exit 2 ;;
