@@ -1049,7 +1049,9 @@ def show(results) -> None:
     elif kind == "bench":
         click.echo(f"{Path(data['model']).name}, {data['threads']} threads, median of {data['reps']} paired steps"
                    + (", GQA-group masks" if data.get("gqa_masks") else "")
-                   + (f", {data['n_gpu_layers']} layers on the GPU (sparse: flash attention, "
+                   + (f", {data['n_gpu_layers']} layers on RPC servers {','.join(data['rpc'])} (loopback: not a network "
+                      "figure); cells: tok/s (ratio of its bytes-based limit)" if data.get("rpc") else
+                      f", {data['n_gpu_layers']} layers on the GPU (sparse: flash attention, "
                       f"{'/'.join(sorted({r.get('cache', 'f16') for r in data['rows'] if r['mode'] != 'dense'}))} cache); "
                       "cells: tok/s (ratio of its bytes-based limit)" if data.get("n_gpu_layers") else ""))
         click.echo(bench_mod.format_table(data))

@@ -4,8 +4,9 @@
 Two `rpc-server`s on 127.0.0.1, each behind a proxy of this script that counts the bytes of
 every connection in both directions; the engine puts the last -ngl layers on them. After a
 prefill of --ctx tokens, --steps decode steps dense, then sparse at each --density (fixed
-masks, every layer alike) and with the trained predictor if given; per step: bytes client ->
-server and server -> client, summed over the servers.
+masks, every layer alike) and with the trained predictor if given (in the graph, as bench,
+serve and sparsify run it); per step: bytes client -> server and server -> client, summed over
+the servers.
 
     .venv/bin/python scripts/rpc-wire.py --ctx 1024 --steps 32 --json figures/rpc-wire.json
 """
@@ -23,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from powerinfer_attn.engine.decode import Engine, open_engine  # noqa: E402
+from powerinfer_attn.engine.decode import Engine  # noqa: E402
 from powerinfer_attn.native import rpc  # noqa: E402
 from powerinfer_attn.native.model import resolve_model  # noqa: E402
 
@@ -128,12 +129,13 @@ def main() -> None:
                 run(eng, f"sparse, fixed masks {d:g}", lambda e, t: e.step(t))
                 eng.set_sparse(False)
         if args.predictor:
-            from powerinfer_attn.predictors.specs import get_predictor
+            # as bench, serve and sparsify run it: in the graph, no tensor hook reading its masks
+            # back (a hook splits the graph at every node it reads, and each piece travels)
+            from powerinfer_attn.evaluation.bench import stack_trained
 
-            pred = get_predictor(args.predictor, path)
-            with open_engine(path, pred, **kw) as eng:
+            with stack_trained(path, args.predictor, kw["n_ctx"], 2, False, True, ngl=args.ngl, rpc=eps) as eng:
                 eng.set_sparse(True)
-                run(eng, pred.name, lambda e, t: e.predicted_step(pred, 0, t))
+                run(eng, args.predictor + " (in the graph)", lambda e, t: e.step(t))
     finally:
         for p in procs:
             p.terminate()
