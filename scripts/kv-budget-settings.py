@@ -14,6 +14,9 @@ With ``--score``: how a page is scored for a KV group instead (``:budget-score=`
 summed over its heads (sum), each head's bound relative to its best page (head-max), the same
 with q.(min+max)/2 (mid), and with the exact largest q.k over the page (exact: reads every key,
 the oracle), at 1024 and 512 cells, on the same text and steps (figures/kv-budget-score.json).
+With ``--spread``: mid plus 0.25, 0.5 and 0.75 of each page's spread along q
+(``:budget-spread=``; 0 is mid, 1 the head-max bound), at 1024 and 512 cells
+(figures/kv-budget-spread.json).
 """
 
 import json
@@ -25,7 +28,7 @@ from powerinfer_attn.native.model import default_model_path
 from powerinfer_attn.predictors.basic import AllHeads
 from powerinfer_attn.predictors.wrappers import KVBudget
 
-ARGS = [a for a in sys.argv[1:] if a != "--score"]
+ARGS = [a for a in sys.argv[1:] if a not in ("--score", "--spread")]
 TEXT = Path(ARGS[0] if ARGS else "../shared/data/wikitext-2-raw/wiki.test.raw")
 BUDGET, CTX, STEPS, WINDOWS = 1024, 8192, 64, 2
 # (page, sinks, recent, dense layers)
@@ -37,6 +40,11 @@ if "--score" in sys.argv:
         for score in ("sum", "head-max", "mid", "exact"):
             preds.append(KVBudget(AllHeads(), budget, score=score))
     name = "kv-budget-score.json"
+elif "--spread" in sys.argv:
+    for budget in (1024, 512):
+        for spread in (0.25, 0.5, 0.75):
+            preds.append(KVBudget(AllHeads(), budget, score="mid", spread=spread))
+    name = "kv-budget-spread.json"
 else:
     for page, sink, recent, dense in SETTINGS:
         p = KVBudget(AllHeads(), BUDGET, page, sink, recent, dense)

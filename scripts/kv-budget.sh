@@ -18,9 +18,13 @@
 #             estimate q.(min+max)/2 (mid) and each head's exact largest q.k (exact, the oracle):
 #             figures/needle-budget-score-4096.json (about 25 min); then the same scores' KL on
 #             training text (scripts/kv-budget-settings.py --score, figures/kv-budget-score.json)
+#   spread:   the midpoint plus a share of each page's spread along q (:budget-score=mid
+#             :budget-spread=W, W 0.25, 0.5, 0.75; 0 is mid, 1 head-max's bound): the same passkeys
+#             at 512 and 256 cells, figures/needle-budget-spread-4096.json, then their KL on
+#             training text (scripts/kv-budget-settings.py --spread, figures/kv-budget-spread.json)
 # The settings (page 16, 4 sinks, 64 recent cells) are chosen on training text by
-# scripts/kv-budget-settings.py. STEPS=speed,quality,ruler,score picks parts (score is not in the
-# default ones).
+# scripts/kv-budget-settings.py. STEPS=speed,quality,ruler,score,spread picks parts (score and
+# spread are not in the default ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -67,4 +71,14 @@ if has score; then
 	"$PIA" needle --lengths 4096 --trials 10 --haystack filler -t 2 "${preds[@]}" --json > figures/needle-budget-score-4096.json
 	"$PIA" show figures/needle-budget-score-4096.json
 	"$BIN/python" scripts/kv-budget-settings.py --score
+fi
+
+if has spread; then
+	preds=()
+	for b in 512 256; do for w in 0.25 0.5 0.75; do
+		preds+=(--predictor "all:budget=$b:budget-score=mid:budget-spread=$w")
+	done; done
+	"$PIA" needle --lengths 4096 --trials 10 --haystack filler -t 2 "${preds[@]}" --json > figures/needle-budget-spread-4096.json
+	"$PIA" show figures/needle-budget-spread-4096.json
+	"$BIN/python" scripts/kv-budget-settings.py --spread
 fi

@@ -127,8 +127,11 @@ def test_budget_errors_and_specs(model_path):
     assert p.name == "random:3+window:4+60+budget:128"
     p = get_predictor("all:budget=512:budget-score=head-max", model_path)
     assert p.score == "head-max" and p.name == "all+budget:512/head-max"
+    p = get_predictor("all:budget=512:budget-score=mid:budget-spread=0.5", model_path)
+    assert p.score == "mid" and p.spread == 0.5 and p.name == "all+budget:512/mid0.5"
     for bad in ("all:budget=", "all:budget=x", "all:budget=0", "all:budget=1:budget=2", "all:budget-score=sum",
-                "all:budget=64:budget-score=best"):
+                "all:budget=64:budget-score=best", "all:budget-spread=0.5", "all:budget=64:budget-spread=0.5",
+                "all:budget=64:budget-score=mid:budget-spread=2", "all:budget=64:budget-score=mid:budget-spread=x"):
         with pytest.raises(ValueError, match="budget"):
             get_predictor(bad, model_path)
     with Engine(model_path, n_ctx=256, n_threads=1) as eng:
@@ -136,3 +139,24 @@ def test_budget_errors_and_specs(model_path):
             eng.set_kv_budget(64, score="best")
         eng.set_kv_budget(64, score="head-max")
         assert eng.kv_budget_score == "head-max"
+        with pytest.raises(ValueError, match="spread"):
+            eng.set_kv_budget(64, score="head-max", spread=0.5)
+        eng.set_kv_budget(64, score="mid", spread=0.5)
+        assert eng.kv_budget_spread == 0.5
+
+
+def test_mid_score_with_full_spread_selects_as_head_max(model_path):
+    """The spread reaches the graph: mid plus the whole spread is head-max's bound (the same
+    pages in every layer), and no spread is the midpoint (other pages somewhere)."""
+    sel = {}
+    for score, spread in (("head-max", 0.0), ("mid", 1.0), ("mid", 0.0)):
+        hook = PagesHook()
+        with Engine(model_path, n_ctx=1024, n_threads=2, tensor_hook=hook) as eng:
+            toks = eng.tokenize(TEXT)
+            eng.prefill(toks[:-1])
+            eng.set_sparse(True)
+            eng.set_kv_budget(96, page=16, n_sink=4, n_recent=16, score=score, spread=spread)
+            eng.step(toks[-1])
+        sel[score, spread] = np.stack([hook.pages[il] for il in range(eng.n_layer)])
+    assert np.array_equal(sel["mid", 1.0], sel["head-max", 0.0])
+    assert not np.array_equal(sel["mid", 0.0], sel["head-max", 0.0])

@@ -43,7 +43,7 @@ def visible_cells(mask):
     return np.flatnonzero(mask != -np.inf)
 
 
-def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0, keys=None):
+def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0, keys=None, spread=0.0):
     n_head, d = q.shape
     n_head_kv = bounds.shape[1]
     r = n_head // n_head_kv
@@ -65,8 +65,8 @@ def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0, 
                 dots = np.full(npk * page, -np.inf)
                 dots[vis] = kg[vis] @ q[h].astype(np.float64)
                 per_head.append(dots.reshape(npk, page).max(1))
-        elif score == 3:  # the midpoint estimate
-            per_head = [(q[h] * (mn + mx) / 2).sum(1) for h in act]
+        elif score == 3:  # the midpoint estimate, plus spread times the page's half range along q
+            per_head = [(q[h] * (mn + mx) / 2 + spread * np.abs(q[h]) * (mx - mn) / 2).sum(1) for h in act]
         else:
             per_head = [np.maximum(q[h] * mn, q[h] * mx).sum(1) for h in act]
         if score == 0:  # the bound summed over the group's active heads
@@ -125,6 +125,27 @@ def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads, score):
                 assert kept == set(range(got.shape[1]))
             elif budget < len(vis_pages) * page:
                 assert kept <= vis_pages  # never a page the token cannot see
+
+
+@pytest.mark.parametrize("spread", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_mid_score_spread_matches_numpy(spread, n_threads):
+    """The midpoint plus a share of each page's spread along q; at 1 it is the bound, so the
+    selection is head-max's."""
+    rng = np.random.default_rng(int(spread * 100) + n_threads)
+    n_kv, n_head, n_head_kv, page = 768, 8, 2, 16
+    k, _, q, mask = budget_case(rng, n_kv, n_head, n_head_kv, holes=[(100, 180)])
+    bounds = bounds_of(k, page, n_kv // page)
+    heads = (rng.random(n_head) < 0.6).astype(np.int32)
+    heads[0] = 1
+    for budget in (128, 256):
+        got = kernels.page_select(q, bounds, heads, mask, page, budget, 4, 32, n_threads, score=3, spread=spread)
+        want = ref_select(q, bounds, heads, mask, page, budget, 4, 32, score=3, spread=spread)
+        assert np.array_equal(got, want), budget
+        if spread == 1.0:
+            assert np.array_equal(got, kernels.page_select(q, bounds, heads, mask, page, budget, 4, 32, n_threads, score=1))
+    with pytest.raises(ValueError):
+        kernels.page_select(q, bounds, heads, mask, page, 128, 4, 32, 1, score=3, spread=1.5)
 
 
 @pytest.mark.parametrize("n_head,n_head_kv", [(3, 3), (9, 3), (7, 1)])

@@ -212,20 +212,24 @@ class SparseControls:
         self._warn_off_gpu_kernel("window fill's attention")
 
     def set_kv_budget(self, budget: int, page: int = KV_PAGE, n_sink: int = KV_SINK, n_recent: int = KV_RECENT,
-                      n_dense_layers: int = KV_DENSE_LAYERS, score: str = KV_SCORE) -> None:
+                      n_dense_layers: int = KV_DENSE_LAYERS, score: str = KV_SCORE, spread: float = 0.0) -> None:
         """Token budget: in sparse decode each KV group's active heads read only about ``budget``
         cached cells, the pages of ``page`` cells whose bound on q.k is highest, always with the
         pages of the first ``n_sink`` and last ``n_recent`` cells the token sees (chosen in the
         graph per step and layer); the first ``n_dense_layers`` layers read every cell. A budget
         that covers the context reads all of it, as without one; ``0`` turns it off. Needs flash
         attention off (the budget runs in the v2 path). ``score``: how a page is scored for a
-        group (``bindings.KV_SCORES``: summed over its heads, or each head's best pages first)."""
+        group (``bindings.KV_SCORES``: summed over its heads, or each head's best pages first).
+        ``spread`` (score ``mid`` only): add that share of each page's spread along q to its
+        midpoint estimate, from 0 (the midpoint) to 1 (the bound)."""
         self._check_open()
         if budget < 0 or n_sink < 0 or n_recent < 0 or n_dense_layers < 0:
             raise ValueError(f"kv budget: budget, sinks, recent cells and dense layers must be >= 0 "
                              f"(got {budget}, {n_sink}, {n_recent}, {n_dense_layers})")
         if score not in KV_SCORES:
             raise ValueError(f"kv budget: score is one of {', '.join(KV_SCORES)} (got {score!r})")
+        if not 0.0 <= spread <= 1.0 or (spread and score != "mid"):
+            raise ValueError(f"kv budget: spread is in [0, 1] and goes with the mid score (got {spread!r} with {score})")
         if page not in KV_PAGES:
             raise ValueError(f"kv budget: page must be one of {', '.join(map(str, KV_PAGES))} cells (got {page})")
         if not hasattr(self.C, "llama_set_kv_budget"):
@@ -243,8 +247,14 @@ class SparseControls:
                 raise EngineError("this library has no page scores but the sum (rebuild: powerinfer-attn build)")
         elif self.C.llama_set_kv_budget_score(self.ctx, KV_SCORES[score]) != 0:
             raise EngineError(f"llama_set_kv_budget_score refused {score}")
+        if hasattr(self.C, "llama_set_kv_budget_spread"):
+            if self.C.llama_set_kv_budget_spread(self.ctx, float(spread)) != 0:
+                raise EngineError(f"llama_set_kv_budget_spread refused {spread}")
+        elif spread:
+            raise EngineError("this library has no page spread (rebuild: powerinfer-attn build)")
         self.kv_budget = (int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers)) if budget else None
         self.kv_budget_score = score
+        self.kv_budget_spread = float(spread)
 
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, 8 when wq or

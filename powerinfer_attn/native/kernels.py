@@ -116,6 +116,7 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_kv_page_select"): ([P, P, P, P, P, I32, I32, I32, I32], P),
         (g, "ggml_kv_page_select_set_score"): ([P, I32], None),
         (g, "ggml_kv_page_select_set_keys"): ([P, P], None),
+        (g, "ggml_kv_page_select_set_spread"): ([P, ctypes.c_float], None),
         (g, "ggml_mul_mat_sparse_attn_set_pages"): ([P, P, I32, ctypes.c_bool], None),
         (g, "ggml_new_graph"): ([P], P),
         (g, "ggml_build_forward_expand"): ([P, P], None),
@@ -492,11 +493,12 @@ def page_bounds(k: bytes, k_type: str, n_cells: int, d: int, n_head_kv: int, bou
 
 def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.ndarray, page: int,
                 budget: int, n_sink: int, n_recent: int, n_threads: int = 1, score: int = 0,
-                keys: np.ndarray | None = None) -> np.ndarray:
+                keys: np.ndarray | None = None, spread: float = 0.0) -> np.ndarray:
     """``ggml_kv_page_select`` for one decode token: ``q`` ``(n_head, d)``, ``bounds``
     ``(n_pages, n_head_kv, 2*d)``, ``mask`` ``(n_kv,)`` (0 or -inf). Returns the selection,
     int32 ``(n_head_kv, ceil(n_kv/page))``. ``score``: ``bindings.KV_SCORES``' id of the page score;
-    the exact one needs ``keys``, the F16 cache rows ``(n_kv, n_head_kv*d)``."""
+    the exact one needs ``keys``, the F16 cache rows ``(n_kv, n_head_kv*d)``; ``spread`` goes with
+    the midpoint one (``ggml_kv_page_select_set_spread``)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     bounds = np.ascontiguousarray(bounds, dtype=np.float32)
     heads = np.ascontiguousarray(heads, dtype=np.int32)
@@ -507,6 +509,8 @@ def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.n
         raise ValueError("page_select: shapes do not agree")
     if min(budget, n_sink, n_recent) < 0:
         raise ValueError("page_select: budget, n_sink and n_recent must be >= 0")
+    if not 0.0 <= spread <= 1.0:
+        raise ValueError("page_select: spread must be in [0, 1]")
     c = _Ctx()
     try:
         tq = c.tensor(GGML_TYPE["F32"], (d, n_head, 1), q.tobytes())
@@ -515,6 +519,8 @@ def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.n
         tm = c.tensor(GGML_TYPE["F32"], (mask.size, 1), np.ascontiguousarray(mask, np.float32).tobytes())
         t = c.g.ggml_kv_page_select(c.ctx, tq, tb, th, tm, page, budget, n_sink, n_recent)
         c.g.ggml_kv_page_select_set_score(t, score)
+        if spread:
+            c.g.ggml_kv_page_select_set_spread(t, spread)
         if keys is not None:
             keys = np.ascontiguousarray(keys, dtype=np.float16)
             c.g.ggml_kv_page_select_set_keys(t, c.tensor(GGML_TYPE["F16"], (keys.shape[1], keys.shape[0]), keys.tobytes()))

@@ -85,20 +85,27 @@ def prepared_predictor_path(model_path: str | Path) -> Path:
 
 _BUDGET = re.compile(r":budget=([^:]*)")
 _BUDGET_SCORE = re.compile(r":budget-score=([^:]*)")
+_BUDGET_SPREAD = re.compile(r":budget-spread=([^:]*)")
 
 
 def get_predictor(spec: str, model_path: str | Path) -> Predictor:
     """A predictor from its command-line name (see the module doc). Call ``bind(engine)`` next."""
-    budgets, scores = _BUDGET.findall(spec), _BUDGET_SCORE.findall(spec)
-    if scores and not budgets:
-        raise ValueError(f"bad predictor {spec!r}: :budget-score= goes with a :budget=N")
+    budgets, scores, spreads = _BUDGET.findall(spec), _BUDGET_SCORE.findall(spec), _BUDGET_SPREAD.findall(spec)
+    if (scores or spreads) and not budgets:
+        raise ValueError(f"bad predictor {spec!r}: :budget-score= and :budget-spread= go with a :budget=N")
     if budgets:
         if len(budgets) > 1 or not budgets[0].isdigit():
             raise ValueError(f"bad predictor {spec!r}: a token budget is one :budget=N, N a number of cells")
         if len(scores) > 1 or scores and scores[0] not in KV_SCORES:
             raise ValueError(f"bad predictor {spec!r}: :budget-score= is one of {', '.join(KV_SCORES)}")
-        inner = get_predictor(_BUDGET_SCORE.sub("", _BUDGET.sub("", spec)), model_path)
-        return KVBudget(inner, int(budgets[0]), score=scores[0] if scores else KV_SCORE)
+        try:
+            spread = float(spreads[0]) if len(spreads) == 1 else None if spreads else 0.0
+        except ValueError:
+            spread = None
+        if spread is None or not 0.0 <= spread <= 1.0 or (spread and (scores or [KV_SCORE])[0] != "mid"):
+            raise ValueError(f"bad predictor {spec!r}: :budget-spread= is one number in [0, 1], with :budget-score=mid")
+        inner = get_predictor(_BUDGET_SPREAD.sub("", _BUDGET_SCORE.sub("", _BUDGET.sub("", spec))), model_path)
+        return KVBudget(inner, int(budgets[0]), score=scores[0] if scores else KV_SCORE, spread=spread)
     window = _WINDOW.search(spec)
     if window:
         base = spec[:window.start()]

@@ -47,16 +47,19 @@ class KVBudget(_Wrapper):
     KV group's active heads read about ``budget`` cells, pages chosen in the graph per step."""
 
     def __init__(self, inner: Predictor, budget: int, page: int = KV_PAGE, n_sink: int = KV_SINK,
-                 n_recent: int = KV_RECENT, n_dense_layers: int = KV_DENSE_LAYERS, score: str = KV_SCORE):
+                 n_recent: int = KV_RECENT, n_dense_layers: int = KV_DENSE_LAYERS, score: str = KV_SCORE,
+                 spread: float = 0.0):
         if budget < 1:
             raise ValueError(f"a token budget is a number of cells >= 1 (got {budget}); leave :budget= out for none")
         self.budget, self.page, self.n_sink, self.n_recent = budget, page, n_sink, n_recent
-        self.n_dense_layers, self.score = n_dense_layers, score
-        self._wrap(inner, f"{inner.name}+budget:{budget}" + (f"/{score}" if score != KV_SCORE else ""))
+        self.n_dense_layers, self.score, self.spread = n_dense_layers, score, spread
+        self._wrap(inner, f"{inner.name}+budget:{budget}" + (f"/{score}" if score != KV_SCORE else "")
+                   + (f"{spread:g}" if spread else ""))
 
     def bind(self, engine) -> None:
         self.inner.bind(engine)
-        engine.set_kv_budget(self.budget, self.page, self.n_sink, self.n_recent, self.n_dense_layers, self.score)
+        engine.set_kv_budget(self.budget, self.page, self.n_sink, self.n_recent, self.n_dense_layers, self.score,
+                             self.spread)
 
     def __getattr__(self, name):  # what callers read from the inner predictor (fill, targets, ...)
         if name == "inner":
