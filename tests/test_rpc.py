@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -160,6 +161,7 @@ def test_servers_stay_out_of_the_default_device_list(rpc_engine):
 
 LLAMA = """
 import sys
+import time
 from llama_cpp import Llama
 from powerinfer_attn.native import rpc
 from powerinfer_attn.serving.sparsify import sparsify
@@ -221,6 +223,7 @@ def test_a_stock_server_is_refused(model_path, stock_site):  # noqa: F811
 
 CLIENT = """
 import sys
+import time
 from powerinfer_attn.engine.decode import Engine, EngineError
 from powerinfer_attn.predictors.basic import AllHeads
 eng = Engine(sys.argv[1], n_ctx=4096, n_threads=1, n_gpu_layers=20, rpc=sys.argv[2])
@@ -251,3 +254,27 @@ def test_a_server_killed_mid_run_is_an_error_not_a_hang(model_path, engine_lib):
         assert "RPC" in err, err[-2000:]
     finally:
         stop(procs)
+
+
+def test_the_rpc_server_command(engine_lib):
+    """`powerinfer-attn rpc-server` serves the series' protocol; bound beyond 127.0.0.1 it warns
+    that the protocol has no authentication."""
+    for host, warns in (("127.0.0.1", False), ("0.0.0.0", True)):
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-c", "from powerinfer_attn.cli import main; main()", "rpc-server",
+                                 "--host", host, "--port", str(port), "-t", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(100):
+                try:
+                    assert rpc.hello(f"127.0.0.1:{port}", timeout=2)[0] == rpc.RPC_PROTO_MAJOR
+                    break
+                except rpc.RPCError:
+                    assert proc.poll() is None, proc.stderr.read()
+                    time.sleep(0.2)
+            else:
+                pytest.fail("the server never answered")
+        finally:
+            proc.terminate()
+            err = proc.communicate(timeout=30)[1]
+        assert ("no authentication" in err) == warns, err
