@@ -136,11 +136,10 @@ def rel_diff(a, b):
 ORACLE_TEXT = PROMPT + " a small settlement on the banks of the Tiber river in central Italy"
 
 
-@pytest.mark.parametrize("seed,density", [(0, 0.5), (1, 0.25), (2, 0.9)])
-def test_masked_sparse_matches_zeroed_dense_f32(f32_model_path, seed, density):
-    """On the float model (the default model's weights dequantized) the only differences are
-    float rounding: wo's active columns are summed per run of heads instead of in one pass."""
-    with Engine(f32_model_path, n_ctx=512, n_threads=2) as eng:
+def check_masked_matches_zeroed_dense_f32(f32_model_path, seed, density, **engine_kw):
+    """Random masks on the float model against dense attention with the masked heads zeroed:
+    equal to float rounding, and far from dense (``engine_kw``: where the layers run)."""
+    with Engine(f32_model_path, n_ctx=512, n_threads=2, **engine_kw) as eng:
         toks = eng.tokenize(ORACLE_TEXT)
         masks = random_masks(np.random.default_rng(seed), len(toks) - 5, eng.n_layer, eng.n_head, density)
         sparse = teacher_forced_logits(eng, toks, 5, masks)
@@ -150,6 +149,13 @@ def test_masked_sparse_matches_zeroed_dense_f32(f32_model_path, seed, density):
     assert np.array_equal(sparse.argmax(1), ref.argmax(1))
     # the mask matters: without it the logits are far away
     assert rel_diff(dense, ref).min() > 20 * rel_diff(sparse, ref).max()
+
+
+@pytest.mark.parametrize("seed,density", [(0, 0.5), (1, 0.25), (2, 0.9)])
+def test_masked_sparse_matches_zeroed_dense_f32(f32_model_path, seed, density):
+    """On the float model (the default model's weights dequantized) the only differences are
+    float rounding: wo's active columns are summed per run of heads instead of in one pass."""
+    check_masked_matches_zeroed_dense_f32(f32_model_path, seed, density)
 
 
 @pytest.mark.parametrize("seed,density", [(0, 0.5), (1, 0.25)])

@@ -15,7 +15,7 @@ import pytest
 from powerinfer_attn.engine.decode import Engine, EngineError
 from powerinfer_attn.native import rpc
 from powerinfer_attn.predictors.basic import AllHeads
-from test_engine import ORACLE_TEXT, PROMPT, random_masks, rel_diff, teacher_forced_logits, zeroed_dense_logits
+from test_engine import ORACLE_TEXT, PROMPT, check_masked_matches_zeroed_dense_f32, random_masks, rel_diff, teacher_forced_logits
 from test_predictor import _random_predictor
 from test_stock import stock_site  # noqa: F401 (fixture)
 
@@ -84,15 +84,7 @@ def test_all_heads_give_the_local_dense_tokens(model_path, engine, rpc_engine):
 def test_random_masks_match_zeroed_dense(f32_model_path, servers, seed, density):
     """On the float model, as on one machine (test_engine): the masked sparse decode with layers
     on the servers is dense attention with the masked heads' outputs zeroed, to float rounding."""
-    with Engine(f32_model_path, n_ctx=512, n_threads=2, n_gpu_layers=NGL, rpc=servers) as eng:
-        toks = eng.tokenize(ORACLE_TEXT)
-        masks = random_masks(np.random.default_rng(seed), len(toks) - 5, eng.n_layer, eng.n_head, density)
-        sparse = teacher_forced_logits(eng, toks, 5, masks)
-        dense = teacher_forced_logits(eng, toks, 5)
-    ref = zeroed_dense_logits(f32_model_path, toks, 5, masks)
-    assert rel_diff(sparse, ref).max() < 5e-3
-    assert np.array_equal(sparse.argmax(1), ref.argmax(1))
-    assert rel_diff(dense, ref).min() > 20 * rel_diff(sparse, ref).max()
+    check_masked_matches_zeroed_dense_f32(f32_model_path, seed, density, n_gpu_layers=NGL, rpc=servers)
 
 
 @pytest.mark.parametrize("fill", ["linear", "mean"])
