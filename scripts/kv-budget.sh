@@ -21,7 +21,8 @@
 #   spread:   the midpoint plus a share of each page's spread along q (:budget-score=mid
 #             :budget-spread=W, W 0.25, 0.5, 0.75; 0 is mid, 1 head-max's bound): the same passkeys
 #             at 512 and 256 cells, figures/needle-budget-spread-4096.json, then their KL on
-#             training text (scripts/kv-budget-settings.py --spread, figures/kv-budget-spread.json)
+#             training text (scripts/kv-budget-settings.py --spread, figures/kv-budget-spread.json),
+#             then W 0.75 on the ruler step's RULER samples at 512 cells, merged into its figure
 # The settings (page 16, 4 sinks, 64 recent cells) are chosen on training text by
 # scripts/kv-budget-settings.py. STEPS=speed,quality,ruler,score,spread picks parts (score and
 # spread are not in the default ones).
@@ -81,4 +82,10 @@ if has spread; then
 	"$PIA" needle --lengths 4096 --trials 10 --haystack filler -t 2 "${preds[@]}" --json > figures/needle-budget-spread-4096.json
 	"$PIA" show figures/needle-budget-spread-4096.json
 	"$BIN/python" scripts/kv-budget-settings.py --spread
+	# RULER at 4096 with 512 cells (the ruler step's samples), merged into its figure
+	"$PIA" eval --samples-in vendor/ruler-4096-10.json -t 2 --json \
+		--predictor all:budget=512:budget-score=mid:budget-spread=0.75 > figures/ruler-smollm2-4096-budget-spread.json
+	"$PIA" eval --rescore figures/ruler-smollm2-4096-budget.json --rescore figures/ruler-smollm2-4096-budget-spread.json \
+		--json > figures/ruler-smollm2-4096-budget.json.new && mv figures/ruler-smollm2-4096-budget.json.new figures/ruler-smollm2-4096-budget.json
+	"$PIA" show figures/ruler-smollm2-4096-budget.json
 fi
