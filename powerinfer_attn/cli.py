@@ -129,8 +129,9 @@ def _rpc() -> list[str]:
 
 def _engine_kw(flash_attn: bool, cache_k: str, cache_v: str, n_gpu_layers: int = 0) -> dict:
     kw = dict(flash_attn=flash_attn, cache_type_k=cache_k, cache_type_v=cache_v, n_gpu_layers=n_gpu_layers)
-    if _rpc():
-        kw["rpc"] = _rpc()
+    rpc = _rpc()
+    if rpc:
+        kw["rpc"] = rpc
     return kw
 
 
@@ -940,7 +941,7 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
 
     with user_errors():
         threads = threads or min(os.cpu_count() or 1, 16)
-        path = resolve_model(model)
+        path, rpc = resolve_model(model), _rpc()
         min_ctx = crossover.resolve(sparse_min_ctx, path, threads, ngl, trained is not None,
                                     say=lambda m: click.echo(m, err=True))
         result = bench_mod.run(path, _ints(ctxs), _floats(densities),
@@ -948,10 +949,10 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
                                profile=profile, trained=trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
                                caches=_cache_list(cache_k), window=_window(window) if window else None, ngl=ngl,
-                               kv_budget=kv_budget, n_ctx=n_ctx, sparse_min_ctx=min_ctx, rpc=_rpc())
+                               kv_budget=kv_budget, n_ctx=n_ctx, sparse_min_ctx=min_ctx, rpc=rpc)
         # a run on the sparse graph at every depth says where it starts to pay: --sparse-min-ctx auto
         # (of the plain sparse graph: not with a window, a budget or whole KV groups)
-        recorded = crossover.store(result) if min_ctx == 0 and not (window or kv_budget or gqa or _rpc()) else None
+        recorded = crossover.store(result) if min_ctx == 0 and not (window or kv_budget or gqa or rpc) else None
         if plot_path:
             bench_mod.plot(result, plot_path)
     if as_json:

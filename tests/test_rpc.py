@@ -3,10 +3,8 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -23,16 +21,6 @@ N_STEPS = 24
 NGL = 20  # SmolLM2's output layer and last 19 of its 30 layers on the servers, 11 here
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(env=None):
-    return rpc.spawn(env=env)
-
-
 def stop(procs):
     for p in procs:
         if p.poll() is None:
@@ -46,7 +34,7 @@ def stop(procs):
 
 @pytest.fixture(scope="module")
 def servers(engine_lib):
-    procs, eps = zip(*(start_server() for _ in range(2)))
+    procs, eps = zip(*(rpc.spawn() for _ in range(2)))
     yield list(eps)
     stop(procs)
 
@@ -180,7 +168,7 @@ def test_llama_cpp_python_models_use_added_servers(model_path, engine_lib):
     """``rpc.add_servers`` then ``Llama(..., n_gpu_layers=N)``: the servers take the layers and
     ``sparsify`` with every head gives the local text. Servers of its own: an rpc-server serves
     one client at a time, and the module's engine holds the others."""
-    procs, eps = zip(*(start_server() for _ in range(2)))
+    procs, eps = zip(*(rpc.spawn() for _ in range(2)))
     try:
         r = subprocess.run([sys.executable, "-c", LLAMA, str(model_path), ",".join(eps)],
                            capture_output=True, text=True, timeout=300)
@@ -218,14 +206,14 @@ def test_bad_endpoints_and_unreachable_servers_are_errors(model_path):
     with pytest.raises(rpc.RPCError, match="twice"):
         rpc.parse_endpoints("127.0.0.1:1,127.0.0.1:1")
     with pytest.raises(rpc.RPCError, match="cannot reach"):
-        Engine(model_path, n_ctx=256, n_gpu_layers=4, rpc=f"127.0.0.1:{_free_port()}")
+        Engine(model_path, n_ctx=256, n_gpu_layers=4, rpc=f"127.0.0.1:{rpc.free_port()}")
     with pytest.raises(EngineError, match="n_gpu_layers"):
         Engine(model_path, n_ctx=256, rpc="127.0.0.1:1")
 
 
 def test_a_stock_server_is_refused(model_path, stock_site):  # noqa: F811
     env = dict(os.environ, PYTHONPATH=str(stock_site), POWERINFER_ATTN_ALLOW_STOCK="1")
-    proc, ep = start_server(env)
+    proc, ep = rpc.spawn(env=env)
     try:
         major = rpc.hello(ep)[0]
         assert major < 100
@@ -252,7 +240,7 @@ for i in range(4000):
 
 
 def test_a_server_killed_mid_run_is_an_error_not_a_hang(model_path, engine_lib):
-    procs, eps = zip(*(start_server() for _ in range(2)))
+    procs, eps = zip(*(rpc.spawn() for _ in range(2)))
     try:
         client = subprocess.Popen([sys.executable, "-c", CLIENT, str(model_path), ",".join(eps)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -274,21 +262,8 @@ def test_the_rpc_server_command(engine_lib):
     """`powerinfer-attn rpc-server` serves the series' protocol; bound beyond 127.0.0.1 it warns
     that the protocol has no authentication."""
     for host, warns in (("127.0.0.1", False), ("0.0.0.0", True)):
-        port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-c", "from powerinfer_attn.cli import main; main()", "rpc-server",
-                                 "--host", host, "--port", str(port), "-t", "1"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            for _ in range(100):
-                try:
-                    assert rpc.hello(f"127.0.0.1:{port}", timeout=2)[0] == rpc.RPC_PROTO_MAJOR
-                    break
-                except rpc.RPCError:
-                    assert proc.poll() is None, proc.stderr.read()
-                    time.sleep(0.2)
-            else:
-                pytest.fail("the server never answered")
-        finally:
-            proc.terminate()
-            err = proc.communicate(timeout=30)[1]
+        proc, ep = rpc.spawn(host=host, cli=True)
+        assert rpc.hello(ep)[0] == rpc.RPC_PROTO_MAJOR
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1].decode()
         assert ("no authentication" in err) == warns, err

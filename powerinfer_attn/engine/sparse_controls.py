@@ -23,7 +23,7 @@ class SparseFallbackWarning(UserWarning):
 
 class SparseControls:
     """Needs from the engine: ``C`` (the bindings), ``ctx``, ``model_path``, ``n_layer``, ``n_head``,
-    ``n_gpu_layers``, ``flash_attn``, ``cache_types``, ``repack``, ``_check_open()``, and the
+    ``n_gpu_layers``, ``rpc``, ``flash_attn``, ``cache_types``, ``repack``, ``_check_open()``, and the
     state it keeps here (``_head_predictor``, ``_warned_fallback``, ``kv_budget``)."""
 
     def set_sparse(self, enabled: bool) -> None:
@@ -74,7 +74,7 @@ class SparseControls:
         """Warn when the head-masked attention of layers on a GPU cannot run there (its kernel,
         ggml-cuda.patch, needs flash attention and F16 or Q8_0 K and V)."""
         # (RPC servers run every op: a CPU server runs these kernels where the layer is)
-        if self.n_gpu_layers == 0 or getattr(self, "rpc", None) or (self.flash_attn and self.cache_types in (("f16", "f16"), ("q8_0", "q8_0"))):
+        if self.n_gpu_layers == 0 or self.rpc or (self.flash_attn and self.cache_types in (("f16", "f16"), ("q8_0", "q8_0"))):
             return
         warnings.warn(SparseFallbackWarning(
             f"{what} on a GPU needs flash attention and an F16 or Q8_0 cache (K and V alike); with flash "
@@ -236,7 +236,7 @@ class SparseControls:
             raise EngineError("this library has no token budget (rebuild: powerinfer-attn build)")
         if budget and self.flash_attn:
             raise EngineError("a token budget runs without flash attention: make the engine with flash_attn=False (-fa off)")
-        if budget and self.n_gpu_layers and not getattr(self, "rpc", None):
+        if budget and self.n_gpu_layers and not self.rpc:
             raise EngineError("a token budget runs on the CPU only for now: make the engine with n_gpu_layers=0 "
                               "(or put the layers on CPU RPC servers)")
         rc = self.C.llama_set_kv_budget(self.ctx, int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers))

@@ -201,20 +201,30 @@ def serve(host: str = "127.0.0.1", port: int = 50052, threads: int | None = None
     raise RPCError(f"the RPC server on {endpoint} stopped (port in use? see the lines above)")
 
 
-def spawn(port: int = 0, threads: int = 1, env: dict | None = None, timeout: float = 60.0):
-    """Start ``serve`` in a child process (of whatever llama_cpp ``env``'s Python imports) on
-    127.0.0.1 and wait until it answers HELLO; returns ``(process, endpoint)``. ``port`` 0: a
-    free one. For tests and scripts; stop it with ``process.terminate()``."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(port: int = 0, threads: int = 1, env: dict | None = None, timeout: float = 60.0,
+          host: str = "127.0.0.1", cli: bool = False):
+    """Start ``serve`` in a child process (of whatever llama_cpp ``env``'s Python imports), bound
+    to ``host`` (``cli``: through the `rpc-server` command), and wait until it answers HELLO on
+    127.0.0.1; returns ``(process, endpoint)``, the process's stderr piped. ``port`` 0: a free
+    one. For tests and scripts; stop it with ``process.terminate()``."""
     import subprocess
     import sys
     import time
 
-    if not port:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    code = f"from powerinfer_attn.native import rpc; rpc.serve('127.0.0.1', {int(port)}, {int(threads)})"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    port = port or free_port()
+    if cli:
+        args = ["-c", "from powerinfer_attn.cli import main; main()", "rpc-server", "--host", host,
+                "--port", str(port), "-t", str(threads)]
+    else:
+        args = ["-c", f"from powerinfer_attn.native import rpc; rpc.serve({host!r}, {int(port)}, {int(threads)})"]
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ep = f"127.0.0.1:{port}"
     deadline = time.time() + timeout
     while True:
@@ -230,5 +240,5 @@ def spawn(port: int = 0, threads: int = 1, env: dict | None = None, timeout: flo
             time.sleep(0.2)
 
 
-__all__ = ["RPC_PROTO_MAJOR", "RPCError", "add_servers", "check_server", "hello", "local_devices",
+__all__ = ["RPC_PROTO_MAJOR", "RPCError", "add_servers", "check_server", "free_port", "hello", "local_devices",
            "parse_endpoints", "serve", "server_devices", "spawn"]
