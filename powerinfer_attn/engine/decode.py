@@ -174,7 +174,11 @@ class Engine(SparseControls):
         self.n_head_kv = C.llama_model_n_head_kv(self.model)
         self.n_embd = C.llama_model_n_embd(self.model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self.n_ubatch = C.llama_n_ubatch(self.ctx)
         self.n_past = 0
+        # the token at each position decoded through this engine (a predictor calibrating on the
+        # prompt decodes its end again); an attached engine's caller decodes itself: left empty
+        self.tokens: list[int] = []
         self.graph_steps = {"dense": 0, "sparse": 0}  # sparse-mode steps by the graph they ran
         self._warned_fallback = False
         self._head_predictor: Path | None = None
@@ -274,6 +278,7 @@ class Engine(SparseControls):
         self._check_open()
         self.C.llama_memory_clear(self.C.llama_get_memory(self.ctx), True)
         self.n_past = 0
+        self.tokens = []
 
     def _check_token(self, token) -> None:
         if not 0 <= int(token) < self.n_vocab:
@@ -312,6 +317,7 @@ class Engine(SparseControls):
         finally:
             C.llama_batch_free(batch)
         self.n_past += n
+        self.tokens.extend(int(t) for t in tokens)
         rows = range(n) if all_logits else [n - 1]
         out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
         for j, i in enumerate(rows):
@@ -326,6 +332,7 @@ class Engine(SparseControls):
             raise EngineError(f"cannot roll back to {n_past}: {self.n_past} positions decoded")
         self.C.llama_memory_seq_rm(self.C.llama_get_memory(self.ctx), 0, n_past, -1)
         self.n_past = n_past
+        del self.tokens[n_past:]
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Dense prompt evaluation in n_batch chunks; logits of the last token (or of all).
@@ -359,7 +366,8 @@ class Engine(SparseControls):
         n = C.llama_state_seq_get_data(self.ctx, buf, size, 0)
         if n == 0 and self.n_past > 0:
             raise EngineError("llama_state_seq_get_data wrote nothing")
-        return SeqState(buf, n, self.n_past, self.n_layer, self.n_head_kv, self.n_embd, self.flash_attn, self.cache_types)
+        return SeqState(buf, n, self.n_past, self.n_layer, self.n_head_kv, self.n_embd, self.flash_attn, self.cache_types,
+                        tuple(self.tokens))
 
     def load_state(self, state: "SeqState") -> None:
         """Replace this engine's sequence with ``state`` (from ``save_state`` of an engine of the
@@ -377,14 +385,19 @@ class Engine(SparseControls):
         if state.size and self.C.llama_state_seq_set_data(self.ctx, state.data, state.size, 0) == 0:
             raise EngineError("llama_state_seq_set_data refused the state (see the log above)")
         self.n_past = state.n_past
+        self.tokens = list(state.tokens)
 
     def predicted_step(self, predictor: Predictor, i: int, token: int) -> tuple[np.ndarray, np.ndarray]:
         """Decode one token sparsely with the predictor's mask; (logits, the mask used).
 
         An in-graph predictor (``trained:``) computes the masks inside the step; any other
         predictor's mask is set first, and overrides a loaded in-graph predictor. Below
-        ``sparse_min_ctx`` the step runs the stock graph and the mask used is every head."""
+        ``sparse_min_ctx`` the step runs the stock graph and the mask used is every head.
+        Step ``i`` 0 (the first of an answer, the prompt in the cache) first calls
+        ``predictor.begin(self)``."""
         predictor = as_predictor(predictor)
+        if i == 0:
+            predictor.begin(self)
         if not self.next_step_sparse():
             self.graph_steps["dense"] += 1
             return self.step(token), np.ones((self.n_layer, self.n_head), np.int32)
@@ -453,6 +466,7 @@ class SeqState:
     n_embd: int
     flash_attn: bool
     cache_types: tuple[str, str]
+    tokens: tuple[int, ...] = ()  # the token at each position, when the saving engine knew them
 
 
 def open_engine(model_path, predictor: Predictor | None = None, **kwargs) -> Engine:

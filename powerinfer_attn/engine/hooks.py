@@ -23,6 +23,21 @@ class TensorHook:
         raise NotImplementedError
 
 
+class Hooks(TensorHook):
+    """Several hooks on one engine: each gets the tensors it wants."""
+
+    def __init__(self, *hooks: TensorHook):
+        self.hooks = hooks
+
+    def wants(self, name: str) -> bool:
+        return any(h.wants(name) for h in self.hooks)
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        for h in self.hooks:
+            if h.wants(name):
+                h(name, data)
+
+
 class _GgmlTensor(ctypes.Structure):
     # the head of struct ggml_tensor (ggml.h), up to the fields read here
     _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),

@@ -44,13 +44,18 @@ class PredictorBase:
     ``hook``: a ``TensorHook`` the engine must be built with (``open_engine`` does that).
     ``in_graph``: True for a predictor loaded into the graph, which chooses the masks itself
     during the step; ``observed()`` then gives the mask the step used. ``restart(engine)``:
-    forget what earlier sequences taught it (a density controller's state), before a new one."""
+    forget what earlier sequences taught it (a density controller's state), before a new one.
+    ``begin(engine)``: the first decode step of an answer comes next, its prompt in the engine's
+    cache (a trained predictor may calibrate on it)."""
 
     name = "predictor"
     hook: TensorHook | None = None
     in_graph = False
 
     def restart(self, engine: Engine) -> None:
+        pass
+
+    def begin(self, engine: Engine) -> None:
         pass
 
     def observed(self) -> np.ndarray:

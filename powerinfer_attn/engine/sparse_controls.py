@@ -159,6 +159,20 @@ class SparseControls:
         if rc != 0:
             raise EngineError(f"llama_head_predictor_set_density returned {rc} (density control needs the threshold rule)")
 
+    def set_head_bias(self, il: int, bias) -> None:
+        """Replace layer ``il``'s bias in the loaded predictor (``n_head`` values; the next step
+        uses it). Loading the file again restores its own."""
+        self._check_open()
+        if self._head_predictor is None:
+            raise EngineError("no head predictor loaded (load_head_predictor)")
+        b = np.ascontiguousarray(bias, dtype=np.float32)
+        if not 0 <= il < self.n_layer or b.shape != (self.n_head,) or not np.isfinite(b).all():
+            raise ValueError(f"a bias is {self.n_head} finite values for a layer in [0, {self.n_layer})")
+        rc = self.C.llama_head_predictor_set_bias(self.ctx, int(il), b.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                  self.n_head)
+        if rc != 0:
+            raise EngineError(f"llama_head_predictor_set_bias returned {rc}")
+
     def head_stats(self, reset: bool = True) -> tuple[int, int]:
         """(heads kept, heads chosen among) by the loaded in-graph predictor since it was loaded
         or last reset: their ratio is the density of those steps, with no eval callback."""

@@ -34,6 +34,9 @@ Built-in, by name (``get_predictor``), with what each costs per decode step:
   at D, each layer at its held-out share, at any context length (``gain=G`` sets its speed,
   ``gain=0`` keeps the fixed held-out threshold). A file trained with a fill runs with it
   (named ``...+mean`` or ``...+linear``); ``fill=zero`` turns it off. Its ``hook`` reads back the masks the graph chose (``observed``).
+  ``calibrate=N`` shifts its per-head biases to each prompt, measured on the prompt's last N
+  tokens decoded again densely before the first step (``calibrate.py``; engine paths, not the
+  server).
   Without the file (``trained``, ``trained:density=0.7``) it is the one ``prepare`` stored for
   the model (``prepared_predictor_path``).
 
@@ -58,7 +61,7 @@ from .wrappers import KVBudget, WindowFill
 
 
 NAMES = ("all", "none:fill=window:S+W", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill-from=PRED.gguf]", "oracle-topk:K[:fill-from=PRED.gguf]",
-         "mask-file:PATH", "trained[:PRED.gguf][:RULE=VALUE][:gain=G][:fill=zero]", "any of them + :fill=window:S+W",
+         "mask-file:PATH", "trained[:PRED.gguf][:RULE=VALUE][:gain=G][:calibrate=N][:fill=zero]", "any of them + :fill=window:S+W",
          "any of them + :budget=N (cells per KV group)")
 
 _WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
@@ -151,7 +154,7 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
                                      "run `powerinfer-attn prepare`, or give trained:PRED.gguf")
                 parts = [str(found)] + parts
             path, *opts = parts
-            rule = value = fill = gain = None
+            rule = value = fill = gain = calibrate = None
             for opt in opts:
                 name, eq, val = opt.partition("=")
                 if eq and name == "fill" and fill is None:
@@ -160,10 +163,12 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
                     rule, value = name, float(val)
                 elif eq and name == "gain" and gain is None:
                     gain = float(val)
+                elif eq and name == "calibrate" and calibrate is None:
+                    calibrate = int(val)
                 else:
                     raise ValueError(f"bad predictor {spec!r}: after the file come at most one rule "
-                                     f"(threshold=V, topk=K, mass=P or density=D), gain=G and fill=FILL")
-            return TrainedHeads(path, rule, value, fill, gain)
+                                     f"(threshold=V, topk=K, mass=P or density=D), gain=G, calibrate=N and fill=FILL")
+            return TrainedHeads(path, rule, value, fill, gain, calibrate or 0)
     except ValueError as e:
         if "invalid literal" in str(e) or "could not convert" in str(e):
             raise ValueError(f"bad predictor {spec!r}: {e}; choose from: {', '.join(NAMES)}") from e

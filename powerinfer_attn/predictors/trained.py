@@ -9,6 +9,9 @@ import numpy as np
 
 from ..native.bindings import FILLS
 from .basic import _Shaped
+from ..engine.hooks import Hooks
+from .calibrate import MIN_TOKENS, PromptCalibration
+from .oracle import _DeferredHook
 from .predictor_file import read_metadata
 
 # density control's step per layer, in logits per unit of density error (trained:...:density=D)
@@ -32,8 +35,9 @@ class TrainedHeads(_Shaped):
     in_graph = True
 
     def __init__(self, path: str | Path, rule: str | None = None, value: float | None = None,
-                 fill: str | None = None, gain: float | None = None):
+                 fill: str | None = None, gain: float | None = None, calibrate: int = 0):
         self.path, self.rule, self.value = Path(path), rule, value
+        self.calibrate = int(calibrate)  # prompt tokens to shift the biases on (``calibrate.py``); 0 = the file's
         self.targets: list[float] | None = None  # density control's per-layer targets
         self.gain = 0.0
         if not self.path.is_file():
@@ -52,8 +56,13 @@ class TrainedHeads(_Shaped):
         self.fill = fill or own
         if gain is not None and (rule != "density" or gain < 0):
             raise ValueError("gain=G (>= 0) goes with density=D")
+        if self.calibrate and self.calibrate < MIN_TOKENS:
+            raise ValueError(f"calibrate=N needs N >= {MIN_TOKENS} prompt tokens (0 turns it off), got {self.calibrate}")
+        if self.calibrate and self.fill != "linear":
+            raise ValueError(f"calibrate=N measures each head against its linear fill; {self.path.name} runs with {self.fill} fill")
         self.name = (f"trained:{self.path.name}" + (f":{rule}={value:g}" if rule else "")
                      + (f":gain={gain:g}" if gain is not None else "")
+                     + (f":calibrate={self.calibrate}" if self.calibrate else "")
                      + ("" if self.fill == "zero" else f"+{self.fill}"))
         if rule == "density":
             # the file's rule, at the value that gave this density on the held-out data
@@ -69,7 +78,12 @@ class TrainedHeads(_Shaped):
                 per_layer = training.get("layer_density_for_density", {}).get(key)
                 n_layer = int(self.meta["n_layer"])
                 self.targets = [min(1.0, max(float(t), 1e-3)) for t in per_layer] if per_layer else [value] * n_layer
-        self.hook = _MaskReader()
+        self.masks = _MaskReader()
+        self.calibration: PromptCalibration | None = None
+        # the calibration's recorder needs the model (wo), known at bind; the engine takes its
+        # hook before that
+        self._recorder = _DeferredHook()
+        self.hook = Hooks(self.masks, self._recorder) if self.calibrate else self.masks
 
     def bind(self, engine) -> None:
         super().bind(engine)
@@ -82,7 +96,11 @@ class TrainedHeads(_Shaped):
             engine.set_head_density(self.targets, self.gain)
         engine.use_head_predictor(True)
         engine.set_head_fill(self.fill)
-        self.hook.mask = np.zeros((self.n_layer, self.n_head), np.int32)
+        self.masks.mask = np.zeros((self.n_layer, self.n_head), np.int32)
+        if self.calibrate:
+            self.calibration = PromptCalibration(self.path, engine.model_path, self.n_layer, self.n_head, self.calibrate,
+                                                 pinned=self.meta.get("training", {}).get("pinned_heads"))
+            self._recorder.inner = self.calibration.hook
 
     def restart(self, engine) -> None:
         """Density control from the rule's own threshold again, as for a new text: one request's
@@ -95,4 +113,9 @@ class TrainedHeads(_Shaped):
 
     def observed(self) -> np.ndarray:
         """The masks of the last decode step, as the graph computed them."""
-        return self.hook.mask.copy()
+        return self.masks.mask.copy()
+
+    def begin(self, engine) -> None:
+        """With ``calibrate``: the biases shifted to the prompt now in the engine."""
+        if self.calibration is not None:
+            self.calibration.run(engine)

@@ -22,6 +22,9 @@ class _Wrapper(PredictorBase):
     def restart(self, engine) -> None:
         self.inner.restart(engine)
 
+    def begin(self, engine) -> None:
+        self.inner.begin(engine)
+
     def observed(self) -> np.ndarray:
         return self.inner.observed()
 
