@@ -110,3 +110,19 @@ def test_refuses_per_step_python_predictors(llm):
     with pytest.raises(ValueError, match="needs powerinfer_attn.engine.decode.Engine"):
         sparsify.sparsify(llm, "random:3")
     assert sparsify.predictor_name(llm) is None
+
+
+def test_refuses_calibration_it_cannot_run(tmp_path, llm):
+    """llama-cpp-python decodes the prompt itself: a calibrate=N predictor would run uncalibrated."""
+    import llama_cpp
+
+    L, H, E = (llama_cpp.llama_model_n_layer(llm.model), llama_cpp.llama_model_n_head(llm.model),
+               llama_cpp.llama_model_n_embd(llm.model))
+    d = E // H
+    path = tmp_path / "lin.gguf"
+    predictor_file.write_predictor(path, [np.zeros((H, E), np.float32)] * L, [np.zeros(H, np.float32)] * L,
+                                   llm.model_path.rsplit("/", 1)[-1], "topk", 3.0, {},
+                                   linear=(np.zeros((L, H * d, E), np.float32), np.zeros((L, H * d), np.float32)))
+    with pytest.raises(ValueError, match="sparsify and the server do not calibrate"):
+        sparsify.sparsify(llm, f"trained:{path}:calibrate=64")
+    assert sparsify.predictor_name(llm) is None

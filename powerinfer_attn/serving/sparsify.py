@@ -41,6 +41,10 @@ def sparsify(llm, predictor: str = "all", sparse_min_ctx: int | str = 0, say=Non
     if not isinstance(inner, (TrainedHeads, AllHeads, NoHeads, StaticHeads)):
         raise ValueError(f"{pred.name}: sparsify takes trained:..., all, static:K or none:fill=window:S+W; a predictor that runs "
                          f"Python before every step needs powerinfer_attn.engine.decode.Engine")
+    if getattr(inner, "calibrate", 0):
+        # llama-cpp-python prefills and decodes itself: nothing here runs between its prompt and its first step
+        raise ValueError(f"{pred.name}: calibrate=N runs through powerinfer_attn.engine.decode.Engine (generate, score, "
+                         f"needle, eval --via engine); sparsify and the server do not calibrate yet")
     pred.bind(eng)  # shapes, the model it was made for; a trained file is loaded with its rule and fill
     mask = None
     if isinstance(inner, TrainedHeads):

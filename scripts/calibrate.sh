@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The prepared predictors with and without calibration on the prompt (trained:...:calibrate=N),
+# on held-out halves of several kinds of text after 4096 tokens, 6 windows x 128 steps (the
+# windows of scripts/domains.sh's matrix, so the oracle rows there compare): SmolLM2-135M and
+# Qwen2.5-Coder-0.5B, density 0.7 and 0.5.
+#   figures/domains/calibrate-<model>-<kind>.json; ~45 min on 2 cores.
+# Needs the texts of scripts/domains.sh (STEPS=texts) and each model's `prepare`d predictor.
+# MODELS="smollm2 qwen" KINDS="essays wiki code" N=128 WINDOWS=6 THREADS=2 scripts/calibrate.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIA=${PIA:-.venv/bin/powerinfer-attn}
+C=vendor/corpus F=figures/domains N=${N:-128} T=${THREADS:-2} WINDOWS=${WINDOWS:-6}
+mkdir -p "$F"
+for m in ${MODELS:-qwen smollm2}; do
+	case $m in
+		smollm2) M=() ORACLE=() ;;  # its oracle rows: figures/domains/KIND.pred-prepared.json
+		qwen) M=(-m qwen2.5-coder-0.5b) ORACLE=(--predictor "oracle:0.8:fill-from=$HOME/.cache/powerinfer-attn/predictors/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf") ;;
+		*) echo "unknown model $m (smollm2, qwen)" >&2; exit 1 ;;
+	esac
+	for k in ${KINDS:-essays wiki code}; do
+		out=$F/calibrate-$m-$k.json
+		[ -f "$out" ] && continue
+		# the oracle is already in the Qwen essays figure of results-cpu (qwen-essays-4096-budget-ridge.json)
+		o=("${ORACLE[@]}"); [ "$m/$k" = qwen/essays ] && o=()
+		"$PIA" score "${M[@]}" --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t "$T" --json \
+			--predictor trained:density=0.7 --predictor "trained:density=0.7:calibrate=$N" \
+			--predictor trained:density=0.5 --predictor "trained:density=0.5:calibrate=$N" "${o[@]}" > "$out.tmp"
+		mv "$out.tmp" "$out"
+		"$PIA" show "$out"
+	done
+done
