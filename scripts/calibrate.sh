@@ -29,3 +29,4 @@ for m in ${MODELS:-qwen smollm2}; do
 		"$PIA" show "$out"
 	done
 done
+"${PIA%/powerinfer-attn}/python" scripts/calibrate-table.py | tee "$F/calibrate-table.md"
