@@ -38,6 +38,19 @@ class Hooks(TensorHook):
                 h(name, data)
 
 
+class DeferredHook(TensorHook):
+    """A hook whose ``inner`` is set later: the engine takes its hook at construction, before
+    a predictor is bound to it and knows what to record."""
+
+    inner: TensorHook | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.inner is not None and self.inner.wants(name)
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        self.inner(name, data)
+
+
 class _GgmlTensor(ctypes.Structure):
     # the head of struct ggml_tensor (ggml.h), up to the fields read here
     _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),

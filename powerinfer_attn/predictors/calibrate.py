@@ -84,7 +84,7 @@ class PromptCalibration:
         engine.set_sparse(False)
         self.hook.active = True
         try:
-            engine.prefill(tokens)  # the same tokens at the same positions: the cache is as it was
+            engine.prefill(tokens)  # the same tokens at the same positions: the same cells, to the batch split's rounding
         finally:
             self.hook.active = False
             engine.set_sparse(was_sparse)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.hooks import DeferredHook
 from .basic import _Shaped
 from .importance import HeadContributions, mass_mask, topk_mask
 from .predictor_file import read_fill
@@ -31,7 +32,7 @@ class Oracle(_Shaped):
                 raise ValueError(f"{self.fill_path} holds no fill (train-predictor --fill mean|linear writes one)")
         self.name = (f"oracle:{fraction:g}" if fraction is not None else f"oracle-topk:{k}") + \
             ("" if self.fill is None else f"+{self.fill_kind}")
-        self.hook = _DeferredHook()
+        self.hook = DeferredHook()
 
     def bind(self, engine) -> None:
         super().bind(engine)
@@ -56,15 +57,3 @@ class Oracle(_Shaped):
             eng.set_sparse(was_sparse)
         imp = hook.last if self.fill is None else hook.per_token_dev[self.fill_kind][-1]
         return mass_mask(imp, self.fraction) if self.fraction is not None else topk_mask(imp, self.k)
-
-
-class _DeferredHook:
-    """The engine needs its hook at construction, before the predictor can be bound."""
-
-    inner: HeadContributions | None = None
-
-    def wants(self, name: str) -> bool:
-        return self.inner is not None and self.inner.wants(name)
-
-    def __call__(self, name, data) -> None:
-        self.inner(name, data)

@@ -9,9 +9,8 @@ import numpy as np
 
 from ..native.bindings import FILLS
 from .basic import _Shaped
-from ..engine.hooks import Hooks
+from ..engine.hooks import DeferredHook, Hooks
 from .calibrate import MIN_TOKENS, PromptCalibration
-from .oracle import _DeferredHook
 from .predictor_file import read_metadata
 
 # density control's step per layer, in logits per unit of density error (trained:...:density=D)
@@ -82,7 +81,7 @@ class TrainedHeads(_Shaped):
         self.calibration: PromptCalibration | None = None
         # the calibration's recorder needs the model (wo), known at bind; the engine takes its
         # hook before that
-        self._recorder = _DeferredHook()
+        self._recorder = DeferredHook()
         self.hook = Hooks(self.masks, self._recorder) if self.calibrate else self.masks
 
     def bind(self, engine) -> None:
