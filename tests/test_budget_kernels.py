@@ -1,9 +1,10 @@
 """The token budget in the kernels: page bounds (ggml_kv_page_bounds) against numpy min/max over
 each page's cells, F16 and quantized K; page selection (ggml_kv_page_select) against a numpy
-selection on the same q and bounds, GQA groups of 1 to 7 heads, holes in the mask; and v2
-attention over the selected pages (K*q, the head-masked softmax, softmax*V) against numpy
-attention restricted to exactly those cells, bit for bit equal to head-only sparse attention
-when every visible page is selected."""
+selection on the same q and bounds, GQA groups of 1 to 7 heads, holes in the mask; and attention
+over the selected pages, v2 (K*q, the head-masked softmax, softmax*V) and flash attention with
+the head mask (its row kernel and its grouped decode kernel, with window fill beside), against
+numpy attention restricted to exactly those cells, bit for bit equal to head-only sparse
+attention when every visible page is selected."""
 
 import numpy as np
 import pytest
@@ -214,8 +215,10 @@ def restricted_reference(k, v, q, mask, heads, page, sel):
 @pytest.mark.parametrize("n_head,n_head_kv", [(6, 2), (9, 3), (7, 1), (4, 4)])
 @pytest.mark.parametrize("page", [8, 16, 64])
 @pytest.mark.parametrize("n_threads", [1, 3])
-@pytest.mark.parametrize("inplace", [False, True])
-def test_attention_over_selected_pages_matches_restricted_reference(n_head, n_head_kv, page, n_threads, inplace):
+@pytest.mark.parametrize("path", ["v2", "v2-inplace", "flash", "flash-cache"])
+def test_attention_over_selected_pages_matches_restricted_reference(n_head, n_head_kv, page, n_threads, path):
+    """flash: one block per KV head (the row kernel); flash-cache: the cache's layout, where the
+    split-KV decode path runs the grouped kernel (512 cells and more)."""
     rng = np.random.default_rng(n_head + page + n_threads)
     n_kv = 1024
     k, v, q, mask = budget_case(rng, n_kv, n_head, n_head_kv, holes=[(200, 260)])
@@ -223,25 +226,45 @@ def test_attention_over_selected_pages_matches_restricted_reference(n_head, n_he
     heads[1] = 0
     npk = n_kv // page
     sel = kernels.page_select(q, bounds_of(k, page, npk), heads, mask, page, 256, 4, 64, 2)
-    out = kernels.attention(k, v, q, mask, heads, None, n_threads, inplace=inplace, pages=(page, sel))
+    opts = dict(inplace=path == "v2-inplace", flash=path.startswith("flash"), cache_layout=path == "flash-cache")
+    out = kernels.attention(k, v, q, mask, heads, None, n_threads, pages=(page, sel), **opts)
     ref = restricted_reference(k, v, q, mask, heads, page, sel)
-    np.testing.assert_allclose(out, ref, atol=3e-3, rtol=0)
+    # flash attention's row kernel accumulates softmax*V in F16 (the window tests allow as much)
+    np.testing.assert_allclose(out, ref, atol=1e-2 if opts["flash"] else 3e-3, rtol=0)
     assert np.all(out[heads == 0] == 0)
     # a budget differs from full attention: the test would not see a selection that is ignored
-    full = kernels.attention(k, v, q, mask, heads, None, n_threads)
+    full = kernels.attention(k, v, q, mask, heads, None, n_threads, **opts)
     assert np.abs(out - full).max() > 1e-2
+
+
+@pytest.mark.parametrize("cache_layout", [False, True])
+def test_flash_pages_leave_window_fill_heads_their_window(cache_layout):
+    """Pages are for the active heads: a head marked 0 under window fill attends over its sink
+    and recent cells, whichever pages its group reads."""
+    rng = np.random.default_rng(11)
+    n_kv, page, window = 1024, 16, (4, 60)
+    k, v, q, mask = budget_case(rng, n_kv, 6, 2)
+    heads = np.array([1, 0, 1, 0, 0, 0], np.int32)  # group 1 has no active head: it selects nothing
+    sel = kernels.page_select(q, bounds_of(k, page, n_kv // page), heads, mask, page, 256, 4, 64, 1)
+    assert sel[1].sum() == 0
+    out = kernels.attention(k, v, q, mask, heads, window, 2, flash=True, cache_layout=cache_layout, pages=(page, sel))
+    no_pages = kernels.attention(k, v, q, mask, heads, window, 2, flash=True, cache_layout=cache_layout)
+    active = heads == 1
+    np.testing.assert_allclose(out[active], restricted_reference(k, v, q, mask, heads, page, sel)[active], atol=1e-2, rtol=0)
+    np.testing.assert_array_equal(out[~active], no_pages[~active])
 
 
 @pytest.mark.parametrize("page", [8, 16, 32])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_every_visible_page_selected_is_head_only_sparse_bit_for_bit(page, n_threads):
+@pytest.mark.parametrize("flash", [False, True])
+def test_every_visible_page_selected_is_head_only_sparse_bit_for_bit(page, n_threads, flash):
     rng = np.random.default_rng(page)
     n_kv = 2048
     k, v, q, mask = budget_case(rng, n_kv, 9, 3, pad=200, holes=[(64, 70)])
     heads = np.array([1, 0, 1, 1, 1, 0, 0, 0, 1], np.int32)
     sel = kernels.page_select(q, bounds_of(k, page, n_kv // page), heads, mask, page, n_kv, 4, 64, n_threads)
-    out = kernels.attention(k, v, q, mask, heads, None, n_threads, pages=(page, sel))
-    plain = kernels.attention(k, v, q, mask, heads, None, n_threads)
+    out = kernels.attention(k, v, q, mask, heads, None, n_threads, pages=(page, sel), flash=flash, cache_layout=flash)
+    plain = kernels.attention(k, v, q, mask, heads, None, n_threads, flash=flash, cache_layout=flash)
     assert np.array_equal(out, plain)
 
 

@@ -231,8 +231,9 @@ class SparseControls:
         cached cells, the pages of ``page`` cells whose bound on q.k is highest, always with the
         pages of the first ``n_sink`` and last ``n_recent`` cells the token sees (chosen in the
         graph per step and layer); the first ``n_dense_layers`` layers read every cell. A budget
-        that covers the context reads all of it, as without one; ``0`` turns it off. Needs flash
-        attention off (the budget runs in the v2 path). ``score``: how a page is scored for a
+        that covers the context reads all of it, as without one; ``0`` turns it off. With or without
+        flash attention (its head-masked kernel reads only the pages, on the CPU and on a GPU, where
+        it needs an F16 or Q8_0 cache as head sparsity does). ``score``: how a page is scored for a
         group (``bindings.KV_SCORES``: summed over its heads, or each head's best pages first).
         ``spread`` (score ``mid`` only): add that share of each page's spread along q to its
         midpoint estimate, from 0 (the midpoint) to 1 (the bound)."""
@@ -248,11 +249,8 @@ class SparseControls:
             raise ValueError(f"kv budget: page must be one of {', '.join(map(str, KV_PAGES))} cells (got {page})")
         if not hasattr(self.C, "llama_set_kv_budget"):
             raise EngineError("this library has no token budget (rebuild: powerinfer-attn build)")
-        if budget and self.flash_attn:
-            raise EngineError("a token budget runs without flash attention: make the engine with flash_attn=False (-fa off)")
-        if budget and self.n_gpu_layers and not self.rpc:
-            raise EngineError("a token budget runs on the CPU only for now: make the engine with n_gpu_layers=0 "
-                              "(or put the layers on CPU RPC servers)")
+        if budget:
+            self._warn_off_gpu_kernel("the token budget's attention")
         rc = self.C.llama_set_kv_budget(self.ctx, int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers))
         if rc != 0:
             raise EngineError(f"llama_set_kv_budget returned {rc}: {' '.join(B.recent_errors()[-1:])}")

@@ -118,6 +118,7 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_kv_page_select_set_keys"): ([P, P], None),
         (g, "ggml_kv_page_select_set_spread"): ([P, ctypes.c_float], None),
         (g, "ggml_mul_mat_sparse_attn_set_pages"): ([P, P, I32, ctypes.c_bool], None),
+        (g, "ggml_flash_attn_ext_set_pages"): ([P, P, I32], None),
         (g, "ggml_new_graph"): ([P], P),
         (g, "ggml_build_forward_expand"): ([P, P], None),
         (g, "ggml_quantize_chunk"): ([I32, P, P, I64, I64, I64, P], ctypes.c_size_t),
@@ -366,8 +367,8 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
     mask, or with ``heads`` None stock flash attention (``max_bias``: ALiBi slopes on the mask's
     values, ``softcap``: logit soft-capping; ``cache_layout``: K and V are views of one row per
     cell, as in llama's cache, instead of one block per KV head). ``pages``: (page, selection
-    I32 ``(n_head_kv, ceil(n_kv/page))``), the token budget's pages on both v2 ops (without
-    flash attention). Returns ``(n_head, d)``."""
+    I32 ``(n_head_kv, ceil(n_kv/page))``), the token budget's pages on both v2 ops, or on flash
+    attention with the head mask. Returns ``(n_head, d)``."""
     n_head_kv, n_kv, d = k.shape
     n_head = q.shape[0]
     stock = heads is None  # flash attention without a head mask: stock llama.cpp's kernel
@@ -376,11 +377,18 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
     heads = np.ones(n_head, np.int32) if stock else np.ascontiguousarray(heads, dtype=np.int32)
     if heads.shape != (n_head,) or n_head % n_head_kv or v.shape != k.shape or mask.shape != (n_kv,):
         raise ValueError("attention: shapes do not agree")
+    if pages is not None:
+        page, sel = pages[0], np.ascontiguousarray(pages[1], dtype=np.int32)
+        if page < 1 or sel.shape != (n_head_kv, -(-n_kv // page)) or not np.isin(sel, (0, 1)).all():
+            raise ValueError(f"pages: a 0/1 selection of shape {(n_head_kv, -(-n_kv // max(page, 1)))} is needed")
+        if stock:
+            raise ValueError("attention: pages go with a head mask")
     c = _Ctx()
     g = c.g
     f16 = GGML_TYPE["F16"]
     try:
         th = c.tensor(GGML_TYPE_I32, (n_head,), heads.tobytes())
+        tp = c.tensor(GGML_TYPE_I32, (sel.shape[1], n_head_kv), sel.tobytes()) if pages is not None else None
         tq = c.tensor(GGML_TYPE["F32"], (d, 1, n_head), np.ascontiguousarray(q, np.float32).tobytes())
         scale = 1.0 / np.sqrt(d)
         if flash:
@@ -398,6 +406,8 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
                 g.ggml_flash_attn_ext_set_heads(t, th)
             if window:
                 g.ggml_flash_attn_ext_set_window(t, *window)
+            if tp is not None:
+                g.ggml_flash_attn_ext_set_pages(t, tp, page)
             return c.compute(t, n_threads, (1, n_head, d))[0]
         if max_bias or softcap:
             raise ValueError("attention: max_bias and softcap are for flash attention only")
@@ -407,12 +417,7 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
         kq = g.ggml_mul_mat_sparse_attn_v2(c.ctx, tk, tq, th)
         if window:
             g.ggml_mul_mat_sparse_attn_set_window(kq, tm, window[0], window[1], True)
-        tp = None
-        if pages is not None:
-            page, sel = pages[0], np.ascontiguousarray(pages[1], dtype=np.int32)
-            if page < 1 or sel.shape != (n_head_kv, -(-n_kv // page)) or not np.isin(sel, (0, 1)).all():
-                raise ValueError(f"pages: a 0/1 selection of shape {(n_head_kv, -(-n_kv // max(page, 1)))} is needed")
-            tp = c.tensor(GGML_TYPE_I32, (sel.shape[1], n_head_kv), sel.tobytes())
+        if tp is not None:
             g.ggml_mul_mat_sparse_attn_set_pages(kq, tp, page, True)
         c.allocate(kq)
         sm = (g.ggml_soft_max_ext_inplace if inplace else g.ggml_soft_max_ext)(c.ctx, kq, tm, scale, 0.0)
@@ -425,7 +430,7 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
         if window:
             g.ggml_mul_mat_sparse_attn_set_window(t, tm, window[0], window[1], False)
         if tp is not None:
-            g.ggml_mul_mat_sparse_attn_set_pages(t, tp, pages[0], False)
+            g.ggml_mul_mat_sparse_attn_set_pages(t, tp, page, False)
         return c.compute(t, n_threads, (n_head, 1, d))[:, 0]
     finally:
         c.close()
