@@ -14,6 +14,7 @@ import numpy as np
 from .native import build as build_mod
 from .training.corpus import KINDS
 from .native.model import default_model_path, resolve_model
+from .native.bindings import KV_PAGES
 from .engine.text import resolve_text_file
 
 model_option = click.option("--model", "-m", "model", type=click.Path(dir_okay=False), default=None,
@@ -104,7 +105,7 @@ def kv_budget_option(f):
     (``:budget=N`` added to its spec)."""
     return click.option("--kv-budget", "kv_budget", type=click.IntRange(0), default=0, show_default=True,
                         help="Token budget: cells each KV group's kept heads read per step (pages chosen in the graph; "
-                             "0: all). Same as :budget=N on --predictor; needs -fa off.")(f)
+                             "0: all). Same as :budget=N on --predictor; with flash attention or without.")(f)
 
 
 def rpc_option(f):
@@ -916,6 +917,9 @@ def _ints(text: str) -> list[int]:
 @click.option("--window", default=None, metavar="S+W",
               help="Window fill at the fixed densities: skipped heads attend over the first S and last W KV cells.")
 @kv_budget_option
+@click.option("--kv-page", "kv_page", type=click.Choice([str(p) for p in KV_PAGES]), default=None,
+              help="With --kv-budget: cells per page (default 16). Each page's bounds are 2 x head width F32 values "
+                   "per KV head, read every step: larger pages read fewer of them and choose coarser.")
 @click.option("-ngl", "--n-gpu-layers", "ngl", type=click.IntRange(0), default=0, show_default=True,
               help="Layers to offload to the GPU (a `build --cuda` library); sparse then runs with flash attention "
                    "and an F16 cache, and each ratio's limit is from bytes. With --rpc: the layers on the servers.")
@@ -923,7 +927,7 @@ def _ints(text: str) -> list[int]:
 @threads_option
 @json_option
 def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot_path, trained, text_file, cache_k,
-          cache_v, old_caches, n_ctx, sparse_min_ctx, window, kv_budget, ngl, threads, as_json) -> None:
+          cache_v, old_caches, n_ctx, sparse_min_ctx, window, kv_budget, kv_page, ngl, threads, as_json) -> None:
     """Decode tok/s, dense against sparse at fixed head densities, per context length."""
     import os
 
@@ -935,6 +939,8 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
         cache_k = old_caches
     if cache_v is not None and _cache_list(cache_v) != _cache_list(cache_k):
         raise click.UsageError("bench times K and V caches of one type: -ctv must list the same types as -ctk")
+    if kv_page is not None and not kv_budget:
+        raise click.UsageError("--kv-page goes with --kv-budget")
 
     from .engine import crossover
     from .evaluation import bench as bench_mod
@@ -949,7 +955,8 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
                                profile=profile, trained=trained,
                                text_file=resolve_text_file(text_file) if text_file else None,
                                caches=_cache_list(cache_k), window=_window(window) if window else None, ngl=ngl,
-                               kv_budget=kv_budget, n_ctx=n_ctx, sparse_min_ctx=min_ctx, rpc=rpc)
+                               kv_budget=kv_budget, n_ctx=n_ctx, sparse_min_ctx=min_ctx, rpc=rpc,
+                               **({"kv_page": int(kv_page)} if kv_page else {}))
         # a run on the sparse graph at every depth says where it starts to pay: --sparse-min-ctx auto
         # (of the plain sparse graph: not with a window, a budget or whole KV groups)
         recorded = crossover.store(result) if min_ctx == 0 and not (window or kv_budget or gqa or rpc) else None
@@ -962,7 +969,7 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
                    f"context: {result['context_text']}"
                    + (", GQA-group masks" if gqa else "")
                    + (f", window fill {window}" if window else "")
-                   + (f", token budget {kv_budget} cells per KV group" if kv_budget else "")
+                   + (f", token budget {kv_budget} cells per KV group (pages of {result['kv_page']})" if kv_budget else "")
                    + (f", {ngl} layers on RPC servers {','.join(result['rpc'])} (loopback: not a network figure)"
                       if result["rpc"] else f", {ngl} layers on the GPU" if ngl else "")
                    + "; cells: sparse tok/s (ratio to dense"

@@ -11,7 +11,11 @@ from powerinfer_attn.engine.decode import Engine
 from powerinfer_attn.predictors.wrappers import KVBudget
 from powerinfer_attn.predictors.specs import get_predictor
 
+from powerinfer_attn.engine.reference import _KQV_OUT, WindowedHeads
+from test_architectures import STEPS, _rel, tiny_models  # noqa: F401
+from test_budget_kernels import bounds_of, ref_select
 from test_engine import random_masks, rel_diff, teacher_forced_logits
+from test_faults import half_masks
 
 # a few hundred tokens of varied text, so that a budget of a few pages is a real cut
 TEXT = " ".join(f"Entry {i}: the {w} of {c} was recorded as {i * 37 % 101}." for i, (w, c) in enumerate(
@@ -191,3 +195,95 @@ def test_mid_score_with_full_spread_selects_as_head_max(model_path):
         sel[score, spread] = np.stack([hook.pages[il] for il in range(eng.n_layer)])
     assert np.array_equal(sel["mid", 1.0], sel["head-max", 0.0])
     assert not np.array_equal(sel["mid", 0.0], sel["head-max", 0.0])
+
+
+def budget_logits(path, toks, n_prompt, masks, budget, check=None, **kw):
+    """Sparse decode after a dense prefill with a token budget (``budget``: set_kv_budget's
+    keyword arguments, or None); a ``check`` hook observes it and is told each step's mask."""
+    with Engine(path, n_ctx=n_prompt + 64, n_threads=2, tensor_hook=check, **kw) as eng:
+        eng.prefill(toks[:n_prompt])
+        eng.set_sparse(True)
+        if budget:
+            eng.set_kv_budget(**budget)
+        out = []
+        for i, t in enumerate(toks[n_prompt:]):
+            eng.set_mask(masks[i])
+            if check is not None:
+                check.mask = masks[i]
+            out.append(eng.step(t))
+        return np.array(out)
+
+
+class BudgetCheck(WindowedHeads):
+    """Each decode step's token budget, layer by layer (on the CPU here, on the GPU in test_cuda): its pages (kv_pages-IL) against
+    the numpy selection (test_budget_kernels.ref_select) from the step's own q and the keys so far, and
+    every active head's output against numpy attention over the cells of the pages the GPU
+    chose (so that a page swapped between two near-equal scores does not move that check)."""
+
+    def __init__(self, n_layer, n_head, budget, round_q=False):
+        super().__init__(n_layer, n_head, 0, 0, round_q=round_q)
+        self.budget = budget
+        self.pages = {}
+        self.page_mismatch = []
+        self.errors = []
+
+    def wants(self, name):
+        return super().wants(name) or name.startswith("kv_pages-")
+
+    def __call__(self, name, data):
+        if name.startswith("kv_pages-"):
+            self.pages[int(name.split("-")[1])] = data.copy()
+            return
+        m = _KQV_OUT.match(name)
+        if m is None:
+            return super().__call__(name, data)
+        il = int(m.group(1))
+        self.remember(il)
+        q = self.cur[il]["Q"]
+        if q.shape[0] != 1 or il not in self.pages:
+            return  # prefill: no selection
+        b = self.budget
+        k, v = np.stack(self.keys[il]), np.stack(self.values[il])  # [n, n_head_kv, d]
+        n, n_head_kv, d = k.shape
+        sel = self.pages.pop(il).reshape(n_head_kv, -1)
+        page = b["page"]
+        npk = sel.shape[1]
+        mask = np.full(npk * page, -np.inf, np.float32)
+        mask[:n] = 0
+        keys = np.zeros((n_head_kv, npk * page, d), np.float32)  # the cache's cells past n are zero
+        keys[:, :n] = k.transpose(1, 0, 2)
+        want = ref_select(q[0], bounds_of(keys, page, npk), self.mask[il], mask, page, b["budget"], b["n_sink"],
+                          b["n_recent"], {"sum": 0, "head-max": 1, "mid": 3}[b.get("score", "sum")])
+        self.page_mismatch.append(float(np.mean(want != sel)))
+        got = data.reshape(-1, self.n_head, d)[0]
+        r = self.n_head // n_head_kv
+        for h in np.flatnonzero(self.mask[il]):
+            cells = [c for c in range(n) if sel[h // r, c // page]]
+            qh = q[0, h].astype(np.float16) if self.round_q else q[0, h]
+            s = k[cells, h // r] @ qh.astype(np.float64) / np.sqrt(d)
+            p = np.exp(s - s.max())
+            self.errors.append(_rel(got[h], (p / p.sum()) @ v[cells, h // r]))
+
+
+@pytest.mark.parametrize("shape,n_prompt,page", [((8, 8, 64), 700, 16), ((9, 3, 64), 700, 32), ((4, 1, 128), 600, 8)],
+                         ids=lambda v: f"h{v[0]}kv{v[1]}d{v[2]}" if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_budget_selects_as_numpy_and_attends_over_its_pages(tiny_models, shape, n_prompt, page, flash_attn):
+    """The engine's budget on the CPU, step by step and layer by layer: the graph's pages are
+    numpy's selection from the step's q and keys, and each active head's output is numpy
+    attention over those pages' cells (v2, and flash attention's kernels); test_cuda checks the
+    GPU the same way."""
+    path = tiny_models("llama", shape, "F32")
+    rng = np.random.default_rng(23)
+    toks = [int(t) for t in rng.integers(1, 64, size=n_prompt + STEPS)]
+    masks = half_masks(rng, STEPS, 2, shape[0])
+    masks[0] = 0
+    budget = dict(budget=8 * page, page=page, n_sink=4, n_recent=32)
+    check = BudgetCheck(2, shape[0], budget, round_q=True)  # the CPU's K*q takes q in F16
+    budget_logits(path, toks, n_prompt, masks, budget, check=check, flash_attn=flash_attn)
+    assert len(check.page_mismatch) == 2 * STEPS  # the step with no head too: no page
+    assert np.mean(check.page_mismatch) < 0.01, check.page_mismatch
+    assert len(check.errors) == int(masks.sum())
+    # v2's products take q and the softmax in F16 (vec_dot_f16); flash attention's row kernel also
+    # accumulates V in F16 (stock's)
+    assert max(check.errors) < (5e-3 if flash_attn else 1e-3), max(check.errors)

@@ -20,6 +20,7 @@ import pytest
 from test_architectures import ARCHS, PROMPT, SHAPES, STEPS, _rel, _tokens, sparse_logits, tiny_models  # noqa: F401
 from test_faults import half_masks, oracle_logits
 from test_predictor import _Graph, _random_predictor
+from test_budget import BudgetCheck, budget_logits
 
 from powerinfer_attn.native import build
 from powerinfer_attn.training import train
@@ -361,3 +362,61 @@ def test_gpu_sparse_off_the_kernel_warns(tiny_models, kw):
             warnings.simplefilter("always")
             eng.set_sparse(True)
         assert not [w for w in seen if issubclass(w.category, SparseFallbackWarning)]
+
+
+
+@pytest.mark.parametrize("shape,n_prompt,page,cache", [
+    ((8, 8, 64), 700, 16, "f16"), ((8, 2, 64), 700, 16, "f16"), ((16, 2, 64), 700, 32, "f16"),
+    ((4, 4, 128), 300, 8, "f16"), ((4, 1, 128), 300, 16, "f16"), ((8, 2, 64), 700, 16, "q8_0"),
+    ((32, 8, 64), 4600, 64, "f16"), ((8, 8, 64), 4600, 128, "f16")],
+    ids=lambda v: f"h{v[0]}kv{v[1]}d{v[2]}" if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("score", ["sum", "head-max", "mid"])
+def test_gpu_budget_selects_as_numpy_and_attends_over_its_pages(tiny_models, shape, n_prompt, page, cache, score):
+    """A budget of 8 pages (sinks 4, recent 32 cells): in every decode step and layer the GPU's
+    page selection (kv-budget.cu) is numpy's from the same q and keys, and each active head's
+    output is numpy attention over exactly the selected pages' cells, with the CUDA-core kernel
+    (MHA, 8 query heads per KV head, a Q8_0 cache) and the tensor-core one (2-4 per KV head), in
+    short caches and long ones. One step has every head off (no group selects a page). The budget
+    is really applied: head-only sparse decode gives other logits."""
+    path = tiny_models("llama", shape, "F32")
+    rng = np.random.default_rng(13)
+    toks = [int(t) for t in rng.integers(1, 64, size=n_prompt + STEPS)]
+    masks = half_masks(rng, STEPS, 2, shape[0])
+    masks[0] = 0
+    budget = dict(budget=8 * page, page=page, n_sink=4, n_recent=32, score=score)
+    check = BudgetCheck(2, shape[0], budget)
+    kw = GPU | dict(cache_type_k=cache, cache_type_v=cache)
+    got = budget_logits(path, toks, n_prompt, masks, budget, check=check, **kw)
+    assert len(check.page_mismatch) == 2 * STEPS  # the step with no head too: no page
+    assert np.mean(check.page_mismatch) < 0.01, check.page_mismatch
+    assert len(check.errors) == int(masks.sum())
+    # the tensor-core kernel keeps q and p to 22 bits; a Q8_0 cache is read as the CPU dequantizes it
+    assert max(check.errors) < (1e-4 if cache == "f16" else 2e-3), max(check.errors)
+    assert _rel(got, budget_logits(path, toks, n_prompt, masks, None, **kw)) > 0.05
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 64), (8, 2, 64), (16, 2, 64)], ids=lambda s: f"h{s[0]}kv{s[1]}d{s[2]}")
+def test_gpu_budget_that_covers_the_cache_is_head_only_sparse(tiny_models, shape):
+    """Every visible page selected: the kernels read every cell, as without a budget (the
+    tensor-core kernel then cuts the cache into more ranges, so the sums may round differently)."""
+    path = tiny_models("llama", shape, "F32")
+    rng = np.random.default_rng(17)
+    toks = [int(t) for t in rng.integers(1, 64, size=700 + STEPS)]
+    masks = half_masks(rng, STEPS, 2, shape[0])
+    covered = budget_logits(path, toks, 700, masks, dict(budget=1024, page=16, n_sink=4, n_recent=32), **GPU)
+    heads_only = budget_logits(path, toks, 700, masks, None, **GPU)
+    assert _rel(covered, heads_only) < 1e-5
+
+
+def test_gpu_budget_matches_the_cpu(tiny_models):
+    """The same budget on the GPU and on the CPU (flash attention, F16 cache): logits as close as
+    the two are without a budget."""
+    path = tiny_models("llama", (8, 2, 64), "F32")
+    rng = np.random.default_rng(19)
+    toks = [int(t) for t in rng.integers(1, 64, size=700 + STEPS)]
+    masks = half_masks(rng, STEPS, 2, 8)
+    budget = dict(budget=128, page=16, n_sink=4, n_recent=32)
+    noise = _rel(budget_logits(path, toks, 700, masks, None, **GPU), budget_logits(path, toks, 700, masks, None, flash_attn=True))
+    got = budget_logits(path, toks, 700, masks, budget, **GPU)
+    cpu = budget_logits(path, toks, 700, masks, budget, flash_attn=True)
+    assert _rel(got, cpu) < 2 * noise + 1e-4

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..native.bindings import OP_ON_DEVICE
+from ..native.bindings import KV_PAGE, OP_ON_DEVICE
 from ..engine.decode import Engine, open_engine
 from .profile import NodeTimer, amdahl_limit, profile_steps, trustworthy
 
@@ -277,6 +277,21 @@ def budget_limit(dense_profile: dict, kept: float, budget: int, ctx: int) -> flo
     return total / after
 
 
+def budget_byte_limit(model_path, ctx: int, cache: str, kv_kept: float, budget: int, page: int) -> float:
+    """The bytes-based limit of a GPU step with a token budget: the dense step reads every weight
+    and the K/V rows of ``ctx`` cells; the sparse one the weights, for the KV heads it keeps
+    (``kv_kept``) the rows of ``budget`` cells (at most ``ctx``), and every layer's page bounds
+    (2 x head width F32 values per page of ``page`` cells and KV head), which the selection reads
+    whatever it keeps."""
+    size, kv_width = _tensor_bytes(model_path)
+    weights = sum(n for name, n in size.items() if name != "token_embd.weight")
+    kv_cell = _CACHE_BYTES[cache] * sum(kv_width.values())  # K and V of every layer, one cell
+    k_cell = sum(w for name, w in kv_width.items() if name.endswith("attn_k.weight"))
+    bounds = -(-ctx // page) * 2 * 4 * k_cell
+    dense = weights + ctx * kv_cell
+    return dense / (weights + kv_kept * min(budget, ctx) * kv_cell + bounds)
+
+
 def kv_head_density(masks: np.ndarray, n_head_kv: int) -> float:
     """Mean share of KV heads that keep one of their query heads (whose K/V rows are then read),
     over masks [..., n_head] whose query heads are grouped n_head // n_head_kv per KV head."""
@@ -308,7 +323,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         flash_attn: str = "auto", gqa: bool = False, profile: bool = True, trained: str | None = None,
         progress: Callable[[str], None] | None = None, text_file: Path | None = None,
         caches: tuple[str, ...] = ("f16", "q8_0"), window: tuple[int, int] | None = None, ngl: int = 0,
-        kv_budget: int = 0, n_ctx: int = 0, sparse_min_ctx: int = 0, rpc: Sequence[str] = ()) -> dict:
+        kv_budget: int = 0, n_ctx: int = 0, sparse_min_ctx: int = 0, rpc: Sequence[str] = (),
+        kv_page: int = KV_PAGE) -> dict:
     """Measure; returns a dict ready for JSON (rows, per-context profiles, the set-up). With
     ``text_file`` the caches hold real text (held-out half) instead of a repeated sentence.
     ``caches``: the KV cache types the fastest-stock search tries (quantized ones with flash
@@ -318,7 +334,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
     fastest) whatever the dense winner, there is no profile, and each ratio's limit is the
     bytes-based one (``byte_share``). ``kv_budget``: the fixed-density rows (and a trained spec
     without its own ``:budget=``) read about that many cells per KV group (``Engine.set_kv_budget``);
-    their limit counts K*q and softmax*V at the budget's share of the context (``budget_limit``).
+    their limit counts K*q and softmax*V at the budget's share of the context (``budget_limit``; on a
+    GPU the bytes of ``budget_byte_limit``, the page bounds included), pages of ``kv_page`` cells.
     ``n_ctx``: every engine's context size (0: each depth plus what the timed steps need).
     ``sparse_min_ctx``: the sparse engines decode on the stock graph at depths below it
     (``Engine.set_sparse_min_ctx``), as generate and serve do with ``--sparse-min-ctx``.
@@ -363,7 +380,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             if window:
                 sparse.set_head_window(*window)
             if kv_budget:
-                sparse.set_kv_budget(kv_budget)
+                sparse.set_kv_budget(kv_budget, page=kv_page)
             masks = {d: heads_for_density(d, sparse.n_layer, sparse.n_head, sparse.n_head_kv, gqa) for d in densities}
             layer_ops = sparse.layer_ops()
             # warm-up: build both graphs
@@ -379,6 +396,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
                 t_eng = stack_trained(model_path, with_budget(trained, kv_budget), ctx_size, threads, s_fa, rp, s_cache, ngl, rpc)
                 trained_ops = t_eng.layer_ops()
                 t_budget = t_eng.kv_budget[0] if t_eng.kv_budget else 0
+                t_eng_page = t_eng.kv_budget[1] if t_eng.kv_budget else KV_PAGE
                 _fill(t_eng, ctx, toks)
                 t_eng.set_sparse_min_ctx(sparse_min_ctx)
                 t_eng.set_sparse(True)
@@ -417,7 +435,10 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             med = statistics.median(times[d])
             ratio = statistics.median(ratios[d])
             kept = float(masks[d].mean())
-            if gpu:  # K/V rows are read for every KV head that keeps one of its query heads
+            if gpu and kv_budget:
+                limit = budget_byte_limit(model_path, ctx, s_cache, kv_head_density(masks[d], sparse.n_head_kv),
+                                          kv_budget, kv_page)
+            elif gpu:  # K/V rows are read for every KV head that keeps one of its query heads
                 limit = amdahl_limit(share, kv_head_density(masks[d], sparse.n_head_kv))
             elif kv_budget:
                 limit = budget_limit(profiles[ctx]["dense"], kept, kv_budget, ctx) if ctx in profiles and share is not None else None
@@ -433,6 +454,8 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
             limit = amdahl_limit(share, kv_kept if gpu else kept) if share is not None else None
             if t_budget and ctx in profiles and share is not None:
                 limit = budget_limit(profiles[ctx]["dense"], kept, t_budget, ctx)
+            elif t_budget and gpu:
+                limit = budget_byte_limit(model_path, ctx, s_cache, kv_kept, t_budget, t_eng_page)
             rows.append(BenchRow(ctx, "trained", kept, kept, 1 / med, med * 1e3, ratio, limit, s_fa, rp, s_cache,
                                  t_budget))
             say(f"ctx {ctx}: {trained} (density {kept:.3f} here, predictor included): {1 / med:.1f} tok/s "
@@ -449,6 +472,7 @@ def run(model_path, ctxs: list[int], densities: list[float], threads: int, reps:
         "trained": trained,
         "window": list(window) if window else None,
         "kv_budget": kv_budget,
+        "kv_page": kv_page if kv_budget else None,
         "n_ctx": n_ctx or None,
         "sparse_min_ctx": sparse_min_ctx,
         "context_text": str(text_file) if text_file else "filler",
