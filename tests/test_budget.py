@@ -273,14 +273,14 @@ def test_budget_selects_as_numpy_and_attends_over_its_pages(tiny_models, shape, 
     numpy's selection from the step's q and keys, and each active head's output is numpy
     attention over those pages' cells (v2, and flash attention's kernels); test_cuda checks the
     GPU the same way."""
-    path = tiny_models("llama", shape, "F32")
+    model = tiny_models("llama", shape, "F32")
     rng = np.random.default_rng(23)
     toks = [int(t) for t in rng.integers(1, 64, size=n_prompt + STEPS)]
     masks = half_masks(rng, STEPS, 2, shape[0])
     masks[0] = 0
     budget = dict(budget=8 * page, page=page, n_sink=4, n_recent=32)
     check = BudgetCheck(2, shape[0], budget, round_q=True)  # the CPU's K*q takes q in F16
-    budget_logits(path, toks, n_prompt, masks, budget, check=check, flash_attn=flash_attn)
+    budget_logits(model, toks, n_prompt, masks, budget, check=check, flash_attn=flash_attn)
     assert len(check.page_mismatch) == 2 * STEPS  # the step with no head too: no page
     assert np.mean(check.page_mismatch) < 0.01, check.page_mismatch
     assert len(check.errors) == int(masks.sum())
