@@ -119,6 +119,7 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_kv_page_select_set_spread"): ([P, ctypes.c_float], None),
         (g, "ggml_mul_mat_sparse_attn_set_pages"): ([P, P, I32, ctypes.c_bool], None),
         (g, "ggml_flash_attn_ext_set_pages"): ([P, P, I32], None),
+        (g, "ggml_soft_max_ext_set_pages"): ([P, P, I32], None),
         (g, "ggml_new_graph"): ([P], P),
         (g, "ggml_build_forward_expand"): ([P, P], None),
         (g, "ggml_quantize_chunk"): ([I32, P, P, I64, I64, I64, P], ctypes.c_size_t),
@@ -367,8 +368,8 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
     mask, or with ``heads`` None stock flash attention (``max_bias``: ALiBi slopes on the mask's
     values, ``softcap``: logit soft-capping; ``cache_layout``: K and V are views of one row per
     cell, as in llama's cache, instead of one block per KV head). ``pages``: (page, selection
-    I32 ``(n_head_kv, ceil(n_kv/page))``), the token budget's pages on both v2 ops, or on flash
-    attention with the head mask. Returns ``(n_head, d)``."""
+    I32 ``(n_head_kv, ceil(n_kv/page))``), the token budget's pages on both v2 ops and the
+    softmax between them, or on flash attention with the head mask. Returns ``(n_head, d)``."""
     n_head_kv, n_kv, d = k.shape
     n_head = q.shape[0]
     stock = heads is None  # flash attention without a head mask: stock llama.cpp's kernel
@@ -424,6 +425,8 @@ def attention(k: np.ndarray, v: np.ndarray, q: np.ndarray, mask: np.ndarray, hea
         g.ggml_soft_max_ext_set_heads(sm, th)
         if window:
             g.ggml_soft_max_ext_set_window(sm, *window)
+        if tp is not None:
+            g.ggml_soft_max_ext_set_pages(sm, tp, page)
         if not inplace:  # in place, sm is a view of kq's data
             c.allocate(sm)
         t = g.ggml_mul_mat_sparse_attn_v2(c.ctx, tvt, sm, th)
