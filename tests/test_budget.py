@@ -164,9 +164,12 @@ def test_budget_errors_and_specs(model_path):
     assert p.score == "head-max" and p.name == "all+budget:512/head-max"
     p = get_predictor("all:budget=512:budget-score=mid:budget-spread=0.5", model_path)
     assert p.score == "mid" and p.spread == 0.5 and p.name == "all+budget:512/mid0.5"
+    p = get_predictor("all:budget=512:budget-page=64", model_path)
+    assert p.page == 64 and p.name == "all+budget:512/page64"
     for bad in ("all:budget=", "all:budget=x", "all:budget=0", "all:budget=1:budget=2", "all:budget-score=sum",
                 "all:budget=64:budget-score=best", "all:budget-spread=0.5", "all:budget=64:budget-spread=0.5",
-                "all:budget=64:budget-score=mid:budget-spread=2", "all:budget=64:budget-score=mid:budget-spread=x"):
+                "all:budget=64:budget-score=mid:budget-spread=2", "all:budget=64:budget-score=mid:budget-spread=x",
+                "all:budget-page=32", "all:budget=64:budget-page=12", "all:budget=64:budget-page=16:budget-page=32"):
         with pytest.raises(ValueError, match="budget"):
             get_predictor(bad, model_path)
     with Engine(model_path, n_ctx=256, n_threads=1) as eng:

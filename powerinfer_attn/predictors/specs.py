@@ -52,7 +52,7 @@ import re
 from pathlib import Path
 
 from ..engine.decode import Predictor
-from ..native.bindings import KV_SCORE, KV_SCORES
+from ..native.bindings import KV_PAGE, KV_PAGES, KV_SCORE, KV_SCORES
 from ..native.model import cache_dir
 from .basic import AllHeads, MaskFile, NoHeads, RandomHeads, StaticHeads
 from .oracle import Oracle
@@ -62,7 +62,7 @@ from .wrappers import KVBudget, WindowFill
 
 NAMES = ("all", "none:fill=window:S+W", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill-from=PRED.gguf]", "oracle-topk:K[:fill-from=PRED.gguf]",
          "mask-file:PATH", "trained[:PRED.gguf][:RULE=VALUE][:gain=G][:calibrate=N][:fill=zero]", "any of them + :fill=window:S+W",
-         "any of them + :budget=N (cells per KV group)")
+         "any of them + :budget=N (cells per KV group)[:budget-page=P]")
 
 _WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
 
@@ -89,13 +89,15 @@ def prepared_predictor_path(model_path: str | Path) -> Path:
 _BUDGET = re.compile(r":budget=([^:]*)")
 _BUDGET_SCORE = re.compile(r":budget-score=([^:]*)")
 _BUDGET_SPREAD = re.compile(r":budget-spread=([^:]*)")
+_BUDGET_PAGE = re.compile(r":budget-page=([^:]*)")
 
 
 def get_predictor(spec: str, model_path: str | Path) -> Predictor:
     """A predictor from its command-line name (see the module doc). Call ``bind(engine)`` next."""
     budgets, scores, spreads = _BUDGET.findall(spec), _BUDGET_SCORE.findall(spec), _BUDGET_SPREAD.findall(spec)
-    if (scores or spreads) and not budgets:
-        raise ValueError(f"bad predictor {spec!r}: :budget-score= and :budget-spread= go with a :budget=N")
+    pages = _BUDGET_PAGE.findall(spec)
+    if (scores or spreads or pages) and not budgets:
+        raise ValueError(f"bad predictor {spec!r}: :budget-score=, :budget-spread= and :budget-page= go with a :budget=N")
     if budgets:
         if len(budgets) > 1 or not budgets[0].isdigit():
             raise ValueError(f"bad predictor {spec!r}: a token budget is one :budget=N, N a number of cells")
@@ -107,8 +109,12 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
             spread = None
         if spread is None or not 0.0 <= spread <= 1.0 or (spread and (scores or [KV_SCORE])[0] != "mid"):
             raise ValueError(f"bad predictor {spec!r}: :budget-spread= is one number in [0, 1], with :budget-score=mid")
-        inner = get_predictor(_BUDGET_SPREAD.sub("", _BUDGET_SCORE.sub("", _BUDGET.sub("", spec))), model_path)
-        return KVBudget(inner, int(budgets[0]), score=scores[0] if scores else KV_SCORE, spread=spread)
+        if len(pages) > 1 or pages and pages[0] not in [str(p) for p in KV_PAGES]:
+            raise ValueError(f"bad predictor {spec!r}: :budget-page= is one of {', '.join(map(str, KV_PAGES))} cells")
+        inner = get_predictor(_BUDGET_PAGE.sub("", _BUDGET_SPREAD.sub("", _BUDGET_SCORE.sub("", _BUDGET.sub("", spec)))),
+                              model_path)
+        return KVBudget(inner, int(budgets[0]), page=int(pages[0]) if pages else KV_PAGE,
+                        score=scores[0] if scores else KV_SCORE, spread=spread)
     window = _WINDOW.search(spec)
     if window:
         base = spec[:window.start()]

@@ -57,7 +57,7 @@ class KVBudget(_Wrapper):
         self.budget, self.page, self.n_sink, self.n_recent = budget, page, n_sink, n_recent
         self.n_dense_layers, self.score, self.spread = n_dense_layers, score, spread
         self._wrap(inner, f"{inner.name}+budget:{budget}" + (f"/{score}" if score != KV_SCORE else "")
-                   + (f"{spread:g}" if spread else ""))
+                   + (f"{spread:g}" if spread else "") + (f"/page{page}" if page != KV_PAGE else ""))
 
     def bind(self, engine) -> None:
         self.inner.bind(engine)
