@@ -23,9 +23,12 @@
 #             at 512 and 256 cells, figures/needle-budget-spread-4096.json, then their KL on
 #             training text (scripts/kv-budget-settings.py --spread, figures/kv-budget-spread.json),
 #             then W 0.75 on the ruler step's RULER samples at 512 cells, merged into its figure
+#   pages:    page size: speed at density 0.7 with pages of 32 cells (figures/bench-budget-8192-
+#             text-page32.json, about 6 min) and the quality step's trained 0.7 + 1024 row with pages
+#             of 16, 32 and 64 cells (figures/score-budget-pages-8192.json, about 5 min)
 # The settings (page 16, 4 sinks, 64 recent cells) are chosen on training text by
-# scripts/kv-budget-settings.py. STEPS=speed,quality,ruler,score,spread picks parts (score and
-# spread are not in the default ones).
+# scripts/kv-budget-settings.py. STEPS=speed,quality,ruler,score,spread,pages picks parts (score,
+# spread and pages are not in the default ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -38,6 +41,15 @@ if has speed; then
 	"$PIA" bench -d 8192 --density 1,0.7,0.5 --kv-budget "${BUDGET:-1024}" --text-file "$TEXT" \
 		-ctk f16 --reps 10 -t 2 --json > figures/bench-budget-8192-text.json
 	"$PIA" show figures/bench-budget-8192-text.json
+fi
+
+if has pages; then  # not in the default STEPS: the page size, speed at density 0.7 and quality
+	"$PIA" bench -d 8192 --density 0.7 --kv-budget "${BUDGET:-1024}" --kv-page 32 --text-file "$TEXT" \
+		-ctk f16 --reps 10 -t 2 --json > figures/bench-budget-8192-text-page32.json
+	"$PIA" score --text-file "$TEXT" -c 8192 --steps 64 --windows 4 -t 2 --json \
+		--predictor trained:density=0.7:budget=1024 --predictor trained:density=0.7:budget=1024:budget-page=32 \
+		--predictor trained:density=0.7:budget=1024:budget-page=64 > figures/score-budget-pages-8192.json
+	"$PIA" show figures/score-budget-pages-8192.json
 fi
 
 if has quality; then
