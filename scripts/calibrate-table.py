@@ -9,7 +9,7 @@ def cell(r):
     return f"+{100*(r['ppl_sparse']/r['ppl_dense']-1):.1f}% / {r['kl_mean']:.3f}" if r else "-"
 out = ["| model, text | 0.7, file's biases | 0.7, calibrate=128 | 0.5, file's biases | 0.5, calibrate=128 | oracle:0.8 + the fill (density) | 0.7 calibrated, KL / the oracle's |",
        "|---|---|---|---|---|---|---|"]
-for m, kinds in (("qwen", ("essays", "wiki", "code")), ("smollm2", ("essays", "wiki", "code"))):
+for m, kinds in (("qwen", ("essays", "wiki", "code", "docs", "chat")), ("smollm2", ("essays", "wiki", "code", "docs", "chat"))):
     for k in kinds:
         rs = rows(f"{F}/calibrate-{m}-{k}.json")
         if not rs:
@@ -21,7 +21,8 @@ for m, kinds in (("qwen", ("essays", "wiki", "code")), ("smollm2", ("essays", "w
         if not orc and m == "qwen" and k == "essays":
             orc = [r for r in rows(f"{F}/qwen-essays-4096-budget-ridge.json") if r["predictor"].startswith("oracle:0.8")]
         o = orc[0] if orc else None
-        name = {"qwen": "Qwen2.5-Coder-0.5B", "smollm2": "SmolLM2-135M"}[m] + ", " + {"essays": "essays (never trained on)", "wiki": "WikiText (held-out)", "code": "code (held-out modules)"}[k]
+        name = {"qwen": "Qwen2.5-Coder-0.5B", "smollm2": "SmolLM2-135M"}[m] + ", " + {"essays": "essays (never trained on)", "wiki": "WikiText (held-out)", "code": "code (held-out modules)",
+                                                                                 "docs": "docs (held-out half)", "chat": "chat (held-out half)"}[k]
         out.append(f"| {name} | {cell(tr[0])} | **{cell(tr[1])}** | {cell(tr[2])} | {cell(tr[3])} | "
                    + (f"{cell(o)} ({o['density']:.2f})" if o else "-") + " | "
                    + (f"{tr[1]['kl_mean']/o['kl_mean']:.2f}x" if o else "-") + " |")

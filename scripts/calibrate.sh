@@ -5,7 +5,7 @@
 # Qwen2.5-Coder-0.5B, density 0.7 and 0.5.
 #   figures/domains/calibrate-<model>-<kind>.json; ~45 min on 2 cores.
 # Needs the texts of scripts/domains.sh (STEPS=texts) and each model's `prepare`d predictor.
-# MODELS="smollm2 qwen" KINDS="essays wiki code" N=128 WINDOWS=6 THREADS=2 scripts/calibrate.sh
+# MODELS="smollm2 qwen" KINDS="essays wiki code" (docs, chat: kinds of the training mix, held-out halves) N=128 WINDOWS=6 THREADS=2 scripts/calibrate.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIA=${PIA:-.venv/bin/powerinfer-attn}
@@ -13,7 +13,7 @@ C=vendor/corpus F=figures/domains N=${N:-128} T=${THREADS:-2} WINDOWS=${WINDOWS:
 mkdir -p "$F"
 for m in ${MODELS:-qwen smollm2}; do
 	case $m in
-		smollm2) M=() ORACLE=() ;;  # its oracle rows: figures/domains/KIND.pred-prepared.json
+		smollm2) M=() ORACLE=(--predictor "oracle:0.8:fill-from=$HOME/.cache/powerinfer-attn/predictors/SmolLM2-135M-Instruct.Q4_1.gguf") ;;
 		qwen) M=(-m qwen2.5-coder-0.5b) ORACLE=(--predictor "oracle:0.8:fill-from=$HOME/.cache/powerinfer-attn/predictors/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf") ;;
 		*) echo "unknown model $m (smollm2, qwen)" >&2; exit 1 ;;
 	esac
@@ -21,7 +21,8 @@ for m in ${MODELS:-qwen smollm2}; do
 		out=$F/calibrate-$m-$k.json
 		[ -f "$out" ] && continue
 		# the oracle is already in the Qwen essays figure of results-cpu (qwen-essays-4096-budget-ridge.json)
-		o=("${ORACLE[@]}"); [ "$m/$k" = qwen/essays ] && o=()
+		# (and SmolLM2's essays, wiki and code in figures/domains/KIND.pred-prepared.json)
+		o=("${ORACLE[@]}"); [ "$m/$k" = qwen/essays ] && o=(); [ -f "$F/$k.pred-prepared.json" ] && [ "$m" = smollm2 ] && o=()
 		"$PIA" score "${M[@]}" --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t "$T" --json \
 			--predictor trained:density=0.7 --predictor "trained:density=0.7:calibrate=$N" \
 			--predictor trained:density=0.5 --predictor "trained:density=0.5:calibrate=$N" "${o[@]}" > "$out.tmp"

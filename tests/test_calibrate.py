@@ -178,3 +178,56 @@ def test_hooks_hand_each_hook_what_it_wants():
     hs("a-1", np.zeros(1))
     hs("b-2", np.zeros(1))
     assert a.got == ["a-1"] and b.got == ["b-2"]
+
+
+class _Fill(TensorHook):
+    def __init__(self):
+        self.t = {}
+
+    def wants(self, name):
+        return re.match(r"^(attn_norm|head_fill)-\d+$", name) is not None
+
+    def __call__(self, name, data):
+        self.t[name] = data.copy()
+
+
+def test_calibrate_fill_moves_the_fill_bias_by_the_prompt_residual(tmp_path, model_path):
+    """calibrate-fill: the linear fill's constant term becomes the file's plus the mean of
+    (output - fill) over the prompt's last N tokens, as an independent recorder measures it, and
+    the graph's fill rows of skipped heads are fill_w x + that; the setter's errors."""
+    n_cal = 48
+    with Engine(model_path, n_ctx=64, n_threads=1) as e:
+        _predictor(tmp_path / "p.gguf", model_path, e)
+        n_layer, n_head, d = e.n_layer, e.n_head, e.n_embd // e.n_head
+    kind, fill = predictor_file.read_fill(tmp_path / "p.gguf")
+    ref = HeadContributions(model_path, n_layer, n_head, fill=fill)
+    ref.active = False
+    with Engine(model_path, n_ctx=256, n_threads=2, tensor_hook=ref) as eng:
+        toks = eng.tokenize(TEXT)[:120]
+        eng.prefill(toks[:-n_cal])
+        ref.active = True
+        eng.prefill(toks[-n_cal:])
+        residual = [r.copy() for r in ref.fill_residual]
+    assert all(r.shape == (n_head * d,) and np.abs(r).max() > 1e-3 for r in residual)
+
+    pred = get_predictor(f"trained:{tmp_path / 'p.gguf'}:topk=3:calibrate={n_cal}:calibrate-fill", model_path)
+    assert pred.calibrate_fill and pred.name.endswith(f":calibrate={n_cal}:calibrate-fill+linear")
+    g = _Fill()
+    with open_engine(model_path, pred, n_ctx=256, n_threads=2) as eng:
+        eng._hook.hooks += (g,)  # noqa: SLF001 - read the graph's fill rows too
+        eng.prefill(toks)
+        eng.set_sparse(True)
+        g.t.clear()
+        eng.predicted_step(pred, 0, toks[0])
+        mask = pred.observed()
+        for il in range(n_layer):
+            x = g.t[f"attn_norm-{il}"].reshape(-1)
+            want = (fill.w[il] @ x + fill.b[il] + residual[il]).reshape(n_head, d)
+            got = g.t[f"head_fill-{il}"].reshape(n_head, d)
+            off = mask[il] == 0
+            assert off.any()
+            np.testing.assert_allclose(got[off], want[off], rtol=1e-3, atol=1e-3)
+        with pytest.raises(ValueError):
+            eng.set_head_fill_bias(0, np.full(n_head * d, np.inf))
+    with pytest.raises(ValueError, match="calibrate-fill goes with calibrate"):
+        get_predictor(f"trained:{tmp_path / 'p.gguf'}:calibrate-fill", model_path)

@@ -173,6 +173,21 @@ class SparseControls:
         if rc != 0:
             raise EngineError(f"llama_head_predictor_set_bias returned {rc}")
 
+    def set_head_fill_bias(self, il: int, bias) -> None:
+        """Replace layer ``il``'s linear fill constant term in the loaded predictor (``n_head *
+        head width`` values). Loading the file again restores its own."""
+        self._check_open()
+        if self._head_predictor is None:
+            raise EngineError("no head predictor loaded (load_head_predictor)")
+        b = np.ascontiguousarray(bias, dtype=np.float32)
+        if not 0 <= il < self.n_layer or b.ndim != 1 or not np.isfinite(b).all():
+            raise ValueError(f"a fill bias is one row of finite values for a layer in [0, {self.n_layer})")
+        rc = self.C.llama_head_predictor_set_fill_bias(self.ctx, int(il), b.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                       int(b.size))
+        if rc != 0:
+            raise EngineError(f"llama_head_predictor_set_fill_bias returned {rc}"
+                              + (" (the predictor file has no linear fill)" if rc == -3 else ""))
+
     def head_stats(self, reset: bool = True) -> tuple[int, int]:
         """(heads kept, heads chosen among) by the loaded in-graph predictor since it was loaded
         or last reset: their ratio is the density of those steps, with no eval callback."""

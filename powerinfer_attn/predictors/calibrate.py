@@ -12,7 +12,9 @@ on the last prompt tokens: ``n_tokens`` of them are decoded again, densely, with
 (``HeadContributions``), and each head's bias moves by the mean gap between its training target
 (``log`` of that deviation) and its logit there, less the layer's mean gap (density control
 sets the layer's level). Pinned heads keep their bias. The file's biases come back at each new
-answer whose prompt is too short to measure on.
+answer whose prompt is too short to measure on. With ``fill_bias``, the linear fill's constant
+term also moves by the mean residual of the heads' outputs there (output - fill), so that what
+skipped heads get follows the text's level too.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class PromptCalibration:
     (``Engine.set_head_bias``). ``hook`` must be in the engine's tensor hook."""
 
     def __init__(self, path: Path, model_path: Path, n_layer: int, n_head: int, n_tokens: int,
-                 pinned: list[list[int]] | None = None):
+                 pinned: list[list[int]] | None = None, fill_bias: bool = False):
         if n_tokens < MIN_TOKENS:
             raise ValueError(f"calibration needs at least {MIN_TOKENS} prompt tokens, got {n_tokens}")
         self.n_tokens = n_tokens
@@ -59,6 +61,7 @@ class PromptCalibration:
         if kind != "linear":
             raise ValueError(f"{path}: calibration measures the deviation from a linear fill; the file has {kind} fill")
         self.kind: str = kind
+        self.fill_bias, self.fill_b = fill_bias, fill.b
         self.frozen = np.zeros((n_layer, n_head), bool)
         for il, h in pinned or []:
             self.frozen[il, h] = True
@@ -76,6 +79,8 @@ class PromptCalibration:
         if n < MIN_TOKENS or len(engine.tokens) != engine.n_past:
             self.shift = None
             self._set(engine, self.bs)
+            if self.fill_bias:
+                self._set_fill(engine, list(self.fill_b))
             return False
         start = engine.n_past - n
         tokens = engine.tokens[start:]
@@ -91,7 +96,14 @@ class PromptCalibration:
         dev = self.hook.per_token_dev[self.kind]
         self.shift = bias_shift(self.ws, self.bs, [self.hook.x[il] for il in range(len(self.ws))], dev, self.frozen)
         self._set(engine, [b + s for b, s in zip(self.bs, self.shift)])
+        if self.fill_bias:
+            self._set_fill(engine, [b + r for b, r in zip(self.fill_b, self.hook.fill_residual)])
         return True
+
+    @staticmethod
+    def _set_fill(engine, biases: list[np.ndarray]) -> None:
+        for il, b in enumerate(biases):
+            engine.set_head_fill_bias(il, b)
 
     @staticmethod
     def _set(engine, biases: list[np.ndarray]) -> None:

@@ -60,6 +60,8 @@ class HeadContributions(TensorHook):
             raise ValueError(f"the fill's means must be [n_layer, n_head, n_embd], got {fill.mean_post.shape}")
         self.per_token_dev = {k: np.zeros((0, n_layer, n_head), np.float32) for k in self.fill_kinds}
         self.x: list[np.ndarray | None] = [None] * n_layer
+        # with linear fill: per layer, the mean over the last call's tokens of output - fill
+        self.fill_residual: list[np.ndarray | None] = [None] * n_layer
         self.active = True
         n_embd = self.wo[0].shape[0]
         self.tokens_seen = 0
@@ -115,6 +117,7 @@ class HeadContributions(TensorHook):
             if self.x[il] is None or self.x[il].shape[0] != n_tokens:
                 raise ValueError(f"{name}: no attn_norm-{il} of {n_tokens} tokens before it")
             predicted = self.fill.outputs(il, self.x[il])
+            self.fill_residual[il] = (o - predicted).mean(axis=0)
         for h in range(self.n_head):
             cols = slice(h * d, (h + 1) * d)
             contrib = o[:, cols] @ w[:, cols].T  # (n_tokens, n_embd)

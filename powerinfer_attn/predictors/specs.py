@@ -61,7 +61,7 @@ from .wrappers import KVBudget, WindowFill
 
 
 NAMES = ("all", "none:fill=window:S+W", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill-from=PRED.gguf]", "oracle-topk:K[:fill-from=PRED.gguf]",
-         "mask-file:PATH", "trained[:PRED.gguf][:RULE=VALUE][:gain=G][:calibrate=N][:fill=zero]", "any of them + :fill=window:S+W",
+         "mask-file:PATH", "trained[:PRED.gguf][:RULE=VALUE][:gain=G][:calibrate=N[:calibrate-fill]][:fill=zero]", "any of them + :fill=window:S+W",
          "any of them + :budget=N (cells per KV group)[:budget-page=P]")
 
 _WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
@@ -161,6 +161,7 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
                 parts = [str(found)] + parts
             path, *opts = parts
             rule = value = fill = gain = calibrate = None
+            calibrate_fill = False
             for opt in opts:
                 name, eq, val = opt.partition("=")
                 if eq and name == "fill" and fill is None:
@@ -171,10 +172,12 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
                     gain = float(val)
                 elif eq and name == "calibrate" and calibrate is None:
                     calibrate = int(val)
+                elif not eq and name == "calibrate-fill" and not calibrate_fill:
+                    calibrate_fill = True
                 else:
                     raise ValueError(f"bad predictor {spec!r}: after the file come at most one rule "
-                                     f"(threshold=V, topk=K, mass=P or density=D), gain=G, calibrate=N and fill=FILL")
-            return TrainedHeads(path, rule, value, fill, gain, calibrate or 0)
+                                     f"(threshold=V, topk=K, mass=P or density=D), gain=G, calibrate=N[:calibrate-fill] and fill=FILL")
+            return TrainedHeads(path, rule, value, fill, gain, calibrate or 0, calibrate_fill)
     except ValueError as e:
         if "invalid literal" in str(e) or "could not convert" in str(e):
             raise ValueError(f"bad predictor {spec!r}: {e}; choose from: {', '.join(NAMES)}") from e

@@ -34,9 +34,10 @@ class TrainedHeads(_Shaped):
     in_graph = True
 
     def __init__(self, path: str | Path, rule: str | None = None, value: float | None = None,
-                 fill: str | None = None, gain: float | None = None, calibrate: int = 0):
+                 fill: str | None = None, gain: float | None = None, calibrate: int = 0, calibrate_fill: bool = False):
         self.path, self.rule, self.value = Path(path), rule, value
         self.calibrate = int(calibrate)  # prompt tokens to shift the biases on (``calibrate.py``); 0 = the file's
+        self.calibrate_fill = bool(calibrate_fill)  # the linear fill's constant term too
         self.targets: list[float] | None = None  # density control's per-layer targets
         self.gain = 0.0
         if not self.path.is_file():
@@ -57,11 +58,14 @@ class TrainedHeads(_Shaped):
             raise ValueError("gain=G (>= 0) goes with density=D")
         if self.calibrate and self.calibrate < MIN_TOKENS:
             raise ValueError(f"calibrate=N needs N >= {MIN_TOKENS} prompt tokens (0 turns it off), got {self.calibrate}")
+        if self.calibrate_fill and not self.calibrate:
+            raise ValueError("calibrate-fill goes with calibrate=N")
         if self.calibrate and self.fill != "linear":
             raise ValueError(f"calibrate=N measures each head against its linear fill; {self.path.name} runs with {self.fill} fill")
         self.name = (f"trained:{self.path.name}" + (f":{rule}={value:g}" if rule else "")
                      + (f":gain={gain:g}" if gain is not None else "")
                      + (f":calibrate={self.calibrate}" if self.calibrate else "")
+                     + (":calibrate-fill" if self.calibrate_fill else "")
                      + ("" if self.fill == "zero" else f"+{self.fill}"))
         if rule == "density":
             # the file's rule, at the value that gave this density on the held-out data
@@ -98,7 +102,8 @@ class TrainedHeads(_Shaped):
         self.masks.mask = np.zeros((self.n_layer, self.n_head), np.int32)
         if self.calibrate:
             self.calibration = PromptCalibration(self.path, engine.model_path, self.n_layer, self.n_head, self.calibrate,
-                                                 pinned=self.meta.get("training", {}).get("pinned_heads"))
+                                                 pinned=self.meta.get("training", {}).get("pinned_heads"),
+                                                 fill_bias=self.calibrate_fill)
             self._recorder.inner = self.calibration.hook
 
     def restart(self, engine) -> None:
