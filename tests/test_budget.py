@@ -200,14 +200,15 @@ def test_mid_score_with_full_spread_selects_as_head_max(model_path):
     assert not np.array_equal(sel["mid", 0.0], sel["head-max", 0.0])
 
 
-def budget_logits(path, toks, n_prompt, masks, budget, check=None, **kw):
-    """Sparse decode after a dense prefill with a token budget (``budget``: set_kv_budget's
-    keyword arguments, or None); a ``check`` hook observes it and is told each step's mask."""
+def masked_decode(path, toks, n_prompt, masks, setup=None, check=None, **kw):
+    """Sparse decode with one mask per step after a dense prefill of ``n_prompt`` tokens;
+    ``setup(engine)`` sets more before the first step (a budget, a window); a ``check`` hook
+    observes it and is told each step's mask."""
     with Engine(path, n_ctx=n_prompt + 64, n_threads=2, tensor_hook=check, **kw) as eng:
         eng.prefill(toks[:n_prompt])
         eng.set_sparse(True)
-        if budget:
-            eng.set_kv_budget(**budget)
+        if setup is not None:
+            setup(eng)
         out = []
         for i, t in enumerate(toks[n_prompt:]):
             eng.set_mask(masks[i])
@@ -215,6 +216,12 @@ def budget_logits(path, toks, n_prompt, masks, budget, check=None, **kw):
                 check.mask = masks[i]
             out.append(eng.step(t))
         return np.array(out)
+
+
+def budget_logits(path, toks, n_prompt, masks, budget, check=None, **kw):
+    """masked_decode with a token budget (``budget``: set_kv_budget's keyword arguments, or None)."""
+    return masked_decode(path, toks, n_prompt, masks, (lambda e: e.set_kv_budget(**budget)) if budget else None,
+                         check, **kw)
 
 
 class BudgetCheck(WindowedHeads):

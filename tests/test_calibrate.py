@@ -1,5 +1,6 @@
 """The trained predictor's biases shifted to the prompt (``predictors/calibrate.py``)."""
 
+import contextlib
 import re
 
 import numpy as np
@@ -61,11 +62,14 @@ def _predictor(path, model_path, eng, seed=0):
 
 
 class _Graph(TensorHook):
-    def __init__(self):
+    """Keeps the graph's tensors of the given kinds (name-IL)."""
+
+    def __init__(self, kinds=("attn_norm", "head_logits")):
         self.t = {}
+        self.pattern = re.compile(rf"^({'|'.join(kinds)})-\d+$")
 
     def wants(self, name):
-        return re.match(r"^(attn_norm|head_logits)-\d+$", name) is not None
+        return self.pattern.match(name) is not None
 
     def __call__(self, name, data):
         self.t[name] = data.copy()
@@ -111,15 +115,15 @@ def test_engine_tracks_the_tokens_of_its_positions(model_path):
         assert eng.tokens == []
 
 
-def test_calibration_measures_the_prompt_end_and_shifts_the_biases(tmp_path, model_path):
-    """At an answer's first step the biases become the file's plus ``bias_shift`` of the prompt's
-    last N tokens, measured as an independent engine measures them; the cache it decoded again
-    gives dense decode the same logits as before; a prompt too short gets the file's biases."""
-    n_cal = 48
+@contextlib.contextmanager
+def _measured_prompt_end(tmp_path, model_path, n_cal):
+    """A random predictor with a linear fill at tmp_path/p.gguf, and an engine that prefilled 120
+    tokens with an independent recorder (``HeadContributions``) on the last ``n_cal`` of them:
+    yields (engine, recorder, tokens, W, b)."""
     with Engine(model_path, n_ctx=64, n_threads=1) as e:
         ws, bs = _predictor(tmp_path / "p.gguf", model_path, e)
         n_layer, n_head = e.n_layer, e.n_head
-    kind, fill = predictor_file.read_fill(tmp_path / "p.gguf")
+    _, fill = predictor_file.read_fill(tmp_path / "p.gguf")
     ref = HeadContributions(model_path, n_layer, n_head, fill=fill)
     ref.active = False
     with Engine(model_path, n_ctx=256, n_threads=2, tensor_hook=ref) as eng:
@@ -128,6 +132,16 @@ def test_calibration_measures_the_prompt_end_and_shifts_the_biases(tmp_path, mod
         ref.active = True
         eng.prefill(toks[-n_cal:])
         ref.active = False
+        yield eng, ref, toks, ws, bs
+
+
+def test_calibration_measures_the_prompt_end_and_shifts_the_biases(tmp_path, model_path):
+    """At an answer's first step the biases become the file's plus ``bias_shift`` of the prompt's
+    last N tokens, measured as an independent engine measures them; the cache it decoded again
+    gives dense decode the same logits as before; a prompt too short gets the file's biases."""
+    n_cal = 48
+    with _measured_prompt_end(tmp_path, model_path, n_cal) as (eng, ref, toks, ws, bs):
+        n_layer, n_head = eng.n_layer, eng.n_head
         frozen = np.zeros((n_layer, n_head), bool)
         frozen[1, 0] = True
         want = bias_shift(ws, bs, [ref.x[il] for il in range(n_layer)], ref.per_token_dev["linear"], frozen)
@@ -180,39 +194,20 @@ def test_hooks_hand_each_hook_what_it_wants():
     assert a.got == ["a-1"] and b.got == ["b-2"]
 
 
-class _Fill(TensorHook):
-    def __init__(self):
-        self.t = {}
-
-    def wants(self, name):
-        return re.match(r"^(attn_norm|head_fill)-\d+$", name) is not None
-
-    def __call__(self, name, data):
-        self.t[name] = data.copy()
-
-
 def test_calibrate_fill_moves_the_fill_bias_by_the_prompt_residual(tmp_path, model_path):
     """calibrate-fill: the linear fill's constant term becomes the file's plus the mean of
     (output - fill) over the prompt's last N tokens, as an independent recorder measures it, and
     the graph's fill rows of skipped heads are fill_w x + that; the setter's errors."""
     n_cal = 48
-    with Engine(model_path, n_ctx=64, n_threads=1) as e:
-        _predictor(tmp_path / "p.gguf", model_path, e)
-        n_layer, n_head, d = e.n_layer, e.n_head, e.n_embd // e.n_head
-    kind, fill = predictor_file.read_fill(tmp_path / "p.gguf")
-    ref = HeadContributions(model_path, n_layer, n_head, fill=fill)
-    ref.active = False
-    with Engine(model_path, n_ctx=256, n_threads=2, tensor_hook=ref) as eng:
-        toks = eng.tokenize(TEXT)[:120]
-        eng.prefill(toks[:-n_cal])
-        ref.active = True
-        eng.prefill(toks[-n_cal:])
+    with _measured_prompt_end(tmp_path, model_path, n_cal) as (eng, ref, toks, _, _):
+        n_layer, n_head, d = eng.n_layer, eng.n_head, eng.n_embd // eng.n_head
         residual = [r.copy() for r in ref.fill_residual]
+    _, fill = predictor_file.read_fill(tmp_path / "p.gguf")
     assert all(r.shape == (n_head * d,) and np.abs(r).max() > 1e-3 for r in residual)
 
     pred = get_predictor(f"trained:{tmp_path / 'p.gguf'}:topk=3:calibrate={n_cal}:calibrate-fill", model_path)
     assert pred.calibrate_fill and pred.name.endswith(f":calibrate={n_cal}:calibrate-fill+linear")
-    g = _Fill()
+    g = _Graph(("attn_norm", "head_fill"))
     with open_engine(model_path, pred, n_ctx=256, n_threads=2) as eng:
         eng._hook.hooks += (g,)  # noqa: SLF001 - read the graph's fill rows too
         eng.prefill(toks)

@@ -20,7 +20,7 @@ import pytest
 from test_architectures import ARCHS, PROMPT, SHAPES, STEPS, _rel, _tokens, sparse_logits, tiny_models  # noqa: F401
 from test_faults import half_masks, oracle_logits
 from test_predictor import _Graph, _random_predictor
-from test_budget import BudgetCheck, budget_logits
+from test_budget import BudgetCheck, budget_logits, masked_decode
 
 from powerinfer_attn.native import build
 from powerinfer_attn.training import train
@@ -255,20 +255,9 @@ def test_gpu_predictor_and_fills_match_the_cpu(tiny_models, tmp_path, fill, ngl)
 
 
 def _window_logits(path, toks, n_prompt, masks, window, check=None, **kw):
-    """Sparse decode after a dense prefill, with window fill when ``window`` (S, W) is given; a
-    ``check`` hook observes it and is told each step's mask."""
-    with Engine(path, n_ctx=n_prompt + 64, n_threads=2, tensor_hook=check, **kw) as eng:
-        eng.prefill(toks[:n_prompt])
-        eng.set_sparse(True)
-        if window:
-            eng.set_head_window(*window)
-        out = []
-        for i, t in enumerate(toks[n_prompt:]):
-            eng.set_mask(masks[i])
-            if check is not None:
-                check.mask = masks[i]
-            out.append(eng.step(t))
-        return np.array(out)
+    """masked_decode with window fill when ``window`` (S, W) is given."""
+    return masked_decode(path, toks, n_prompt, masks, (lambda e: e.set_head_window(*window)) if window else None,
+                         check, **kw)
 
 
 class _WindowError(WindowedHeads):
