@@ -3,7 +3,8 @@
 # on held-out halves of several kinds of text after 4096 tokens, 6 windows x 128 steps (the
 # windows of scripts/domains.sh's matrix, so the oracle rows there compare): SmolLM2-135M and
 # Qwen2.5-Coder-0.5B, density 0.7 and 0.5.
-#   figures/domains/calibrate-<model>-<kind>.json; ~45 min on 2 cores.
+#   figures/domains/calibrate-<model>-<kind>.json; ~45 min on 2 cores. Then the same with the fill's
+#   constant term calibrated too (:calibrate-fill): figures/domains/calibrate-fill-<model>-<kind>.json.
 # Needs the texts of scripts/domains.sh (STEPS=texts) and each model's `prepare`d predictor.
 # MODELS="smollm2 qwen" KINDS="essays wiki code" (docs, chat: kinds of the training mix, held-out halves) N=128 WINDOWS=6 THREADS=2 scripts/calibrate.sh
 set -euo pipefail
@@ -26,6 +27,19 @@ for m in ${MODELS:-qwen smollm2}; do
 		"$PIA" score "${M[@]}" --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t "$T" --json \
 			--predictor trained:density=0.7 --predictor "trained:density=0.7:calibrate=$N" \
 			--predictor trained:density=0.5 --predictor "trained:density=0.5:calibrate=$N" "${o[@]}" > "$out.tmp"
+		mv "$out.tmp" "$out"
+		"$PIA" show "$out"
+	done
+done
+# the fill's constant term moved too (:calibrate-fill), density 0.7 and 0.5: calibrate-fill-<model>-<kind>.json
+for m in ${MODELS:-qwen smollm2}; do
+	case $m in smollm2) M=() ;; qwen) M=(-m qwen2.5-coder-0.5b) ;; esac
+	for k in ${KINDS:-essays wiki code}; do
+		out=$F/calibrate-fill-$m-$k.json
+		[ -f "$out" ] && continue
+		"$PIA" score "${M[@]}" --text-file "$C/$k.txt" --prefix 4096 --steps 128 --windows "$WINDOWS" -t "$T" --json \
+			--predictor "trained:density=0.7:calibrate=$N:calibrate-fill" --predictor "trained:density=0.5:calibrate=$N:calibrate-fill" \
+			> "$out.tmp"
 		mv "$out.tmp" "$out"
 		"$PIA" show "$out"
 	done
