@@ -14,7 +14,7 @@ import numpy as np
 from .native import build as build_mod
 from .training.corpus import KINDS
 from .native.model import default_model_path, resolve_model
-from .native.bindings import KV_PAGES
+from .native.bindings import KV_PAGE, KV_PAGES
 from .engine.text import resolve_text_file
 
 model_option = click.option("--model", "-m", "model", type=click.Path(dir_okay=False), default=None,
@@ -918,7 +918,7 @@ def _ints(text: str) -> list[int]:
               help="Window fill at the fixed densities: skipped heads attend over the first S and last W KV cells.")
 @kv_budget_option
 @click.option("--kv-page", "kv_page", type=click.Choice([str(p) for p in KV_PAGES]), default=None,
-              help="With --kv-budget: cells per page (default 16). Each page's bounds are 2 x head width F32 values "
+              help=f"With --kv-budget: cells per page (default {KV_PAGE}). Each page's bounds are 2 x head width F32 values "
                    "per KV head, read every step: larger pages read fewer of them and choose coarser.")
 @click.option("-ngl", "--n-gpu-layers", "ngl", type=click.IntRange(0), default=0, show_default=True,
               help="Layers to offload to the GPU (a `build --cuda` library); sparse then runs with flash attention "
@@ -956,7 +956,7 @@ def bench(model, ctxs, old_ctxs, densities, reps, flash_attn, gqa, profile, plot
                                text_file=resolve_text_file(text_file) if text_file else None,
                                caches=_cache_list(cache_k), window=_window(window) if window else None, ngl=ngl,
                                kv_budget=kv_budget, n_ctx=n_ctx, sparse_min_ctx=min_ctx, rpc=rpc,
-                               **({"kv_page": int(kv_page)} if kv_page else {}))
+                               kv_page=int(kv_page or KV_PAGE))
         # a run on the sparse graph at every depth says where it starts to pay: --sparse-min-ctx auto
         # (of the plain sparse graph: not with a window, a budget or whole KV groups)
         recorded = crossover.store(result) if min_ctx == 0 and not (window or kv_budget or gqa or rpc) else None

@@ -117,13 +117,21 @@ def skipped_byte_share(model_path, ctx: int, layer_ops: list[int], cache: str = 
     return skipped / skippable
 
 
-def byte_share(model_path, ctx: int, cache: str = "f16", gpu: bool = False) -> float:
-    """Of the bytes one decode step reads (every weight but the token embedding, whose one row
-    is negligible, and the K and V cache rows of ``ctx`` tokens), the share head sparsity can
-    skip: the KV rows and, on the CPU, wq and wo too (on the GPU they run dense, masked)."""
+def _weight_and_cell_bytes(model_path, cache: str) -> tuple[dict[str, int], int, float]:
+    """Each tensor's size, the bytes of the weights a decode step reads (every one but the token
+    embedding, whose one row is negligible), and the bytes of one cached cell's K and V rows in
+    every layer."""
     size, kv_width = _tensor_bytes(model_path)
     weights = sum(n for name, n in size.items() if name != "token_embd.weight")
-    kv = ctx * _CACHE_BYTES[cache] * sum(kv_width.values())
+    return size, weights, _CACHE_BYTES[cache] * sum(kv_width.values())
+
+
+def byte_share(model_path, ctx: int, cache: str = "f16", gpu: bool = False) -> float:
+    """Of the bytes one decode step reads (the weights and the K and V cache rows of ``ctx``
+    tokens), the share head sparsity can skip: the KV rows and, on the CPU, wq and wo too (on
+    the GPU they run dense, masked)."""
+    size, weights, kv_cell = _weight_and_cell_bytes(model_path, cache)
+    kv = ctx * kv_cell
     wqo = 0 if gpu else sum(n for name, n in size.items() if name.endswith(("attn_q.weight", "attn_output.weight")))
     return (kv + wqo) / (weights + kv)
 
@@ -283,10 +291,8 @@ def budget_byte_limit(model_path, ctx: int, cache: str, kv_kept: float, budget: 
     (``kv_kept``) the rows of ``budget`` cells (at most ``ctx``), and every layer's page bounds
     (2 x head width F32 values per page of ``page`` cells and KV head), which the selection reads
     whatever it keeps."""
-    size, kv_width = _tensor_bytes(model_path)
-    weights = sum(n for name, n in size.items() if name != "token_embd.weight")
-    kv_cell = _CACHE_BYTES[cache] * sum(kv_width.values())  # K and V of every layer, one cell
-    k_cell = sum(w for name, w in kv_width.items() if name.endswith("attn_k.weight"))
+    _, weights, kv_cell = _weight_and_cell_bytes(model_path, cache)
+    k_cell = sum(w for name, w in _tensor_bytes(model_path)[1].items() if name.endswith("attn_k.weight"))
     bounds = -(-ctx // page) * 2 * 4 * k_cell
     dense = weights + ctx * kv_cell
     return dense / (weights + kv_kept * min(budget, ctx) * kv_cell + bounds)
