@@ -112,20 +112,20 @@ class HeadContributions(TensorHook):
             self.per_token_dev = {k: np.zeros_like(self.per_token) for k in self.fill_kinds}
         d = width // self.n_head
         w = self.wo[il]
-        predicted = None
+        residual = None  # output - linear fill
         if "linear" in self.fill_kinds:
             if self.x[il] is None or self.x[il].shape[0] != n_tokens:
                 raise ValueError(f"{name}: no attn_norm-{il} of {n_tokens} tokens before it")
-            predicted = self.fill.outputs(il, self.x[il])
-            self.fill_residual[il] = (o - predicted).mean(axis=0)
+            residual = o - self.fill.outputs(il, self.x[il])
+            self.fill_residual[il] = residual.mean(axis=0)
         for h in range(self.n_head):
             cols = slice(h * d, (h + 1) * d)
             contrib = o[:, cols] @ w[:, cols].T  # (n_tokens, n_embd)
             self.per_token[:, il, h] = np.linalg.norm(contrib, axis=1)
             if "mean" in self.fill_kinds:
                 self.per_token_dev["mean"][:, il, h] = np.linalg.norm(contrib - self.fill.mean_post[il, h], axis=1)
-            if predicted is not None:
-                self.per_token_dev["linear"][:, il, h] = np.linalg.norm((o[:, cols] - predicted[:, cols]) @ w[:, cols].T, axis=1)
+            if residual is not None:
+                self.per_token_dev["linear"][:, il, h] = np.linalg.norm(residual[:, cols] @ w[:, cols].T, axis=1)
             if self.contrib_sum is not None:
                 self.contrib_sum[il, h] += contrib.sum(axis=0)
                 self.energy_sum[il, h] += float((contrib.astype(np.float64) ** 2).sum())
