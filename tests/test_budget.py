@@ -230,9 +230,10 @@ class BudgetCheck(WindowedHeads):
     every active head's output against numpy attention over the cells of the pages the GPU
     chose (so that a page swapped between two near-equal scores does not move that check)."""
 
-    def __init__(self, n_layer, n_head, budget, round_q=False):
+    def __init__(self, n_layer, n_head, budget, round_q=False, bounds_type=np.float32):
         super().__init__(n_layer, n_head, 0, 0, round_q=round_q)
         self.budget = budget
+        self.bounds_type = bounds_type  # the CPU's cache keeps F16 bounds, the GPU's F32
         self.pages = {}
         self.page_mismatch = []
         self.errors = []
@@ -262,7 +263,7 @@ class BudgetCheck(WindowedHeads):
         mask[:n] = 0
         keys = np.zeros((n_head_kv, npk * page, d), np.float32)  # the cache's cells past n are zero
         keys[:, :n] = k.transpose(1, 0, 2)
-        want = ref_select(q[0], bounds_of(keys, page, npk), self.mask[il], mask, page, b["budget"], b["n_sink"],
+        want = ref_select(q[0], bounds_of(keys, page, npk).astype(self.bounds_type), self.mask[il], mask, page, b["budget"], b["n_sink"],
                           b["n_recent"], {"sum": 0, "head-max": 1, "mid": 3}[b.get("score", "sum")])
         self.page_mismatch.append(float(np.mean(want != sel)))
         got = data.reshape(-1, self.n_head, d)[0]
@@ -289,7 +290,8 @@ def test_budget_selects_as_numpy_and_attends_over_its_pages(tiny_models, shape, 
     masks = half_masks(rng, STEPS, 2, shape[0])
     masks[0] = 0
     budget = dict(budget=8 * page, page=page, n_sink=4, n_recent=32)
-    check = BudgetCheck(2, shape[0], budget, round_q=True)  # the CPU's K*q takes q in F16
+    # the CPU's K*q takes q in F16, and its cache keeps the page bounds in F16
+    check = BudgetCheck(2, shape[0], budget, round_q=True, bounds_type=np.float16)
     budget_logits(model, toks, n_prompt, masks, budget, check=check, flash_attn=flash_attn)
     assert len(check.page_mismatch) == 2 * STEPS  # the step with no head too: no page
     assert np.mean(check.page_mismatch) < 0.01, check.page_mismatch

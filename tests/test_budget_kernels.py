@@ -23,21 +23,23 @@ def ref_bounds(k_rows, page, n_head_kv):
 @pytest.mark.parametrize("k_type", ["F16", "Q8_0", "Q4_0", "F32"])
 @pytest.mark.parametrize("page", [8, 16, 64])
 @pytest.mark.parametrize("n_threads", [1, 3])
-def test_bounds_are_min_and_max_of_the_written_pages(k_type, page, n_threads):
+@pytest.mark.parametrize("bounds_type", [np.float32, np.float16])
+def test_bounds_are_min_and_max_of_the_written_pages(k_type, page, n_threads, bounds_type):
+    """F16 bounds (what the CPU's cache keeps) are the F32 ones rounded to nearest."""
     rng = np.random.default_rng(page + n_threads)
     d, n_head_kv, n_cells = 64, 2, 512
     k = rng.standard_normal((n_cells, d * n_head_kv)).astype(np.float32)
     data = kernels.quantize(k, k_type)
     seen = kernels.dequantize(data, k_type, k.shape)
-    full = ref_bounds(seen, page, n_head_kv)
-    old = rng.standard_normal(full.shape).astype(np.float32)  # stale bounds of earlier contents
+    full = ref_bounds(seen, page, n_head_kv).astype(bounds_type)
+    old = rng.standard_normal(full.shape).astype(bounds_type)  # stale bounds of earlier contents
     # a decode step's cell, a prefill's run, and cells in no order with repeats
     for idxs in ([300], list(range(40, 40 + 3 * page + 5)), [511, 0, 77, 0, 78, 300]):
         out = kernels.page_bounds(data, k_type, n_cells, d, n_head_kv, old, idxs, page, n_threads)
         touched = sorted({c // page for c in idxs})
         want = old.copy()
         want[touched] = full[touched]
-        assert np.array_equal(out, want)
+        assert out.dtype == bounds_type and np.array_equal(out, want)
 
 
 def visible_cells(mask):
@@ -108,11 +110,12 @@ def bounds_of(k, page, n_pages):
 @pytest.mark.parametrize("page", [8, 16, 32])
 @pytest.mark.parametrize("n_threads", [1, 2, 4])
 @pytest.mark.parametrize("score", [0, 1, 3])
-def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads, score):
+@pytest.mark.parametrize("bounds_type", [np.float32, np.float16])
+def test_selection_matches_numpy(n_head, n_head_kv, page, n_threads, score, bounds_type):
     rng = np.random.default_rng(n_head * 100 + page + n_threads)
     n_kv = 768
     k, _, q, mask = budget_case(rng, n_kv, n_head, n_head_kv, holes=[(100, 180), (301, 302)])
-    bounds = bounds_of(k, page, n_kv // page + 4)  # the cache is larger than the view
+    bounds = bounds_of(k, page, n_kv // page + 4).astype(bounds_type)  # the cache is larger than the view
     heads = (rng.random(n_head) < 0.6).astype(np.int32)
     heads[0] = 1
     for budget, n_sink, n_recent in [(128, 4, 32), (0, 4, 32), (256, 0, 0), (64, 40, 100), (10**6, 4, 32)]:

@@ -229,9 +229,10 @@ class _Ctx:
         ctypes.memmove(self.allocate(t), data, n)
         return t
 
-    def compute(self, t, n_threads: int, shape: tuple[int, ...], out: int | None = None) -> np.ndarray:
-        """Run the graph that ends in t; its result as float32 of ``shape``, read from t's own
-        new allocation or, for a t that is a view (an in-place op), from ``out``."""
+    def compute(self, t, n_threads: int, shape: tuple[int, ...], out: int | None = None,
+                dtype=np.float32) -> np.ndarray:
+        """Run the graph that ends in t; its result as ``dtype`` (float32 or float16) of ``shape``,
+        read from t's own new allocation or, for a t that is a view (an in-place op), from ``out``."""
         g, cpu = self.g, self.cpu
         out = out or self.allocate(t)
         gf = g.ggml_new_graph(self.ctx)
@@ -241,10 +242,10 @@ class _Ctx:
         status = cpu.ggml_graph_compute(gf, ctypes.byref(plan))
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute returned {status}")
-        n = int(np.prod(shape))
-        if n * 4 != g.ggml_nbytes(t):
-            raise RuntimeError(f"result is {g.ggml_nbytes(t)} bytes, expected {n} floats")
-        return np.frombuffer((ctypes.c_float * n).from_address(out), dtype=np.float32).reshape(shape).copy()
+        n, size = int(np.prod(shape)), np.dtype(dtype).itemsize
+        if n * size != g.ggml_nbytes(t):
+            raise RuntimeError(f"result is {g.ggml_nbytes(t)} bytes, expected {n} of {np.dtype(dtype).name}")
+        return np.frombuffer((ctypes.c_char * (n * size)).from_address(out), dtype=dtype).reshape(shape).copy()
 
     def close(self):
         for buf in self.buffers:
@@ -479,10 +480,12 @@ def head_select(logits: np.ndarray, state: np.ndarray, il: int) -> tuple[np.ndar
 
 def page_bounds(k: bytes, k_type: str, n_cells: int, d: int, n_head_kv: int, bounds: np.ndarray,
                 idxs, page: int, n_threads: int = 1) -> np.ndarray:
-    """``ggml_kv_page_bounds``: ``bounds`` (float32 ``(n_pages, n_head_kv, 2*d)``, min then max)
-    with the pages that hold the cells ``idxs`` recomputed from ``k`` (``n_cells`` rows of
-    ``d*n_head_kv`` values in ``k_type``, as the cache holds them). Returns the new bounds."""
-    bounds = np.ascontiguousarray(bounds, dtype=np.float32)
+    """``ggml_kv_page_bounds``: ``bounds`` (float32 or float16 ``(n_pages, n_head_kv, 2*d)``, min
+    then max) with the pages that hold the cells ``idxs`` recomputed from ``k`` (``n_cells`` rows
+    of ``d*n_head_kv`` values in ``k_type``, as the cache holds them). Returns the new bounds, of
+    the type given."""
+    dtype = np.float16 if np.asarray(bounds).dtype == np.float16 else np.float32
+    bounds = np.ascontiguousarray(bounds, dtype=dtype)
     idx = np.ascontiguousarray(idxs, dtype=np.int64)
     if page < 1 or n_cells % page or bounds.shape != (n_cells // page, n_head_kv, 2 * d):
         raise ValueError(f"bounds must be {(n_cells // max(page, 1), n_head_kv, 2 * d)} and n_cells whole pages")
@@ -490,11 +493,11 @@ def page_bounds(k: bytes, k_type: str, n_cells: int, d: int, n_head_kv: int, bou
         raise ValueError(f"idxs must be a non-empty vector of cells in [0, {n_cells})")
     c = _Ctx()
     try:
-        tb = c.tensor(GGML_TYPE["F32"], (2 * d, n_head_kv, n_cells // page), bounds.tobytes())
+        tb = c.tensor(GGML_TYPE["F16" if dtype == np.float16 else "F32"], (2 * d, n_head_kv, n_cells // page), bounds.tobytes())
         tk = c.tensor(_type_id(k_type), (d * n_head_kv, n_cells), k)
         ti = c.tensor(GGML_TYPE_I64, (idx.size,), idx.tobytes())
         t = c.g.ggml_kv_page_bounds(c.ctx, tb, tk, ti, page)
-        return c.compute(t, n_threads, bounds.shape, out=c.g.ggml_get_data(tb))
+        return c.compute(t, n_threads, bounds.shape, out=c.g.ggml_get_data(tb), dtype=dtype)
     finally:
         c.close()
 
@@ -503,12 +506,14 @@ def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.n
                 budget: int, n_sink: int, n_recent: int, n_threads: int = 1, score: int = 0,
                 keys: np.ndarray | None = None, spread: float = 0.0) -> np.ndarray:
     """``ggml_kv_page_select`` for one decode token: ``q`` ``(n_head, d)``, ``bounds``
-    ``(n_pages, n_head_kv, 2*d)``, ``mask`` ``(n_kv,)`` (0 or -inf). Returns the selection,
+    ``(n_pages, n_head_kv, 2*d)`` (float32, or float16 as the CPU's cache keeps them), ``mask``
+    ``(n_kv,)`` (0 or -inf). Returns the selection,
     int32 ``(n_head_kv, ceil(n_kv/page))``. ``score``: ``bindings.KV_SCORES``' id of the page score;
     the exact one needs ``keys``, the F16 cache rows ``(n_kv, n_head_kv*d)``; ``spread`` goes with
     the midpoint one (``ggml_kv_page_select_set_spread``)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
-    bounds = np.ascontiguousarray(bounds, dtype=np.float32)
+    f16 = np.asarray(bounds).dtype == np.float16
+    bounds = np.ascontiguousarray(bounds, dtype=np.float16 if f16 else np.float32)
     heads = np.ascontiguousarray(heads, dtype=np.int32)
     n_head, d = q.shape
     n_pages, n_head_kv, d2 = bounds.shape
@@ -522,7 +527,7 @@ def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.n
     c = _Ctx()
     try:
         tq = c.tensor(GGML_TYPE["F32"], (d, n_head, 1), q.tobytes())
-        tb = c.tensor(GGML_TYPE["F32"], (2 * d, n_head_kv, n_pages), bounds.tobytes())
+        tb = c.tensor(GGML_TYPE["F16" if f16 else "F32"], (2 * d, n_head_kv, n_pages), bounds.tobytes())
         th = c.tensor(GGML_TYPE_I32, (n_head,), heads.tobytes())
         tm = c.tensor(GGML_TYPE["F32"], (mask.size, 1), np.ascontiguousarray(mask, np.float32).tobytes())
         t = c.g.ggml_kv_page_select(c.ctx, tq, tb, th, tm, page, budget, n_sink, n_recent)
