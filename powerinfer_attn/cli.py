@@ -918,8 +918,8 @@ def _ints(text: str) -> list[int]:
               help="Window fill at the fixed densities: skipped heads attend over the first S and last W KV cells.")
 @kv_budget_option
 @click.option("--kv-page", "kv_page", type=click.Choice([str(p) for p in KV_PAGES]), default=None,
-              help=f"With --kv-budget: cells per page (default {KV_PAGE}). Each page's bounds are 2 x head width F32 values "
-                   "per KV head, read every step: larger pages read fewer of them and choose coarser.")
+              help=f"With --kv-budget: cells per page (default {KV_PAGE}). Each page's bounds are 2 x head width values per KV "
+                   "head (F16 on the CPU, F32 on a GPU), read every step: larger pages read fewer of them and choose coarser.")
 @click.option("-ngl", "--n-gpu-layers", "ngl", type=click.IntRange(0), default=0, show_default=True,
               help="Layers to offload to the GPU (a `build --cuda` library); sparse then runs with flash attention "
                    "and an F16 cache, and each ratio's limit is from bytes. With --rpc: the layers on the servers.")
