@@ -7,7 +7,7 @@ test_budget_kernels.py."""
 import numpy as np
 import pytest
 
-from powerinfer_attn.engine.decode import Engine
+from powerinfer_attn.engine.decode import Engine, EngineError
 from powerinfer_attn.predictors.wrappers import KVBudget
 from powerinfer_attn.predictors.specs import get_predictor
 
@@ -263,8 +263,16 @@ class BudgetCheck(WindowedHeads):
         mask[:n] = 0
         keys = np.zeros((n_head_kv, npk * page, d), np.float32)  # the cache's cells past n are zero
         keys[:, :n] = k.transpose(1, 0, 2)
-        want = ref_select(q[0], bounds_of(keys, page, npk).astype(self.bounds_type), self.mask[il], mask, page, b["budget"], b["n_sink"],
-                          b["n_recent"], {"sum": 0, "head-max": 1, "mid": 3}[b.get("score", "sum")])
+        bounds = bounds_of(keys, page, npk).astype(self.bounds_type)
+        score = {"sum": 0, "head-max": 1, "mid": 3}[b.get("score", "sum")]
+        if b.get("rerank"):  # the score's pages for rerank x budget, then the exact score (F16 keys) among them
+            cand = ref_select(q[0], bounds, self.mask[il], mask, page, b["rerank"] * b["budget"], b["n_sink"],
+                              b["n_recent"], score)
+            rows = keys.transpose(1, 0, 2).reshape(npk * page, -1).astype(np.float16)
+            want = ref_select(q[0], bounds, self.mask[il], mask, page, b["budget"], b["n_sink"], b["n_recent"], 2,
+                              keys=rows, candidates=cand)
+        else:
+            want = ref_select(q[0], bounds, self.mask[il], mask, page, b["budget"], b["n_sink"], b["n_recent"], score)
         self.page_mismatch.append(float(np.mean(want != sel)))
         got = data.reshape(-1, self.n_head, d)[0]
         r = self.n_head // n_head_kv
@@ -299,3 +307,26 @@ def test_budget_selects_as_numpy_and_attends_over_its_pages(tiny_models, shape, 
     # v2's products take q and the softmax in F16 (vec_dot_f16); flash attention's row kernel also
     # accumulates V in F16 (stock's)
     assert max(check.errors) < (5e-3 if flash_attn else 1e-3), max(check.errors)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_rerank_selects_as_numpy_and_covering_budget_is_head_only(tiny_models, flash_attn):
+    """Re-ranking in the engine (set_kv_budget(rerank=2)): each step's pages are numpy's bound
+    selection of twice the budget narrowed by the exact score, each active head attends over
+    them; a budget that covers the context is head-only sparse decode, bit for bit."""
+    shape, n_prompt, page = (9, 3, 64), 700, 16
+    model = tiny_models("llama", shape, "F32")
+    rng = np.random.default_rng(29)
+    toks = [int(t) for t in rng.integers(1, 64, size=n_prompt + STEPS)]
+    masks = half_masks(rng, STEPS, 2, shape[0])
+    budget = dict(budget=8 * page, page=page, n_sink=4, n_recent=32, rerank=2)
+    check = BudgetCheck(2, shape[0], budget, round_q=True, bounds_type=np.float16)
+    budget_logits(model, toks, n_prompt, masks, budget, check=check, flash_attn=flash_attn)
+    assert len(check.page_mismatch) == 2 * STEPS
+    assert np.mean(check.page_mismatch) < 0.01, check.page_mismatch
+    assert max(check.errors) < (5e-3 if flash_attn else 1e-3), max(check.errors)
+    covering = budget_logits(model, toks, n_prompt, masks, dict(budget, budget=4096), flash_attn=flash_attn)
+    head_only = budget_logits(model, toks, n_prompt, masks, None, flash_attn=flash_attn)
+    assert np.array_equal(covering, head_only)
+    with pytest.raises(EngineError, match="rerank|F16"):
+        budget_logits(model, toks[:n_prompt + 2], n_prompt, masks[:2], budget, cache_type_k="q8_0")

@@ -46,7 +46,7 @@ def visible_cells(mask):
     return np.flatnonzero(mask != -np.inf)
 
 
-def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0, keys=None, spread=0.0):
+def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0, keys=None, spread=0.0, candidates=None):
     n_head, d = q.shape
     n_head_kv = bounds.shape[1]
     r = n_head // n_head_kv
@@ -61,6 +61,7 @@ def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0, 
             {c // page for c in vis[:n_sink]}
         mn, mx = bounds[:npk, g, :d].astype(np.float64), bounds[:npk, g, d:].astype(np.float64)
         seen = np.array([np.any((vis >= p * page) & (vis < (p + 1) * page)) for p in range(npk)])
+        allowed = seen if candidates is None else seen & (candidates[g] != 0)  # pages the score may pick
         if score == 2:  # each head's exact largest q.k over the page's visible cells
             kg = keys[:, g * d:(g + 1) * d].astype(np.float64)
             per_head = []
@@ -75,14 +76,14 @@ def ref_select(q, bounds, heads, mask, page, budget, n_sink, n_recent, score=0, 
         if score == 0:  # the bound summed over the group's active heads
             s = sum(per_head)
         else:  # each head's bound relative to its best visible page, the best of them
-            s = np.max([b - b[seen].max() for b in per_head], axis=0)
-        cand = [p for p in range(npk) if p not in forced and seen[p]]
+            s = np.max([b - b[allowed].max() for b in per_head], axis=0) if allowed.any() else np.full(npk, -np.inf)
+        cand = [p for p in range(npk) if p not in forced and allowed[p]]
         cand.sort(key=lambda p: (-s[p], p))
         take = max(0, min(len(cand), budget // page - len(forced)))
         for p in list(forced) + cand[:take]:
             sel[g, p] = 1
-        if take == len(cand):  # every visible page: the whole view, as without a budget
-            sel[g] = 1
+        if take == len(cand):  # every visible page: the whole view, as without a budget (every candidate)
+            sel[g] = 1 if candidates is None else np.maximum(sel[g], candidates[g] != 0)
     return sel
 
 
@@ -150,6 +151,31 @@ def test_mid_score_spread_matches_numpy(spread, n_threads):
             assert np.array_equal(got, kernels.page_select(q, bounds, heads, mask, page, budget, 4, 32, n_threads, score=1))
     with pytest.raises(ValueError):
         kernels.page_select(q, bounds, heads, mask, page, 128, 4, 32, 1, score=3, spread=1.5)
+
+
+@pytest.mark.parametrize("n_head,n_head_kv", [(3, 3), (9, 3), (7, 1)])
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("rerank", [2, 4])
+def test_rerank_exact_among_the_bounds_candidates_matches_numpy(n_head, n_head_kv, n_threads, rerank):
+    """Re-ranking (llama_set_kv_budget_rerank): the bound's pages for rerank x budget, then the
+    exact score among them only; every candidate when the budget covers them."""
+    rng = np.random.default_rng(7 * n_head + n_threads + rerank)
+    page, n_kv = 16, 768
+    k, _, q, mask = budget_case(rng, n_kv, n_head, n_head_kv, holes=[(100, 180)])
+    rows = k.astype(np.float16).transpose(1, 0, 2).reshape(n_kv, -1)
+    bounds = bounds_of(k, page, n_kv // page).astype(np.float16)
+    heads = (rng.random(n_head) < 0.7).astype(np.int32)
+    heads[0] = 1
+    for budget in (64, 128, 10**5):
+        cand = kernels.page_select(q, bounds, heads, mask, page, rerank * budget, 4, 32, n_threads)
+        got = kernels.page_select(q, bounds, heads, mask, page, budget, 4, 32, n_threads, score=2, keys=rows,
+                                  candidates=cand)
+        want = ref_select(q, bounds, heads, mask, page, budget, 4, 32, score=2, keys=rows, candidates=cand)
+        assert np.array_equal(got, want), budget
+        assert np.all(got[cand == 0] == 0)  # never a page outside the candidates
+        if budget < 10**5:  # the second stage narrows the candidates down to the budget
+            assert got.sum() < cand.sum()
+            assert np.all(got.sum(1) <= budget // page + 2)  # + the sinks' and the window's pages
 
 
 @pytest.mark.parametrize("n_head,n_head_kv", [(3, 3), (9, 3), (7, 1)])

@@ -241,7 +241,8 @@ class SparseControls:
         self._warn_off_gpu_kernel("window fill's attention")
 
     def set_kv_budget(self, budget: int, page: int = KV_PAGE, n_sink: int = KV_SINK, n_recent: int = KV_RECENT,
-                      n_dense_layers: int = KV_DENSE_LAYERS, score: str = KV_SCORE, spread: float = 0.0) -> None:
+                      n_dense_layers: int = KV_DENSE_LAYERS, score: str = KV_SCORE, spread: float = 0.0,
+                      rerank: int = 0) -> None:
         """Token budget: in sparse decode each KV group's active heads read only about ``budget``
         cached cells, the pages of ``page`` cells whose bound on q.k is highest, always with the
         pages of the first ``n_sink`` and last ``n_recent`` cells the token sees (chosen in the
@@ -251,7 +252,9 @@ class SparseControls:
         it needs an F16 or Q8_0 cache as head sparsity does). ``score``: how a page is scored for a
         group (``bindings.KV_SCORES``: summed over its heads, or each head's best pages first).
         ``spread`` (score ``mid`` only): add that share of each page's spread along q to its
-        midpoint estimate, from 0 (the midpoint) to 1 (the bound)."""
+        midpoint estimate, from 0 (the midpoint) to 1 (the bound). ``rerank`` (2 to 16, F16 K cache):
+        the score picks ``rerank`` times the budget, then each head's exact largest q.k over those
+        pages' keys picks the budget's pages (the keys of the larger selection are read once)."""
         self._check_open()
         if budget < 0 or n_sink < 0 or n_recent < 0 or n_dense_layers < 0:
             raise ValueError(f"kv budget: budget, sinks, recent cells and dense layers must be >= 0 "
@@ -262,6 +265,8 @@ class SparseControls:
             raise ValueError(f"kv budget: spread is in [0, 1] and goes with the mid score (got {spread!r} with {score})")
         if page not in KV_PAGES:
             raise ValueError(f"kv budget: page must be one of {', '.join(map(str, KV_PAGES))} cells (got {page})")
+        if rerank and not 2 <= rerank <= 16:
+            raise ValueError(f"kv budget: rerank is a factor from 2 to 16, or 0 for none (got {rerank})")
         if not hasattr(self.C, "llama_set_kv_budget"):
             raise EngineError("this library has no token budget (rebuild: powerinfer-attn build)")
         if budget:
@@ -279,9 +284,16 @@ class SparseControls:
                 raise EngineError(f"llama_set_kv_budget_spread refused {spread}")
         elif spread:
             raise EngineError("this library has no page spread (rebuild: powerinfer-attn build)")
+        if hasattr(self.C, "llama_set_kv_budget_rerank"):
+            rc = self.C.llama_set_kv_budget_rerank(self.ctx, int(rerank) if budget else 0)
+            if rc != 0:
+                raise EngineError(f"llama_set_kv_budget_rerank returned {rc}: {' '.join(B.recent_errors()[-1:])}")
+        elif rerank:
+            raise EngineError("this library has no re-ranking (rebuild: powerinfer-attn build)")
         self.kv_budget = (int(budget), int(page), int(n_sink), int(n_recent), int(n_dense_layers)) if budget else None
         self.kv_budget_score = score
         self.kv_budget_spread = float(spread)
+        self.kv_budget_rerank = int(rerank) if budget else 0
 
     def layer_ops(self) -> list[int]:
         """Per layer, which parts run sparse: bit 1 wq, 2 K*q and softmax*V, 4 wo, 8 when wq or

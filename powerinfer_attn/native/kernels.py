@@ -117,6 +117,7 @@ def _load(libdir: Path) -> tuple[ctypes.CDLL, ctypes.CDLL]:
         (g, "ggml_kv_page_select_set_score"): ([P, I32], None),
         (g, "ggml_kv_page_select_set_keys"): ([P, P], None),
         (g, "ggml_kv_page_select_set_spread"): ([P, ctypes.c_float], None),
+        (g, "ggml_kv_page_select_set_candidates"): ([P, P], None),
         (g, "ggml_mul_mat_sparse_attn_set_pages"): ([P, P, I32, ctypes.c_bool], None),
         (g, "ggml_flash_attn_ext_set_pages"): ([P, P, I32], None),
         (g, "ggml_soft_max_ext_set_pages"): ([P, P, I32], None),
@@ -504,13 +505,14 @@ def page_bounds(k: bytes, k_type: str, n_cells: int, d: int, n_head_kv: int, bou
 
 def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.ndarray, page: int,
                 budget: int, n_sink: int, n_recent: int, n_threads: int = 1, score: int = 0,
-                keys: np.ndarray | None = None, spread: float = 0.0) -> np.ndarray:
+                keys: np.ndarray | None = None, spread: float = 0.0, candidates: np.ndarray | None = None) -> np.ndarray:
     """``ggml_kv_page_select`` for one decode token: ``q`` ``(n_head, d)``, ``bounds``
     ``(n_pages, n_head_kv, 2*d)`` (float32, or float16 as the CPU's cache keeps them), ``mask``
     ``(n_kv,)`` (0 or -inf). Returns the selection,
     int32 ``(n_head_kv, ceil(n_kv/page))``. ``score``: ``bindings.KV_SCORES``' id of the page score;
     the exact one needs ``keys``, the F16 cache rows ``(n_kv, n_head_kv*d)``; ``spread`` goes with
-    the midpoint one (``ggml_kv_page_select_set_spread``)."""
+    the midpoint one (``ggml_kv_page_select_set_spread``); ``candidates``, an earlier selection of
+    the same shape, limits the scored pages to its own (``ggml_kv_page_select_set_candidates``)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     f16 = np.asarray(bounds).dtype == np.float16
     bounds = np.ascontiguousarray(bounds, dtype=np.float16 if f16 else np.float32)
@@ -534,6 +536,11 @@ def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.n
         c.g.ggml_kv_page_select_set_score(t, score)
         if spread:
             c.g.ggml_kv_page_select_set_spread(t, spread)
+        if candidates is not None:
+            cand = np.ascontiguousarray(candidates, dtype=np.int32)
+            if cand.shape != (n_head_kv, npk):
+                raise ValueError(f"page_select: candidates must be {(n_head_kv, npk)}")
+            c.g.ggml_kv_page_select_set_candidates(t, c.tensor(GGML_TYPE_I32, (npk, n_head_kv), cand.tobytes()))
         if keys is not None:
             keys = np.ascontiguousarray(keys, dtype=np.float16)
             c.g.ggml_kv_page_select_set_keys(t, c.tensor(GGML_TYPE["F16"], (keys.shape[1], keys.shape[0]), keys.tobytes()))

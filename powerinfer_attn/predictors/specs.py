@@ -62,7 +62,7 @@ from .wrappers import KVBudget, WindowFill
 
 NAMES = ("all", "none:fill=window:S+W", "random:K[:SEED]", "static:K[:FILE]", "oracle:P[:fill-from=PRED.gguf]", "oracle-topk:K[:fill-from=PRED.gguf]",
          "mask-file:PATH", "trained[:PRED.gguf][:RULE=VALUE][:gain=G][:calibrate=N[:calibrate-fill]][:fill=zero]", "any of them + :fill=window:S+W",
-         "any of them + :budget=N (cells per KV group)[:budget-page=P]")
+         "any of them + :budget=N (cells per KV group)[:budget-page=P][:budget-rerank=R]")
 
 _WINDOW = re.compile(r":fill=window:(\d+)\+(\d+)$")
 
@@ -90,14 +90,16 @@ _BUDGET = re.compile(r":budget=([^:]*)")
 _BUDGET_SCORE = re.compile(r":budget-score=([^:]*)")
 _BUDGET_SPREAD = re.compile(r":budget-spread=([^:]*)")
 _BUDGET_PAGE = re.compile(r":budget-page=([^:]*)")
+_BUDGET_RERANK = re.compile(r":budget-rerank=([^:]*)")
 
 
 def get_predictor(spec: str, model_path: str | Path) -> Predictor:
     """A predictor from its command-line name (see the module doc). Call ``bind(engine)`` next."""
     budgets, scores, spreads = _BUDGET.findall(spec), _BUDGET_SCORE.findall(spec), _BUDGET_SPREAD.findall(spec)
-    pages = _BUDGET_PAGE.findall(spec)
-    if (scores or spreads or pages) and not budgets:
-        raise ValueError(f"bad predictor {spec!r}: :budget-score=, :budget-spread= and :budget-page= go with a :budget=N")
+    pages, reranks = _BUDGET_PAGE.findall(spec), _BUDGET_RERANK.findall(spec)
+    if (scores or spreads or pages or reranks) and not budgets:
+        raise ValueError(f"bad predictor {spec!r}: :budget-score=, :budget-spread=, :budget-page= and :budget-rerank= "
+                         "go with a :budget=N")
     if budgets:
         if len(budgets) > 1 or not budgets[0].isdigit():
             raise ValueError(f"bad predictor {spec!r}: a token budget is one :budget=N, N a number of cells")
@@ -111,10 +113,15 @@ def get_predictor(spec: str, model_path: str | Path) -> Predictor:
             raise ValueError(f"bad predictor {spec!r}: :budget-spread= is one number in [0, 1], with :budget-score=mid")
         if len(pages) > 1 or pages and pages[0] not in [str(p) for p in KV_PAGES]:
             raise ValueError(f"bad predictor {spec!r}: :budget-page= is one of {', '.join(map(str, KV_PAGES))} cells")
-        inner = get_predictor(_BUDGET_PAGE.sub("", _BUDGET_SPREAD.sub("", _BUDGET_SCORE.sub("", _BUDGET.sub("", spec)))),
-                              model_path)
+        if len(reranks) > 1 or reranks and not (reranks[0].isdigit() and 2 <= int(reranks[0]) <= 16):
+            raise ValueError(f"bad predictor {spec!r}: :budget-rerank= is one factor from 2 to 16")
+        rest = spec
+        for pattern in (_BUDGET, _BUDGET_SCORE, _BUDGET_SPREAD, _BUDGET_PAGE, _BUDGET_RERANK):
+            rest = pattern.sub("", rest)
+        inner = get_predictor(rest, model_path)
         return KVBudget(inner, int(budgets[0]), page=int(pages[0]) if pages else KV_PAGE,
-                        score=scores[0] if scores else KV_SCORE, spread=spread)
+                        score=scores[0] if scores else KV_SCORE, spread=spread,
+                        rerank=int(reranks[0]) if reranks else 0)
     window = _WINDOW.search(spec)
     if window:
         base = spec[:window.start()]

@@ -51,18 +51,19 @@ class KVBudget(_Wrapper):
 
     def __init__(self, inner: Predictor, budget: int, page: int = KV_PAGE, n_sink: int = KV_SINK,
                  n_recent: int = KV_RECENT, n_dense_layers: int = KV_DENSE_LAYERS, score: str = KV_SCORE,
-                 spread: float = 0.0):
+                 spread: float = 0.0, rerank: int = 0):
         if budget < 1:
             raise ValueError(f"a token budget is a number of cells >= 1 (got {budget}); leave :budget= out for none")
         self.budget, self.page, self.n_sink, self.n_recent = budget, page, n_sink, n_recent
-        self.n_dense_layers, self.score, self.spread = n_dense_layers, score, spread
+        self.n_dense_layers, self.score, self.spread, self.rerank = n_dense_layers, score, spread, rerank
         self._wrap(inner, f"{inner.name}+budget:{budget}" + (f"/{score}" if score != KV_SCORE else "")
-                   + (f"{spread:g}" if spread else "") + (f"/page{page}" if page != KV_PAGE else ""))
+                   + (f"{spread:g}" if spread else "") + (f"/page{page}" if page != KV_PAGE else "")
+                   + (f"/rerank{rerank}" if rerank else ""))
 
     def bind(self, engine) -> None:
         self.inner.bind(engine)
         engine.set_kv_budget(self.budget, self.page, self.n_sink, self.n_recent, self.n_dense_layers, self.score,
-                             self.spread)
+                             self.spread, self.rerank)
 
     def __getattr__(self, name):  # what callers read from the inner predictor (fill, targets, ...)
         if name == "inner":
