@@ -17,6 +17,9 @@ the oracle), at 1024 and 512 cells, on the same text and steps (figures/kv-budge
 With ``--spread``: mid plus 0.25, 0.5 and 0.75 of each page's spread along q
 (``:budget-spread=``; 0 is mid, 1 the head-max bound), at 1024 and 512 cells
 (figures/kv-budget-spread.json).
+With ``--rerank``: re-ranking (``:budget-rerank=R``): the sum's pages for 2 and 4 times the
+budget, then the exact score among them, at 1024 and 512 cells, beside the sum and the exact
+score alone (figures/kv-budget-rerank.json).
 """
 
 import json
@@ -28,7 +31,7 @@ from powerinfer_attn.native.model import default_model_path
 from powerinfer_attn.predictors.basic import AllHeads
 from powerinfer_attn.predictors.wrappers import KVBudget
 
-ARGS = [a for a in sys.argv[1:] if a not in ("--score", "--spread")]
+ARGS = [a for a in sys.argv[1:] if a not in ("--score", "--spread", "--rerank")]
 TEXT = Path(ARGS[0] if ARGS else "../shared/data/wikitext-2-raw/wiki.test.raw")
 BUDGET, CTX, STEPS, WINDOWS = 1024, 8192, 64, 2
 # (page, sinks, recent, dense layers)
@@ -45,6 +48,13 @@ elif "--spread" in sys.argv:
         for spread in (0.25, 0.5, 0.75):
             preds.append(KVBudget(AllHeads(), budget, score="mid", spread=spread))
     name = "kv-budget-spread.json"
+elif "--rerank" in sys.argv:
+    for budget in (1024, 512):
+        preds.append(KVBudget(AllHeads(), budget))
+        for rerank in (2, 4):
+            preds.append(KVBudget(AllHeads(), budget, rerank=rerank))
+        preds.append(KVBudget(AllHeads(), budget, score="exact"))
+    name = "kv-budget-rerank.json"
 else:
     for page, sink, recent, dense in SETTINGS:
         p = KVBudget(AllHeads(), BUDGET, page, sink, recent, dense)

@@ -284,6 +284,10 @@ class SparseControls:
                 raise EngineError(f"llama_set_kv_budget_spread refused {spread}")
         elif spread:
             raise EngineError("this library has no page spread (rebuild: powerinfer-attn build)")
+        if budget and rerank and self.n_gpu_layers and not self.rpc:
+            warnings.warn(SparseFallbackWarning(
+                "re-ranking's exact page score has no GPU kernel: llama.cpp's scheduler runs it on the CPU and "
+                "copies each GPU layer's K cache there every step (exact, but slow)"), stacklevel=2)
         if hasattr(self.C, "llama_set_kv_budget_rerank"):
             rc = self.C.llama_set_kv_budget_rerank(self.ctx, int(rerank) if budget else 0)
             if rc != 0:
