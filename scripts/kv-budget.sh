@@ -26,9 +26,14 @@
 #   pages:    page size: speed at density 0.7 with pages of 32 cells (figures/bench-budget-8192-
 #             text-page32.json, about 6 min) and the quality step's trained 0.7 + 1024 row with pages
 #             of 16, 32 and 64 cells (figures/score-budget-pages-8192.json, about 5 min)
+#   rerank:   re-ranking (:budget-rerank=R: the sum's pages for R x the budget, then the exact score
+#             among them): speed of the trained predictor at 0.7 with 1024 cells and R = 2 and 4
+#             (figures/bench-budget-8192-text-rerank{2,4}.json, about 6 min each); KL on the quality
+#             step's windows (figures/score-budget-rerank-8192.json, about 8 min); on training text
+#             (scripts/kv-budget-settings.py --rerank, figures/kv-budget-rerank.json)
 # The settings (page 16, 4 sinks, 64 recent cells) are chosen on training text by
-# scripts/kv-budget-settings.py. STEPS=speed,quality,ruler,score,spread,pages picks parts (score,
-# spread and pages are not in the default ones).
+# scripts/kv-budget-settings.py. STEPS=speed,quality,ruler,score,spread,pages,rerank picks parts
+# (score, spread, pages and rerank are not in the default ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -39,7 +44,7 @@ has() { [[ ",$STEPS," == *",$1,"* ]]; }
 
 if has speed; then
 	"$PIA" bench -d 8192 --density 1,0.7,0.5 --kv-budget "${BUDGET:-1024}" --text-file "$TEXT" \
-		-ctk f16 --reps 10 -t 2 --json > figures/bench-budget-8192-text.json
+		--predictor "trained:density=0.7:budget=${BUDGET:-1024}" -ctk f16 --reps 10 -t 2 --json > figures/bench-budget-8192-text.json
 	"$PIA" show figures/bench-budget-8192-text.json
 fi
 
@@ -100,4 +105,19 @@ if has spread; then
 	"$PIA" eval --rescore figures/ruler-smollm2-4096-budget.json --rescore figures/ruler-smollm2-4096-budget-spread.json \
 		--json > figures/ruler-smollm2-4096-budget.json.new && mv figures/ruler-smollm2-4096-budget.json.new figures/ruler-smollm2-4096-budget.json
 	"$PIA" show figures/ruler-smollm2-4096-budget.json
+fi
+
+if has rerank; then  # not in the default STEPS
+	for r in 2 4; do
+		"$PIA" bench -d 8192 --density 0.7 --kv-budget "${BUDGET:-1024}" --text-file "$TEXT" \
+			--predictor "trained:density=0.7:budget=${BUDGET:-1024}:budget-rerank=$r" -ctk f16 --reps 10 -t 2 --json \
+			> figures/bench-budget-8192-text-rerank$r.json
+		"$PIA" show figures/bench-budget-8192-text-rerank$r.json
+	done
+	"$PIA" score --text-file "$TEXT" -c 8192 --steps 64 --windows 4 -t 2 --json \
+		--predictor all:budget=1024:budget-rerank=2 --predictor all:budget=1024:budget-rerank=4 \
+		--predictor all:budget=512:budget-rerank=4 --predictor trained:density=0.7:budget=1024:budget-rerank=4 \
+		> figures/score-budget-rerank-8192.json
+	"$PIA" show figures/score-budget-rerank-8192.json
+	"$BIN/python" scripts/kv-budget-settings.py --rerank
 fi
