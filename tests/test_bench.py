@@ -32,6 +32,15 @@ def test_amdahl_limit():
 
 
 @pytest.mark.timing
+def test_budget_limit_scales_the_softmax_with_the_budget():
+    """With a token budget the softmax runs over the selected pages only, so it shrinks with the
+    budget's share as K*q and softmax*V do; wq and wo with the head density alone."""
+    prof = {"parts_ms": {"kq": 8.0, "kqv": 4.0, "softmax": 2.0, "wq": 1.0, "wo": 1.0, "ffn": 4.0}}
+    after = 4.0 + 0.5 * 2.0 + 0.5 * (1024 / 8192) * 14.0
+    assert bench.budget_limit(prof, 0.5, 1024, 8192) == pytest.approx(20.0 / after)
+    assert bench.budget_limit(prof, 1.0, 8192, 8192) == pytest.approx(1.0)  # a budget that covers it all
+
+
 def test_profile_accounts_for_the_step(model_path):
     timer = profile.NodeTimer()
     with Engine(model_path, n_ctx=320, n_threads=2, tensor_hook=timer) as eng:

@@ -273,14 +273,15 @@ def _profile(model_path, ctx: int, threads: int, fa: bool, rp: bool, masks: dict
 
 def budget_limit(dense_profile: dict, kept: float, budget: int, ctx: int) -> float:
     """The Amdahl limit of a step with head density ``kept`` and a token budget: from the dense
-    profile's parts, wq, wo and the softmax scale with ``kept``, K*q and softmax*V with ``kept``
-    times the budget's share of the context (the page bounds' reads and the selection not
-    counted: the limit of skipping, as for heads alone)."""
+    profile's parts, wq and wo scale with ``kept``, K*q, the softmax and softmax*V with ``kept``
+    times the budget's share of the context (the softmax runs over the selected pages only:
+    ggml_soft_max_ext_set_pages; the page bounds' reads and the selection are not counted: the
+    limit of skipping, as for heads alone)."""
     ms = dense_profile["parts_ms"]
     total = sum(ms.values())
     frac = min(1.0, budget / max(ctx, 1))
-    heads_only = sum(ms.get(k, 0.0) for k in ("wq", "wo", "softmax"))
-    kv = sum(ms.get(k, 0.0) for k in ("kq", "kqv"))
+    heads_only = sum(ms.get(k, 0.0) for k in ("wq", "wo"))
+    kv = sum(ms.get(k, 0.0) for k in ("kq", "softmax", "kqv"))
     after = total - heads_only - kv + kept * heads_only + kept * frac * kv
     return total / after
 
