@@ -119,5 +119,10 @@ if has rerank; then  # not in the default STEPS
 		--predictor all:budget=512:budget-rerank=4 --predictor trained:density=0.7:budget=1024:budget-rerank=4 \
 		> figures/score-budget-rerank-8192.json
 	"$PIA" show figures/score-budget-rerank-8192.json
+	# the same windows without re-ranking, this predictor file (the quality step's figure may be of an earlier one)
+	"$PIA" score --text-file "$TEXT" -c 8192 --steps 64 --windows 4 -t 2 --json \
+		--predictor all:budget=1024 --predictor trained:density=0.7 --predictor trained:density=0.7:budget=1024 \
+		> figures/score-budget-rerank-8192-base.json
+	"$PIA" show figures/score-budget-rerank-8192-base.json
 	"$BIN/python" scripts/kv-budget-settings.py --rerank
 fi
