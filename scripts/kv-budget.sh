@@ -64,7 +64,7 @@ if has quality; then
 	"$PIA" show figures/score-budget-8192.json
 fi
 
-if has ruler; then
+ruler_samples() {  # the RULER samples of the ruler step: 10 per subtask at 4096, the first of a 20-sample build
 	S=vendor/ruler-samples-4096-8192-20.json
 	[ -f "$S" ] || "$PIA" eval --lengths 4096,8192 --samples 20 --samples-out "$S"
 	"$BIN/python" - "$S" vendor/ruler-4096-10.json <<-'E'
@@ -74,6 +74,10 @@ if has ruler; then
 	d["samples"] = [s for t in tasks for s in [s for s in d["samples"] if s["length"] == 4096 and s["task"] == t][:10]]
 	json.dump(d, open(sys.argv[2], "w"))
 	E
+}
+
+if has ruler; then
+	ruler_samples
 	"$PIA" eval --samples-in vendor/ruler-4096-10.json -t 2 --json --predictor trained:density=0.7 \
 		--predictor trained:density=0.5 --predictor all:budget=512 --predictor trained:density=0.7:budget=512 \
 		--predictor none:fill=window:4+508 > figures/ruler-smollm2-4096-budget.json
@@ -124,5 +128,12 @@ if has rerank; then  # not in the default STEPS
 		--predictor all:budget=1024 --predictor trained:density=0.7 --predictor trained:density=0.7:budget=1024 \
 		> figures/score-budget-rerank-8192-base.json
 	"$PIA" show figures/score-budget-rerank-8192-base.json
+	# RULER at 4096 with 512 cells re-ranked from 4x (the ruler step's samples), merged into its figure
+	[ -f vendor/ruler-4096-10.json ] || ruler_samples
+	"$PIA" eval --samples-in vendor/ruler-4096-10.json -t 2 --json \
+		--predictor all:budget=512:budget-rerank=4 > figures/ruler-smollm2-4096-budget-rerank.json
+	"$PIA" eval --rescore figures/ruler-smollm2-4096-budget.json --rescore figures/ruler-smollm2-4096-budget-rerank.json \
+		--json > figures/ruler-smollm2-4096-budget.json.new && mv figures/ruler-smollm2-4096-budget.json.new figures/ruler-smollm2-4096-budget.json
+	"$PIA" show figures/ruler-smollm2-4096-budget.json
 	"$BIN/python" scripts/kv-budget-settings.py --rerank
 fi
