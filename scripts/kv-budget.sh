@@ -29,8 +29,11 @@
 #   rerank:   re-ranking (:budget-rerank=R: the sum's pages for R x the budget, then the exact score
 #             among them): speed of the trained predictor at 0.7 with 1024 cells and R = 2 and 4
 #             (figures/bench-budget-8192-text-rerank{2,4}.json, about 6 min each); KL on the quality
-#             step's windows (figures/score-budget-rerank-8192.json, about 8 min); on training text
-#             (scripts/kv-budget-settings.py --rerank, figures/kv-budget-rerank.json)
+#             step's windows (figures/score-budget-rerank-8192.json, about 8 min) beside the same
+#             windows without it (figures/score-budget-rerank-8192-base.json, about 6 min); RULER at
+#             4096 with 512 cells re-ranked from 4x on the ruler step's samples, merged into its
+#             figure (about 12 min); on training text (scripts/kv-budget-settings.py --rerank,
+#             figures/kv-budget-rerank.json, about 15 min)
 # The settings (page 16, 4 sinks, 64 recent cells) are chosen on training text by
 # scripts/kv-budget-settings.py. STEPS=speed,quality,ruler,score,spread,pages,rerank picks parts
 # (score, spread, pages and rerank are not in the default ones).

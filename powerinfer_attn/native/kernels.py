@@ -479,14 +479,20 @@ def head_select(logits: np.ndarray, state: np.ndarray, il: int) -> tuple[np.ndar
     return out[:logits.size].copy(), out[logits.size:].copy()
 
 
+def _bounds_array(bounds) -> tuple[np.ndarray, int]:
+    """Page bounds as the kernels take them: float16 stays F16 (the CPU cache's type), anything
+    else becomes F32; with the ggml type id."""
+    f16 = np.asarray(bounds).dtype == np.float16
+    return np.ascontiguousarray(bounds, dtype=np.float16 if f16 else np.float32), GGML_TYPE["F16" if f16 else "F32"]
+
+
 def page_bounds(k: bytes, k_type: str, n_cells: int, d: int, n_head_kv: int, bounds: np.ndarray,
                 idxs, page: int, n_threads: int = 1) -> np.ndarray:
     """``ggml_kv_page_bounds``: ``bounds`` (float32 or float16 ``(n_pages, n_head_kv, 2*d)``, min
     then max) with the pages that hold the cells ``idxs`` recomputed from ``k`` (``n_cells`` rows
     of ``d*n_head_kv`` values in ``k_type``, as the cache holds them). Returns the new bounds, of
     the type given."""
-    dtype = np.float16 if np.asarray(bounds).dtype == np.float16 else np.float32
-    bounds = np.ascontiguousarray(bounds, dtype=dtype)
+    bounds, b_type = _bounds_array(bounds)
     idx = np.ascontiguousarray(idxs, dtype=np.int64)
     if page < 1 or n_cells % page or bounds.shape != (n_cells // page, n_head_kv, 2 * d):
         raise ValueError(f"bounds must be {(n_cells // max(page, 1), n_head_kv, 2 * d)} and n_cells whole pages")
@@ -494,11 +500,11 @@ def page_bounds(k: bytes, k_type: str, n_cells: int, d: int, n_head_kv: int, bou
         raise ValueError(f"idxs must be a non-empty vector of cells in [0, {n_cells})")
     c = _Ctx()
     try:
-        tb = c.tensor(GGML_TYPE["F16" if dtype == np.float16 else "F32"], (2 * d, n_head_kv, n_cells // page), bounds.tobytes())
+        tb = c.tensor(b_type, (2 * d, n_head_kv, n_cells // page), bounds.tobytes())
         tk = c.tensor(_type_id(k_type), (d * n_head_kv, n_cells), k)
         ti = c.tensor(GGML_TYPE_I64, (idx.size,), idx.tobytes())
         t = c.g.ggml_kv_page_bounds(c.ctx, tb, tk, ti, page)
-        return c.compute(t, n_threads, bounds.shape, out=c.g.ggml_get_data(tb), dtype=dtype)
+        return c.compute(t, n_threads, bounds.shape, out=c.g.ggml_get_data(tb), dtype=bounds.dtype)
     finally:
         c.close()
 
@@ -514,8 +520,7 @@ def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.n
     the midpoint one (``ggml_kv_page_select_set_spread``); ``candidates``, an earlier selection of
     the same shape, limits the scored pages to its own (``ggml_kv_page_select_set_candidates``)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
-    f16 = np.asarray(bounds).dtype == np.float16
-    bounds = np.ascontiguousarray(bounds, dtype=np.float16 if f16 else np.float32)
+    bounds, b_type = _bounds_array(bounds)
     heads = np.ascontiguousarray(heads, dtype=np.int32)
     n_head, d = q.shape
     n_pages, n_head_kv, d2 = bounds.shape
@@ -529,7 +534,7 @@ def page_select(q: np.ndarray, bounds: np.ndarray, heads: np.ndarray, mask: np.n
     c = _Ctx()
     try:
         tq = c.tensor(GGML_TYPE["F32"], (d, n_head, 1), q.tobytes())
-        tb = c.tensor(GGML_TYPE["F16" if f16 else "F32"], (2 * d, n_head_kv, n_pages), bounds.tobytes())
+        tb = c.tensor(b_type, (2 * d, n_head_kv, n_pages), bounds.tobytes())
         th = c.tensor(GGML_TYPE_I32, (n_head,), heads.tobytes())
         tm = c.tensor(GGML_TYPE["F32"], (mask.size, 1), np.ascontiguousarray(mask, np.float32).tobytes())
         t = c.g.ggml_kv_page_select(c.ctx, tq, tb, th, tm, page, budget, n_sink, n_recent)
